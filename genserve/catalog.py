@@ -1,0 +1,106 @@
+"""Served models: latent geometry, step counts, CFG, allowed sequence-parallel degrees.
+
+Geometry follows the diffusers implementations: an 8x spatial VAE, 2x2 patches, and for Wan a 4x
+temporal VAE (frames = 4k+1).  Tokens are the transformer's image/video sequence length; text tokens
+are not sharded by Ulysses and are left out, as in the profile files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .request import Kind
+
+
+class ShapeError(ValueError):
+    """A request shape the model cannot serve; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: Kind
+    steps: int
+    cfg: bool
+    heads: int
+    hidden: int
+    layers: int
+    # (width, height, frames) shapes served by default (used by the workload's default mixes).
+    sizes: tuple[tuple[int, int, int], ...]
+    # Default SP degree by size: first (max_tokens, degree) whose bound covers the request.
+    default_sp_rule: tuple[tuple[float, int], ...] = ((math.inf, 1),)
+    sp_degrees: tuple[int, ...] = (1, 2, 4, 8)
+    vae_spatial: int = 8
+    vae_temporal: int = 1
+    patch: int = 2
+    latent_channels: int = 16
+    text_tokens: int = 512
+    text_dim: int = 4096
+    min_side: int = 128
+    max_side: int = 2048
+    max_frames: int = 1
+
+    def latent_frames(self, frames: int) -> int:
+        return 1 if self.kind is Kind.IMAGE else (frames - 1) // self.vae_temporal + 1
+
+    def tokens(self, height: int, width: int, frames: int = 1) -> int:
+        g = self.vae_spatial * self.patch
+        return (height // g) * (width // g) * self.latent_frames(frames)
+
+    @property
+    def cfg_factor(self) -> int:
+        return 2 if self.cfg else 1
+
+    def validate_shape(self, height: int, width: int, frames: int = 1, steps: int | None = None) -> None:
+        g = self.vae_spatial * self.patch
+        for field_name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v < self.min_side or v > self.max_side or v % g:
+                raise ShapeError(f"{field_name}={v!r}: {self.name} needs a multiple of {g} "
+                                 f"in [{self.min_side}, {self.max_side}]")
+        if self.kind is Kind.IMAGE:
+            if frames != 1:
+                raise ShapeError(f"frames={frames!r}: {self.name} makes images (frames must be 1)")
+        elif (not isinstance(frames, int) or frames < 1 or frames > self.max_frames
+              or (frames - 1) % self.vae_temporal):
+            raise ShapeError(f"frames={frames!r}: {self.name} needs {self.vae_temporal}k+1 frames "
+                             f"in [1, {self.max_frames}]")
+        if steps is not None and (not isinstance(steps, int) or steps < 1 or steps > 1000):
+            raise ShapeError(f"steps={steps!r}: must be an integer in [1, 1000]")
+
+    def default_sp(self, height: int, width: int, frames: int, max_gpus: int) -> int:
+        t = self.tokens(height, width, frames)
+        k = next(deg for bound, deg in self.default_sp_rule if t <= bound)
+        return max(d for d in self.sp_degrees if d <= max(1, min(k, max_gpus)))
+
+    def state_bytes(self, height: int, width: int, frames: int) -> int:
+        """Bytes of one request's step state: fp32 latents plus bf16 prompt embeddings."""
+        lat = (self.latent_channels * self.latent_frames(frames)
+               * (height // self.vae_spatial) * (width // self.vae_spatial) * 4)
+        return lat + self.cfg_factor * self.text_tokens * self.text_dim * 2
+
+
+_WAN_480P_33 = (832, 480, 33)
+_WAN_480P_81 = (832, 480, 81)
+_WAN_720P_81 = (1280, 720, 81)
+
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (
+    ModelSpec("sd3-medium", Kind.IMAGE, steps=28, cfg=True, heads=24, hidden=1536, layers=24,
+              sizes=((512, 512, 1), (768, 768, 1), (1024, 1024, 1)), text_tokens=333),
+    ModelSpec("flux-dev", Kind.IMAGE, steps=28, cfg=False, heads=24, hidden=3072, layers=57,
+              sizes=((1024, 1024, 1),)),
+    # 12 heads: Ulysses degrees must divide the head count, so no 8.
+    ModelSpec("wan2.1-1.3b", Kind.VIDEO, steps=50, cfg=True, heads=12, hidden=1536, layers=30,
+              sizes=(_WAN_480P_33, _WAN_480P_81), default_sp_rule=((14040, 1), (math.inf, 2)),
+              sp_degrees=(1, 2, 4), vae_temporal=4, max_frames=161, max_side=1280),
+    ModelSpec("wan2.1-14b", Kind.VIDEO, steps=50, cfg=True, heads=40, hidden=5120, layers=40,
+              sizes=(_WAN_480P_81, _WAN_720P_81), default_sp_rule=((32760, 4), (math.inf, 8)),
+              vae_temporal=4, max_frames=161, max_side=1280),
+)}
+
+
+def get_model(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ShapeError(f"model={name!r}: unknown; served models are {', '.join(MODELS)}") from None

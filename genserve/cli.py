@@ -1,0 +1,197 @@
+"""Command line: `genserve simulate | sweep | trace`.  Bad options: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+from .experiment import (ABLATIONS, DEFAULT_POLICIES, RunSpec, plot_sweep, requests_for,
+                         run_many, sweep)
+from .policies import make_policy, policy_names
+from .workload import ARRIVALS, WorkloadConfig, save_trace
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return vals
+
+
+def _add_workload(p: argparse.ArgumentParser, trace_ok: bool = True) -> None:
+    g = p.add_argument_group("workload")
+    if trace_ok:
+        g.add_argument("--trace", help="replay a JSONL trace (from `genserve trace`) instead")
+    g.add_argument("--rate", type=float, default=0.1, help="requests per second (default 0.1)")
+    g.add_argument("--duration", type=float, default=3600.0, help="seconds of arrivals")
+    g.add_argument("--arrival", choices=ARRIVALS, default="gamma")
+    g.add_argument("--cv", type=float, default=2.0, help="inter-arrival CV for gamma (default 2)")
+    g.add_argument("--video-share", type=float, default=0.2,
+                   help="share of requests that are videos (default 0.2)")
+    g.add_argument("--mix", help="MODEL@WxH[xFRAMES]=WEIGHT,... (overrides --video-share)")
+    g.add_argument("--slo-scale", type=float, default=2.0,
+                   help="deadline = arrival + scale x standalone latency (default 2)")
+    g.add_argument("--seed", type=int, default=0)
+    c = p.add_argument_group("cluster")
+    c.add_argument("--gpus", type=int, default=8)
+    c.add_argument("--gpus-per-node", type=int, default=8)
+    c.add_argument("--profile", default="h200",
+                   help="profile name shipped with genserve, or a directory of profile files")
+    c.add_argument("--intra-bw", type=float, default=450.0, help="GB/s inside a node")
+    c.add_argument("--cross-bw", type=float, default=50.0, help="GB/s across nodes")
+
+
+def _spec(a: argparse.Namespace) -> RunSpec:
+    wl = WorkloadConfig(rate=a.rate, duration=a.duration, arrival=a.arrival, cv=a.cv,
+                        video_share=a.video_share, mix=a.mix, slo_scale=a.slo_scale, seed=a.seed)
+    spec = RunSpec(workload=wl, gpus=a.gpus, gpus_per_node=a.gpus_per_node, profile=a.profile,
+                   intra_bw=a.intra_bw * 1e9, cross_bw=a.cross_bw * 1e9,
+                   trace=getattr(a, "trace", None), horizon=getattr(a, "horizon", None),
+                   drain=getattr(a, "drain", False))
+    spec.validate()
+    return spec
+
+
+def split_policies(text: str) -> list[str]:
+    """`a,b:x=1,y=2,c` -> [a, b:x=1,y=2, c]: a bare key=value continues the policy before it."""
+    names: list[str] = []
+    for part in (p.strip() for p in text.replace(";", ",").split(",")):
+        if not part:
+            continue
+        if "=" in part and ":" not in part and names:
+            names[-1] += ("," if not names[-1].endswith(":") else "") + part
+        else:
+            names.append(part)
+    return names
+
+
+def _policies(text: str) -> list[str]:
+    names = split_policies(text)
+    if not names:
+        raise ValueError("--policy is empty")
+    for n in names:
+        make_policy(n)  # validates name and parameters
+    return names
+
+
+def _fmt(v, pct=False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:5.1f}%" if pct else f"{v:.2f}"
+
+
+def print_table(results: dict[str, dict], out=sys.stdout) -> None:
+    head = (f"{'policy':34s} {'SLO':>6s} {'image':>6s} {'video':>6s} {'goodput':>8s} "
+            f"{'p50':>6s} {'p99':>7s} {'busy':>6s} {'preempt':>7s}")
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for name, m in results.items():
+        label = name if m.get("param", name) == name else f"{name} [{m['param']}]"
+        print(f"{label[:34]:34s} {_fmt(m['slo_attainment'], True)} "
+              f"{_fmt(m['image']['slo_attainment'], True)} {_fmt(m['video']['slo_attainment'], True)} "
+              f"{(m["goodput_rps"] or 0) * 3600:6.0f}/h {_fmt(m['p50_norm_latency']):>6s} "
+              f"{_fmt(m['p99_norm_latency']):>7s} {_fmt(m['gpu_busy'], True)} {m['preemptions']:7d}",
+              file=out)
+    print("(SLO = share of requests finished by their deadline; goodput = met requests per hour; "
+          "p50/p99 = latency / standalone latency, '-' = unfinished; busy = GPU busy share)",
+          file=out)
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    spec = _spec(a)
+    names = _policies(a.policy)
+    results = dict(zip(names, run_many([(spec, n) for n in names], a.jobs)))
+    print_table(results)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"config": spec.config_dict(), "policies": results}, f, indent=1)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    spec = _spec(a)
+    names = _policies(a.policy)
+    over = a.over.replace("-", "_")
+    res = sweep(spec, over, a.values, names, a.tune, a.jobs)
+    for p in res["points"]:
+        print(f"\n== {a.over} = {p[over]}")
+        print_table(p["policies"])
+    out = {"config": spec.config_dict(), "tune": a.tune, **res}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {a.json}")
+    if a.plot:
+        plot_sweep(res, a.plot, f"{spec.gpus} GPUs, video share {spec.workload.video_share}, "
+                                f"{spec.workload.arrival} cv {spec.workload.cv}")
+        print(f"wrote {a.plot}")
+    return 0
+
+
+def cmd_trace(a: argparse.Namespace) -> int:
+    spec = _spec(a)
+    reqs = requests_for(spec)
+    save_trace(a.out, reqs, {"workload": spec.config_dict(), "generator": "genserve trace"})
+    kinds = {k: sum(r.kind.value == k for r in reqs) for k in ("image", "video")}
+    print(f"wrote {a.out}: {len(reqs)} requests ({kinds['image']} images, {kinds['video']} videos)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="genserve", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    pol_help = (f"comma-separated policies, each NAME[:key=value,...]; "
+                f"known: {', '.join(policy_names())}")
+
+    s = sub.add_parser("simulate", help="run policies on a simulated cluster and compare them")
+    _add_workload(s)
+    s.add_argument("--policy", default=",".join(DEFAULT_POLICIES), help=pol_help)
+    s.add_argument("--json", help="write the results as JSON here")
+    s.add_argument("--horizon", type=float, help="stop the clock here (default: last deadline)")
+    s.add_argument("--drain", action="store_true", help="run until every request finished")
+    s.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
+    s.set_defaults(func=cmd_simulate)
+
+    w = sub.add_parser("sweep", help="run a grid over rate or SLO scale; write JSON and a plot")
+    _add_workload(w, trace_ok=False)
+    w.add_argument("--over", choices=("rate", "slo-scale"), default="rate")
+    w.add_argument("--values", type=_floats, required=True, help="comma-separated values")
+    w.add_argument("--policy", default=",".join(DEFAULT_POLICIES + ABLATIONS), help=pol_help)
+    w.add_argument("--tune", action="store_true",
+                   help="sweep each baseline's free parameter and report its best value per point")
+    w.add_argument("--json", help="write the results as JSON here")
+    w.add_argument("--plot", help="write a PNG plot of SLO attainment here")
+    w.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
+    w.set_defaults(func=cmd_sweep)
+
+    t = sub.add_parser("trace", help="write a workload trace (JSONL) for simulate --trace")
+    _add_workload(t, trace_ok=False)
+    t.add_argument("--out", required=True, help="output JSONL file")
+    t.set_defaults(func=cmd_trace)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"genserve {a.cmd}: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

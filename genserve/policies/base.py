@@ -1,0 +1,160 @@
+"""The policy interface: a pure function from scheduler state to a Plan, chosen by name.
+
+A policy never touches torch, files or clocks: the engine (simulated or real) builds a
+`SchedulerState`, calls `schedule`, validates the returned `Plan` and carries it out.  Policies may
+keep small memories between calls (e.g. a window of recent arrivals), but everything they know comes
+through the state, so the same policy object drives the simulator and the real engine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from ..latency import LatencyModel
+from ..request import Request
+
+
+@dataclass(frozen=True)
+class Cluster:
+    num_gpus: int
+    gpus_per_node: int = 8
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 1 or self.gpus_per_node < 1:
+            raise ValueError(f"cluster needs >= 1 GPU and >= 1 GPU per node, got "
+                             f"{self.num_gpus} GPUs, {self.gpus_per_node} per node")
+
+    def node(self, gpu: int) -> int:
+        return gpu // self.gpus_per_node
+
+    def spans_nodes(self, gpus: tuple[int, ...]) -> bool:
+        return len({g // self.gpus_per_node for g in gpus}) > 1
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Run `steps` denoising steps of a batch of compatible requests on a GPU set (SP = len(gpus))."""
+
+    gpus: tuple[int, ...]
+    requests: tuple[str, ...]
+    steps: int
+
+
+@dataclass
+class Plan:
+    assignments: list[Assignment] = field(default_factory=list)
+    # Machine-readable reason for each active request left unserved at this decision point.
+    reasons: dict[str, str] = field(default_factory=dict)
+    # Ask to be called again at this time even if nothing else happens (a policy that holds GPUs
+    # idle on purpose must say when to look again).
+    wake_at: float | None = None
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A quantum already running: its GPUs are busy until `end`, its requests can't be re-planned."""
+
+    gpus: tuple[int, ...]
+    requests: tuple[str, ...]
+    end: float
+
+
+@dataclass
+class SchedulerState:
+    now: float
+    cluster: Cluster
+    free_gpus: tuple[int, ...]
+    # Active requests that can be planned now: WAITING, PREEMPTED, or RUNNING between two quanta.
+    queue: list[Request]
+    inflight: list[InFlight]
+    latency: LatencyModel
+    # Requests inside `inflight`, for policies that reason about everything in the system.
+    running: list[Request] = field(default_factory=list)
+
+
+# Reasons a request is not served at a decision point (exported as metrics).
+NO_GPU = "no_free_gpu"
+QUEUED_BEHIND = "queued_behind_head"
+PREEMPTED_FOR_URGENT = "preempted_for_urgent"
+BEST_EFFORT = "best_effort_deadline_unreachable"
+RESERVED_FOR_IMAGES = "gpus_reserved_for_images"
+NOT_ADMITTED = "not_admitted_capacity"
+WRONG_POOL = "pool_full"
+
+
+class Policy(ABC):
+    name: ClassVar[str] = "?"
+    # Accepted parameters and their types; `NAME:key=value` strings are parsed against this.
+    params: ClassVar[dict[str, type]] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **params: Any):
+        unknown = set(params) - set(self.params)
+        if unknown:
+            allowed = ", ".join(sorted(self.params)) or "none"
+            raise ValueError(f"policy {self.name}: unknown parameter(s) {sorted(unknown)}; "
+                             f"allowed: {allowed}")
+        self.config = {**self.defaults, **params}
+
+    @abstractmethod
+    def schedule(self, state: SchedulerState) -> Plan:
+        """Return the assignments to start now on free GPUs."""
+
+    def describe(self) -> str:
+        ps = {k: v for k, v in self.config.items() if self.defaults.get(k, object()) != v}
+        return self.name + (":" + ",".join(f"{k}={v}" for k, v in ps.items()) if ps else "")
+
+
+_REGISTRY: dict[str, tuple[type[Policy], dict[str, Any]]] = {}
+
+
+def register(name: str, **preset: Any) -> Callable[[type[Policy]], type[Policy]]:
+    """Register a policy class under `name`, optionally with preset parameters (ablations)."""
+
+    def deco(cls: type[Policy]) -> type[Policy]:
+        if name in _REGISTRY:
+            raise ValueError(f"policy {name!r} registered twice")
+        _REGISTRY[name] = (cls, preset)
+        return cls
+
+    return deco
+
+
+def policy_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def _parse_value(key: str, raw: str, typ: type, policy: str) -> Any:
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return typ(raw)
+    except ValueError:
+        raise ValueError(f"policy {policy}: {key}={raw!r} is not a valid {typ.__name__}") from None
+
+
+def make_policy(spec: str) -> Policy:
+    """Build a policy from `NAME` or `NAME:key=value,key=value`."""
+    name, _, rest = spec.strip().partition(":")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(_REGISTRY)}")
+    cls, preset = _REGISTRY[name]
+    params: dict[str, Any] = dict(preset)
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"policy {name}: parameter {item!r} must look like key=value")
+        if key not in cls.params:
+            allowed = ", ".join(sorted(cls.params)) or "none"
+            raise ValueError(f"policy {name}: unknown parameter {key!r}; allowed: {allowed}")
+        params[key] = _parse_value(key, raw, cls.params[key], name)
+    pol = cls(**params)
+    pol.name = name  # ablation variants share a class but keep their own name
+    pol.spec = spec.strip()
+    return pol

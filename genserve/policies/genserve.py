@@ -1,0 +1,313 @@
+"""GenServe's SLO-aware policy: step-level preemption, elastic SP, step-level batching, joint admission.
+
+At every decision point (arrival, a quantum done, a wake-up) the whole queue is re-planned:
+
+1. Feasibility.  For each request and SP degree k: finish = now + encode/decode + remaining steps x
+   step(k).  `need` is the least degree that meets the deadline; none means the request can no longer
+   make it and is demoted to best effort (served only on GPUs nobody else wants).
+2. Images first, earliest deadline first, on their `need` degree.  A compatible image joins a
+   batch already planned (any step positions) when the batched step still meets every member's
+   deadline and the join is cheap (launch-bound shapes) or no GPU is free.  Images run to completion.
+3. Videos share a budget: all GPUs minus a reserve for images sized from the recent image load
+   (images arrive often and are short, so a video step must not hold the last free GPU).  Videos are
+   re-planned every step: admitted ones first, least laxity first, each on its `need` degree; a video
+   that gets no GPUs at its step boundary is paused (its state stays where it is), and since images
+   were placed first, this is the preemption.  A video whose laxity is nearly gone may dip into the
+   reserve.
+4. Admission.  When not every feasible new video fits the budget, this is a knapsack with weight =
+   GPUs and value = 1 per deadline met; for unit values the lightest-first order attains the optimum
+   count (exchange argument), so we admit cheapest-in-GPU-time first and the DP collapses to a sort.
+   Admitted videos stay admitted while feasible, which keeps invested work from being thrown away.
+5. Spare GPUs beyond the reserve speed admitted videos up (Ulysses scales videos almost linearly, so
+   this is nearly free in GPU time and buys slack for later preemptions), then run best-effort work.
+
+Mechanisms switch off for ablation: preempt (started videos always continue), elastic_sp (videos
+keep their default degree), batch, reserve, admission.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from ..request import Kind, Request, Status
+from .base import (BEST_EFFORT, NO_GPU, NOT_ADMITTED, PREEMPTED_FOR_URGENT, RESERVED_FOR_IMAGES,
+                   Assignment, Plan, Policy, SchedulerState, register)
+from .common import GpuPool, default_sp, degrees_for, tokens_of
+
+
+@dataclass
+class _Info:
+    """Per-request constants, computed once."""
+
+    tokens: int
+    degrees: tuple[int, ...]
+    step: dict[int, float]     # seconds per step alone, by SP degree
+    decode: float
+    encode: float
+    fixed: int                 # default SP degree (used when elastic SP is off)
+
+
+@dataclass
+class _Batch:
+    gpus: tuple[int, ...]
+    members: list[Request]
+    tokens: int
+
+
+@register("genserve")
+@register("genserve-nopreempt", preempt=False)
+@register("genserve-nosp", elastic_sp=False)
+@register("genserve-nobatch", batch=False)
+class GenServe(Policy):
+    params = {"preempt": bool, "elastic_sp": bool, "batch": bool, "reserve": bool,
+              "admission": bool, "window_s": float, "headroom": float, "min_reserve": int,
+              "boost_efficiency": float, "max_batch": int, "be_step_s": float}
+    defaults = {"preempt": True, "elastic_sp": True, "batch": True, "reserve": True,
+                "admission": True, "window_s": 120.0, "headroom": 2.0, "min_reserve": 1,
+                "boost_efficiency": 0.75, "max_batch": 8, "be_step_s": 2.0}
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        if self.config["window_s"] <= 0 or self.config["headroom"] < 0:
+            raise ValueError("policy genserve: window_s must be > 0 and headroom >= 0")
+        if self.config["max_batch"] < 1:
+            raise ValueError("policy genserve: max_batch must be >= 1")
+        self._info: dict[str, _Info] = {}
+        self._seen: set[str] = set()
+        self._recent: deque[tuple[float, str, float]] = deque()  # (arrival, id, GPU-seconds)
+        self._load_sum = 0.0
+        self._admitted: set[str] = set()
+        self._hopeless: set[str] = set()  # once a deadline is out of reach it stays so
+        self._calls = 0
+
+    # ----- per-request facts -----
+    def info(self, r: Request, s: SchedulerState) -> _Info:
+        inf = self._info.get(r.id)
+        if inf is None:
+            lat = s.latency
+            degs = degrees_for(r, lat, s.cluster)
+            t = tokens_of(r)
+            inf = _Info(t, degs, {k: lat.step_time(r.model, t, 1, k) for k in degs},
+                        lat.decode_time(r.model, r.height, r.width, r.frames),
+                        lat.encode_time(r.model), default_sp(r, lat, s.cluster))
+            self._info[r.id] = inf
+        return inf
+
+    def _fin(self, r: Request, inf: _Info) -> float:
+        return inf.decode + (inf.encode if r.steps_done == 0 else 0.0)
+
+    def _options(self, r: Request, inf: _Info) -> tuple[int, ...]:
+        if r.kind is Kind.VIDEO and not self.config["elastic_sp"]:
+            return (inf.fixed,)
+        return inf.degrees
+
+    def need(self, r: Request, inf: _Info, now: float) -> int | None:
+        """Least SP degree that meets the deadline if the request runs from now on."""
+        left = r.deadline - now - self._fin(r, inf)
+        rem = r.remaining_steps
+        for k in self._options(r, inf):
+            if rem * inf.step[k] <= left:
+                return k
+        return None
+
+    def laxity(self, r: Request, inf: _Info, now: float) -> float:
+        """Seconds the request can still wait and then meet its deadline at its fastest degree."""
+        k = self._options(r, inf)[-1]
+        return r.deadline - now - self._fin(r, inf) - r.remaining_steps * inf.step[k]
+
+    # ----- image load estimate -----
+    def _observe(self, s: SchedulerState) -> None:
+        horizon = s.now - self.config["window_s"]
+        for r in s.queue:
+            if r.kind is Kind.IMAGE and r.id not in self._seen and r.arrival >= horizon:
+                inf = self.info(r, s)
+                gs = r.steps * inf.step[inf.degrees[0]] + inf.decode + inf.encode
+                self._seen.add(r.id)
+                self._recent.append((r.arrival, r.id, gs))
+                self._load_sum += gs
+        while self._recent and self._recent[0][0] < horizon:
+            _, rid, gs = self._recent.popleft()
+            self._seen.discard(rid)
+            self._load_sum -= gs
+
+    def reserve(self, s: SchedulerState) -> int:
+        if not self.config["reserve"]:
+            return 0
+        window = min(self.config["window_s"], max(s.now, 1e-9))
+        load = max(self._load_sum, 0.0) / window  # mean GPUs busy with images
+        want = math.ceil(load * self.config["headroom"]) + self.config["min_reserve"]
+        return min(want, s.cluster.num_gpus - 1)
+
+    # ----- the plan -----
+    def schedule(self, s: SchedulerState) -> Plan:
+        self._calls += 1
+        if self._calls % 2000 == 0:
+            live = {r.id for r in s.queue} | {r.id for r in s.running}
+            self._info = {k: v for k, v in self._info.items() if k in live}
+            self._admitted &= live
+            self._hopeless &= live
+        self._observe(s)
+        now, lat = s.now, s.latency
+        plan = Plan()
+        pool = GpuPool(s.free_gpus, s.cluster)
+        images, videos, hopeless = [], [], []
+        pinned_ok = not self.config["preempt"]
+        for r in s.queue:
+            if r.id in self._hopeless:
+                hopeless.append(r)
+                continue
+            inf = self.info(r, s)
+            k = self.need(r, inf, now)
+            if k is None and pinned_ok and r.status is Status.RUNNING:
+                k = len(r.gpus)  # without preemption a started video runs on, late or not
+                self._admitted.add(r.id)
+            if k is None:
+                hopeless.append(r)
+                self._hopeless.add(r.id)
+                self._admitted.discard(r.id)
+                plan.reasons[r.id] = BEST_EFFORT
+            else:
+                (images if r.kind is Kind.IMAGE else videos).append((r, inf, k))
+
+        self._place_images(images, pool, plan, s)
+
+        reserve = self.reserve(s)
+        videos_running = {r.id for r in s.running if r.kind is Kind.VIDEO}
+        video_inflight = sum(len(j.gpus) for j in s.inflight if j.requests[0] in videos_running)
+        budget = s.cluster.num_gpus - reserve - video_inflight
+        planned: list[tuple[Request, _Info, Assignment]] = []
+        wake: list[float] = []
+
+        admitted = [v for v in videos if v[0].id in self._admitted]
+        fresh = [v for v in videos if v[0].id not in self._admitted]
+        admitted.sort(key=lambda v: (self.laxity(v[0], v[1], now), v[0].id))
+        for r, inf, k in admitted:
+            lax = self.laxity(r, inf, now)
+            pinned = not self.config["preempt"] and r.status is Status.RUNNING
+            critical = lax <= 2 * inf.step[self._options(r, inf)[-1]]
+            if pinned:
+                k = max(k, len(r.gpus)) if self.config["elastic_sp"] else len(r.gpus)
+            if k <= budget or pinned or critical:
+                gpus = pool.take(k, prefer=r.gpus)
+                if gpus is None and pinned:
+                    gpus = pool.take(len(r.gpus), prefer=r.gpus)
+                if gpus is not None:
+                    budget -= len(gpus)
+                    planned.append((r, inf, Assignment(gpus, (r.id,), 1)))
+                    continue
+            plan.reasons[r.id] = (PREEMPTED_FOR_URGENT if r.status is Status.RUNNING
+                                  else RESERVED_FOR_IMAGES if len(pool) >= k else NO_GPU)
+            wake.append(now + max(lax - 2 * inf.step[self._options(r, inf)[-1]], 0.0))
+
+        if self.config["admission"]:
+            fresh.sort(key=lambda v: (v[2] * v[0].remaining_steps * v[1].step[v[2]], v[0].id))
+        else:
+            fresh.sort(key=lambda v: (v[0].deadline, v[0].id))
+        for r, inf, k in fresh:
+            gpus = pool.take(k, prefer=r.gpus) if k <= budget else None
+            if gpus is None:
+                plan.reasons[r.id] = NOT_ADMITTED if k > budget else NO_GPU
+                lax = self.laxity(r, inf, now)
+                wake.append(now + max(lax - 2 * inf.step[self._options(r, inf)[-1]], 0.0))
+                continue
+            self._admitted.add(r.id)
+            budget -= len(gpus)
+            planned.append((r, inf, Assignment(gpus, (r.id,), 1)))
+
+        if self.config["elastic_sp"]:
+            budget = self._boost(planned, pool, budget, s)
+        plan.assignments.extend(a for _, _, a in planned)
+        self._best_effort(hopeless, pool, plan, s, reserve, budget)
+        if wake:
+            plan.wake_at = min(w for w in wake if w > now) if any(w > now for w in wake) else None
+        return plan
+
+    def _place_images(self, images, pool: GpuPool, plan: Plan, s: SchedulerState) -> None:
+        lat, now = s.latency, s.now
+        batches: dict[tuple, list[_Batch]] = {}
+        images.sort(key=lambda v: (v[0].deadline, v[0].id))
+        for r, inf, k in images:
+            if self.config["batch"] and self._join(r, inf, batches.get(r.shape, ()), pool, s):
+                continue
+            gpus = pool.take(k, prefer=r.gpus)
+            if gpus is None:
+                # Fewer GPUs than its need: still start if a smaller degree meets the deadline later
+                # than nothing; otherwise wait for GPUs.
+                plan.reasons[r.id] = NO_GPU
+                continue
+            batches.setdefault(r.shape, []).append(_Batch(gpus, [r], inf.tokens))
+        for group in batches.values():
+            for b in group:
+                steps = min(m.remaining_steps for m in b.members)
+                plan.assignments.append(Assignment(b.gpus, tuple(m.id for m in b.members), steps))
+
+    def _join(self, r: Request, inf: _Info, batches, pool: GpuPool, s: SchedulerState) -> bool:
+        lat, now = s.latency, s.now
+        for b in batches:
+            n = len(b.members) + 1
+            if n > self.config["max_batch"]:
+                continue
+            k = len(b.gpus)
+            t_new = lat.step_time(r.model, b.tokens, n, k)
+            t_cur = lat.step_time(r.model, b.tokens, n - 1, k)
+            cheap = (t_new - t_cur) <= 0.25 * inf.step.get(k, t_new)
+            if not cheap and len(pool) > 0:
+                continue
+            members = b.members + [r]
+            decode = sum(self.info(m, s).decode for m in members)
+            if all(now + self._fin(m, self.info(m, s)) + decode + m.remaining_steps * t_new
+                   <= m.deadline for m in members):
+                b.members.append(r)
+                return True
+        return False
+
+    def _boost(self, planned, pool: GpuPool, budget: int, s: SchedulerState) -> int:
+        """Give spare GPUs (within the video budget) to planned videos, least laxity first."""
+        eff = self.config["boost_efficiency"]
+        for i, (r, inf, a) in enumerate(planned):
+            k = len(a.gpus)
+            while budget > 0:
+                bigger = [d for d in inf.degrees if d > k]
+                if not bigger:
+                    break
+                k2 = bigger[0]
+                if k2 - k > budget or len(pool) < k2 - k:
+                    break
+                if (inf.step[k] / inf.step[k2]) / (k2 / k) < eff:
+                    break
+                pool.give_back(a.gpus)
+                gpus = pool.take(k2, prefer=a.gpus, allow_span=False)
+                if gpus is None:
+                    pool.take_exact(a.gpus)
+                    break
+                budget -= k2 - k
+                a = Assignment(gpus, a.requests, a.steps)
+                k = k2
+            planned[i] = (r, inf, a)
+        return budget
+
+    def _best_effort(self, hopeless, pool: GpuPool, plan: Plan, s: SchedulerState,
+                     reserve: int, budget: int) -> None:
+        """Demoted requests use GPUs beyond the reserve; with nothing else running, any GPU."""
+        idle_system = not s.inflight and not plan.assignments
+        if not hopeless or (len(pool) <= reserve and not idle_system):
+            return
+        hopeless.sort(key=lambda r: (r.remaining_steps * self.info(r, s).step[1], r.id))
+        for r in hopeless:
+            inf = self.info(r, s)
+            spare = len(pool) if idle_system else len(pool) - reserve
+            if spare <= 0:
+                break
+            opts = [k for k in self._options(r, inf) if k <= spare]
+            if not opts:
+                continue
+            # Short steps keep best-effort work preemptible; images just run to completion.
+            k = next((d for d in opts if inf.step[d] <= self.config["be_step_s"]), opts[-1])
+            gpus = pool.take(k, prefer=r.gpus)
+            if gpus is None:
+                continue
+            steps = r.remaining_steps if r.kind is Kind.IMAGE else 1
+            plan.assignments.append(Assignment(gpus, (r.id,), steps))
+            idle_system = False

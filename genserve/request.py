@@ -1,0 +1,169 @@
+"""The one request object and its status machine.
+
+Only the engine (the simulator today, the real engine later) calls the transition methods; policies
+read requests and never mutate them.  Every transition checks the prior status and records the time,
+so a request's timeline can always be reconstructed and an illegal move fails loudly.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = frozenset({Status.FINISHED, Status.CANCELLED, Status.FAILED, Status.REJECTED})
+
+
+class Kind(enum.Enum):
+    IMAGE = "image"
+    VIDEO = "video"
+
+
+class InvalidTransition(RuntimeError):
+    """A status change that the state machine does not allow (a bug in the caller)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request.  `deadline` is absolute (seconds on the engine's clock)."""
+
+    id: str
+    model: str
+    kind: Kind
+    height: int
+    width: int
+    frames: int = 1
+    steps: int = 28
+    guidance: float = 5.0
+    seed: int = 0
+    prompt: str = ""
+    arrival: float = 0.0
+    deadline: float = float("inf")
+    steps_done: int = 0
+    status: Status = Status.WAITING
+    # GPUs holding this request's step state (empty before its first step).
+    gpus: tuple[int, ...] = ()
+    # (time, status) for every transition, starting with the arrival.
+    history: list[tuple[float, Status]] = field(default_factory=list)
+    finish_time: float | None = None
+    reason: str | None = None  # why it ended as FAILED / REJECTED / CANCELLED
+    # Filled in by the workload: seconds alone on the model's default SP degree; used to normalise.
+    standalone: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kind, str):
+            self.kind = Kind(self.kind)
+        if not self.history:
+            self.history.append((self.arrival, self.status))
+
+    # ----- derived, read by policies -----
+    @property
+    def remaining_steps(self) -> int:
+        return self.steps - self.steps_done
+
+    @property
+    def started(self) -> bool:
+        return self.steps_done > 0 or self.status is Status.RUNNING
+
+    @property
+    def shape(self) -> tuple[str, int, int, int]:
+        """Requests with equal shape may share one batched step."""
+        return (self.model, self.height, self.width, self.frames)
+
+    @property
+    def is_final(self) -> bool:
+        return self.status.is_final
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival
+
+    @property
+    def met_deadline(self) -> bool:
+        return self.status is Status.FINISHED and self.finish_time is not None and (
+            self.finish_time <= self.deadline + 1e-9)
+
+    # ----- transitions: the engine's only way to change status -----
+    def _move(self, now: float, allowed: tuple[Status, ...], new: Status) -> None:
+        if self.status not in allowed:
+            raise InvalidTransition(
+                f"request {self.id}: cannot go {self.status.value} -> {new.value}")
+        self.status = new
+        self.history.append((now, new))
+
+    def start(self, now: float, gpus: tuple[int, ...]) -> None:
+        self._move(now, (Status.WAITING,), Status.RUNNING)
+        self.gpus = tuple(gpus)
+
+    def preempt(self, now: float) -> None:
+        self._move(now, (Status.RUNNING,), Status.PREEMPTED)
+
+    def resume(self, now: float, gpus: tuple[int, ...]) -> None:
+        self._move(now, (Status.PREEMPTED,), Status.RUNNING)
+        self.gpus = tuple(gpus)
+
+    def move_to(self, gpus: tuple[int, ...]) -> None:
+        """Record that a running request's state now lives on another GPU set."""
+        if self.status is not Status.RUNNING:
+            raise InvalidTransition(f"request {self.id}: moved while {self.status.value}")
+        self.gpus = tuple(gpus)
+
+    def advance(self, n: int) -> None:
+        """Record n denoising steps done (status stays RUNNING)."""
+        if self.status is not Status.RUNNING:
+            raise InvalidTransition(f"request {self.id}: steps advanced while {self.status.value}")
+        if n < 1 or self.steps_done + n > self.steps:
+            raise InvalidTransition(
+                f"request {self.id}: cannot advance {n} steps from {self.steps_done}/{self.steps}")
+        self.steps_done += n
+
+    def finish(self, now: float) -> None:
+        if self.steps_done != self.steps:
+            raise InvalidTransition(
+                f"request {self.id}: finished with {self.steps_done}/{self.steps} steps")
+        self._move(now, (Status.RUNNING,), Status.FINISHED)
+        self.finish_time = now
+
+    def cancel(self, now: float, reason: str = "cancelled") -> None:
+        self._move(now, (Status.WAITING, Status.RUNNING, Status.PREEMPTED), Status.CANCELLED)
+        self.finish_time, self.reason = now, reason
+
+    def fail(self, now: float, reason: str) -> None:
+        self._move(now, (Status.WAITING, Status.RUNNING, Status.PREEMPTED), Status.FAILED)
+        self.finish_time, self.reason = now, reason
+
+    def reject(self, now: float, reason: str) -> None:
+        self._move(now, (Status.WAITING,), Status.REJECTED)
+        self.finish_time, self.reason = now, reason
+
+    # ----- trace I/O -----
+    def to_trace(self) -> dict[str, Any]:
+        return {"id": self.id, "model": self.model, "kind": self.kind.value,
+                "height": self.height, "width": self.width, "frames": self.frames,
+                "steps": self.steps, "guidance": self.guidance, "seed": self.seed,
+                "prompt": self.prompt, "arrival": self.arrival, "deadline": self.deadline,
+                "standalone": self.standalone}
+
+    @classmethod
+    def from_trace(cls, d: dict[str, Any]) -> "Request":
+        known = {"id", "model", "kind", "height", "width", "frames", "steps", "guidance", "seed",
+                 "prompt", "arrival", "deadline", "standalone"}
+        missing = {"id", "model", "kind", "height", "width", "arrival", "deadline"} - d.keys()
+        if missing:
+            raise ValueError(f"trace record lacks {sorted(missing)}: {d}")
+        return cls(**{k: v for k, v in d.items() if k in known})
