@@ -100,7 +100,7 @@ def print_table(results: dict[str, dict], out=sys.stdout) -> None:
         label = name if m.get("param", name) == name else f"{name} [{m['param']}]"
         print(f"{label[:34]:34s} {_fmt(m['slo_attainment'], True)} "
               f"{_fmt(m['image']['slo_attainment'], True)} {_fmt(m['video']['slo_attainment'], True)} "
-              f"{(m["goodput_rps"] or 0) * 3600:6.0f}/h {_fmt(m['p50_norm_latency']):>6s} "
+              f"{(m['goodput_rps'] or 0) * 3600:6.0f}/h {_fmt(m['p50_norm_latency']):>6s} "
               f"{_fmt(m['p99_norm_latency']):>7s} {_fmt(m['gpu_busy'], True)} {m['preemptions']:7d}",
               file=out)
     print("(SLO = share of requests finished by their deadline; goodput = met requests per hour; "
