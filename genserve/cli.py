@@ -91,7 +91,8 @@ def _fmt(v, pct=False) -> str:
     return f"{100 * v:5.1f}%" if pct else f"{v:.2f}"
 
 
-def print_table(results: dict[str, dict], out=sys.stdout) -> None:
+def print_table(results: dict[str, dict], out=None) -> None:
+    out = out if out is not None else sys.stdout  # resolved per call, so redirection works
     head = (f"{'policy':34s} {'SLO':>6s} {'image':>6s} {'video':>6s} {'goodput':>8s} "
             f"{'p50':>6s} {'p99':>7s} {'busy':>6s} {'preempt':>7s}")
     print(head, file=out)

@@ -114,7 +114,7 @@ def sweep(spec: RunSpec, over: str, values: list[float], policies: list[str], tu
     """Run every policy at every value of `over` (rate or slo_scale).
 
     With `tune`, each baseline runs over its grid and the point reports its best setting.
-    Returns {"points": [{over: v, "policies": {name: summary (+ "best_param")}}]}.
+    Returns {"points": [{over: v, "policies": {name: summary + "param" (the setting that won)}}]}.
     """
     if over not in ("rate", "slo_scale"):
         raise ValueError(f"--over must be rate or slo-scale, got {over!r}")

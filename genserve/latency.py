@@ -187,6 +187,7 @@ class LatencyModel:
                 self.models[name] = ModelProfile(
                     spec, [r for r in fwd["rows"] if r["model"] == name], brows)
         self._cache: dict[tuple, float] = {}
+        self._degrees: dict[str, tuple[int, ...]] = {}
 
     def profile_of(self, model: str) -> ModelProfile:
         try:
@@ -197,8 +198,11 @@ class LatencyModel:
 
     def degrees(self, model: str) -> tuple[int, ...]:
         """SP degrees both allowed by the model's heads and measured in the profile."""
-        prof = self.profile_of(model)
-        return tuple(k for k in prof.spec.sp_degrees if k in prof.degrees)
+        hit = self._degrees.get(model)
+        if hit is None:
+            prof = self.profile_of(model)
+            hit = self._degrees[model] = tuple(k for k in prof.spec.sp_degrees if k in prof.degrees)
+        return hit
 
     def step_time(self, model: str, tokens: int, n_requests: int = 1, sp: int = 1,
                   cross_node: bool = False) -> float:

@@ -8,6 +8,7 @@ from one seeded numpy Generator: the same config gives the same trace, byte for 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,8 +51,8 @@ def parse_mix(text: str) -> list[MixItem]:
         frames = int(f) if f else (1 if spec.kind is Kind.IMAGE else 81)
         spec.validate_shape(int(h), int(w), frames)
         weight = float(wt) if wt else 1.0
-        if not weight > 0:
-            raise ValueError(f"--mix entry {part!r}: weight must be > 0")
+        if not 0 < weight < math.inf:
+            raise ValueError(f"--mix entry {part!r}: weight must be > 0 and finite")
         items.append(MixItem(model, int(w), int(h), frames, weight))
     if not items:
         raise ValueError("--mix is empty")
@@ -172,12 +173,17 @@ def load_trace(path: str | Path) -> tuple[list[Request], dict]:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
             if "meta" in d and len(d) == 1:
                 meta = d["meta"]
                 continue
             try:
                 r = Request.from_trace(d)
-                get_model(r.model).validate_shape(r.height, r.width, r.frames, r.steps)
+                spec = get_model(r.model)
+                if spec.kind is not r.kind:
+                    raise ValueError(f"kind={r.kind.value!r}: {r.model} makes {spec.kind.value}s")
+                spec.validate_shape(r.height, r.width, r.frames, r.steps)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{n}: {e}") from None
             reqs.append(r)

@@ -10,10 +10,16 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 from ..request import Kind, Request, Status
 from .base import (NO_GPU, QUEUED_BEHIND, WRONG_POOL, Assignment, Plan, Policy, SchedulerState,
                    register)
 from .common import GpuPool, finish_cost, fixed_sp
+
+
+_by_deadline = attrgetter("deadline", "id")
+_by_arrival = attrgetter("arrival", "id")
 
 
 class _ListScheduler(Policy):
@@ -22,6 +28,9 @@ class _ListScheduler(Policy):
 
     def key(self, r: Request, state: SchedulerState) -> tuple:
         raise NotImplementedError
+
+    def sort_key(self, state: SchedulerState):
+        return lambda r: self.key(r, state)
 
     def schedule(self, state: SchedulerState) -> Plan:
         plan = Plan()
@@ -42,10 +51,11 @@ class _ListScheduler(Policy):
               cap: int | None = None) -> None:
         c = self.config
         blocked = False
-        for r in sorted(reqs, key=lambda r: self.key(r, state)):
-            if blocked:
-                plan.reasons[r.id] = QUEUED_BEHIND
-                continue
+        for r in sorted(reqs, key=self.sort_key(state)):
+            if blocked or not len(pool):
+                # The rest of the queue waits for the same reason; stop early (big queues).
+                plan.reasons[r.id] = QUEUED_BEHIND if blocked else NO_GPU
+                break
             k = fixed_sp(r, state.latency, state.cluster, c["image_sp"], c["video_sp"], cap)
             gpus = pool.take(k)
             if gpus is None:
@@ -60,21 +70,34 @@ class FCFS(_ListScheduler):
     def key(self, r: Request, state: SchedulerState) -> tuple:
         return (r.arrival, r.id)
 
+    def sort_key(self, state: SchedulerState):
+        return _by_arrival
+
 
 @register("sjf")
 class SJF(_ListScheduler):
     """Shortest job first by remaining seconds at the request's fixed SP degree."""
 
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._step: dict[str, float] = {}  # per request: seconds per step at its fixed degree
+
     def key(self, r: Request, state: SchedulerState) -> tuple:
-        c = self.config
-        k = fixed_sp(r, state.latency, state.cluster, c["image_sp"], c["video_sp"])
-        return (r.remaining_steps * state.latency.request_step_time(r, 1, k), r.arrival, r.id)
+        t = self._step.get(r.id)
+        if t is None:
+            c = self.config
+            k = fixed_sp(r, state.latency, state.cluster, c["image_sp"], c["video_sp"])
+            t = self._step[r.id] = state.latency.request_step_time(r, 1, k)
+        return (r.remaining_steps * t, r.arrival, r.id)
 
 
 @register("edf")
 class EDF(_ListScheduler):
     def key(self, r: Request, state: SchedulerState) -> tuple:
-        return (r.deadline, r.arrival, r.id)
+        return (r.deadline, r.id)
+
+    def sort_key(self, state: SchedulerState):
+        return _by_deadline
 
 
 @register("static")
@@ -149,8 +172,11 @@ class TetriServe(Policy):
         pool = GpuPool(state.free_gpus, state.cluster)
         started = [r for r in state.queue if r.status is not Status.WAITING]
         waiting = sorted((r for r in state.queue if r.status is Status.WAITING),
-                         key=lambda r: (r.deadline, r.id))
+                         key=_by_deadline)
         for r in sorted(started, key=lambda r: (r.deadline, r.id)) + waiting:
+            if not len(pool):
+                plan.reasons[r.id] = NO_GPU
+                break
             k = self._degree(r, state, len(pool))
             gpus = pool.take(k, prefer=r.gpus) if k else None
             if gpus is None and r.status is not Status.WAITING:

@@ -21,11 +21,13 @@ class GpuPool:
     def __init__(self, free: Iterable[int], cluster: Cluster):
         self.cluster = cluster
         self.by_node: dict[int, list[int]] = {}
+        self.count = 0
         for g in sorted(free):
             self.by_node.setdefault(cluster.node(g), []).append(g)
+            self.count += 1
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self.by_node.values())
+        return self.count
 
     def max_in_node(self) -> int:
         return max((len(v) for v in self.by_node.values()), default=0)
@@ -68,12 +70,14 @@ class GpuPool:
             self.by_node[n].remove(g)
             if not self.by_node[n]:
                 del self.by_node[n]
+        self.count -= len(gpus)
         return tuple(sorted(gpus))
 
     def give_back(self, gpus: Iterable[int]) -> None:
         for g in gpus:
             self.by_node.setdefault(self.cluster.node(g), []).append(g)
             self.by_node[self.cluster.node(g)].sort()
+            self.count += 1
 
 
 def tokens_of(req: Request) -> int:

@@ -63,10 +63,11 @@ class _Batch:
 class GenServe(Policy):
     params = {"preempt": bool, "elastic_sp": bool, "batch": bool, "reserve": bool,
               "admission": bool, "window_s": float, "headroom": float, "min_reserve": int,
-              "boost_efficiency": float, "max_batch": int, "be_step_s": float}
+              "boost_efficiency": float, "max_batch": int, "be_step_s": float, "max_step_s": float}
     defaults = {"preempt": True, "elastic_sp": True, "batch": True, "reserve": True,
                 "admission": True, "window_s": 120.0, "headroom": 2.0, "min_reserve": 1,
-                "boost_efficiency": 0.75, "max_batch": 8, "be_step_s": 2.0}
+                "boost_efficiency": 0.75, "max_batch": 8, "be_step_s": 2.0,
+                "max_step_s": 0.0}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -135,8 +136,7 @@ class GenServe(Policy):
     def reserve(self, s: SchedulerState) -> int:
         if not self.config["reserve"]:
             return 0
-        window = min(self.config["window_s"], max(s.now, 1e-9))
-        load = max(self._load_sum, 0.0) / window  # mean GPUs busy with images
+        load = max(self._load_sum, 0.0) / self.config["window_s"]  # mean GPUs busy with images
         want = math.ceil(load * self.config["headroom"]) + self.config["min_reserve"]
         return min(want, s.cluster.num_gpus - 1)
 
@@ -171,8 +171,6 @@ class GenServe(Policy):
             else:
                 (images if r.kind is Kind.IMAGE else videos).append((r, inf, k))
 
-        self._place_images(images, pool, plan, s)
-
         reserve = self.reserve(s)
         videos_running = {r.id for r in s.running if r.kind is Kind.VIDEO}
         video_inflight = sum(len(j.gpus) for j in s.inflight if j.requests[0] in videos_running)
@@ -180,49 +178,67 @@ class GenServe(Policy):
         planned: list[tuple[Request, _Info, Assignment]] = []
         wake: list[float] = []
 
-        admitted = [v for v in videos if v[0].id in self._admitted]
-        fresh = [v for v in videos if v[0].id not in self._admitted]
-        admitted.sort(key=lambda v: (self.laxity(v[0], v[1], now), v[0].id))
-        for r, inf, k in admitted:
-            lax = self.laxity(r, inf, now)
-            pinned = not self.config["preempt"] and r.status is Status.RUNNING
-            critical = lax <= 2 * inf.step[self._options(r, inf)[-1]]
-            if pinned:
+        if not self.config["preempt"]:
+            # Without preemption a started video goes on before anything else is placed.
+            started = [v for v in videos if v[0].status is Status.RUNNING]
+            videos = [v for v in videos if v[0].status is not Status.RUNNING]
+            for r, inf, k in started:
                 k = max(k, len(r.gpus)) if self.config["elastic_sp"] else len(r.gpus)
-            if k <= budget or pinned or critical:
-                gpus = pool.take(k, prefer=r.gpus)
-                if gpus is None and pinned:
-                    gpus = pool.take(len(r.gpus), prefer=r.gpus)
+                gpus = pool.take(k, prefer=r.gpus) or pool.take(len(r.gpus), prefer=r.gpus)
                 if gpus is not None:
                     budget -= len(gpus)
                     planned.append((r, inf, Assignment(gpus, (r.id,), 1)))
-                    continue
-            plan.reasons[r.id] = (PREEMPTED_FOR_URGENT if r.status is Status.RUNNING
-                                  else RESERVED_FOR_IMAGES if len(pool) >= k else NO_GPU)
-            wake.append(now + max(lax - 2 * inf.step[self._options(r, inf)[-1]], 0.0))
 
+        self._place_images(images, pool, plan, s)
+
+        admitted = [v for v in videos if v[0].id in self._admitted]
+        fresh = [v for v in videos if v[0].id not in self._admitted]
+        admitted.sort(key=lambda v: (self.laxity(v[0], v[1], now), v[0].id))
         if self.config["admission"]:
+            # Knapsack with unit values: lightest (least GPU time) first attains the most deadlines.
             fresh.sort(key=lambda v: (v[2] * v[0].remaining_steps * v[1].step[v[2]], v[0].id))
         else:
             fresh.sort(key=lambda v: (v[0].deadline, v[0].id))
-        for r, inf, k in fresh:
-            gpus = pool.take(k, prefer=r.gpus) if k <= budget else None
+        for r, inf, k in admitted + fresh:
+            margin = self.laxity(r, inf, now) - 2 * inf.step[self._options(r, inf)[-1]]
+            critical = margin <= 1e-6  # may dip into the image reserve
+            want = self._preferred(r, inf, k)
+            gpus = None
+            if want <= budget or critical:
+                gpus = pool.take(want, prefer=r.gpus)
+            if gpus is None and k < want and (k <= budget or critical):
+                gpus = pool.take(k, prefer=r.gpus)
             if gpus is None:
-                plan.reasons[r.id] = NOT_ADMITTED if k > budget else NO_GPU
-                lax = self.laxity(r, inf, now)
-                wake.append(now + max(lax - 2 * inf.step[self._options(r, inf)[-1]], 0.0))
+                if r.id in self._admitted:
+                    plan.reasons[r.id] = (PREEMPTED_FOR_URGENT if r.status is Status.RUNNING
+                                          else RESERVED_FOR_IMAGES if len(pool) >= k else NO_GPU)
+                else:
+                    plan.reasons[r.id] = NOT_ADMITTED if k > budget else NO_GPU
+                if not critical:
+                    wake.append(now + margin)
                 continue
             self._admitted.add(r.id)
             budget -= len(gpus)
             planned.append((r, inf, Assignment(gpus, (r.id,), 1)))
 
         if self.config["elastic_sp"]:
+            planned.sort(key=lambda v: self.laxity(v[0], v[1], now))
             budget = self._boost(planned, pool, budget, s)
         plan.assignments.extend(a for _, _, a in planned)
         self._best_effort(hopeless, pool, plan, s, reserve, budget)
         if wake:
-            plan.wake_at = min(w for w in wake if w > now) if any(w > now for w in wake) else None
+            plan.wake_at = min(wake)
         return plan
+
+    def _preferred(self, r: Request, inf: _Info, k: int) -> int:
+        """`k` raised until a step is short enough to keep the video preemptible (max_step_s)."""
+        cap = self.config["max_step_s"]
+        if cap <= 0 or inf.step[k] <= cap:
+            return k
+        for d in self._options(r, inf):
+            if d > k and inf.step[d] <= cap:
+                return d
+        return self._options(r, inf)[-1]
 
     def _place_images(self, images, pool: GpuPool, plan: Plan, s: SchedulerState) -> None:
         lat, now = s.latency, s.now
@@ -232,9 +248,7 @@ class GenServe(Policy):
             if self.config["batch"] and self._join(r, inf, batches.get(r.shape, ()), pool, s):
                 continue
             gpus = pool.take(k, prefer=r.gpus)
-            if gpus is None:
-                # Fewer GPUs than its need: still start if a smaller degree meets the deadline later
-                # than nothing; otherwise wait for GPUs.
+            if gpus is None:  # waits for the next GPUs to free up
                 plan.reasons[r.id] = NO_GPU
                 continue
             batches.setdefault(r.shape, []).append(_Batch(gpus, [r], inf.tokens))
@@ -256,9 +270,10 @@ class GenServe(Policy):
             if not cheap and len(pool) > 0:
                 continue
             members = b.members + [r]
+            # Members' decodes run one after another at the end of the quantum.
             decode = sum(self.info(m, s).decode for m in members)
-            if all(now + self._fin(m, self.info(m, s)) + decode + m.remaining_steps * t_new
-                   <= m.deadline for m in members):
+            if all(now + self._fin(m, self.info(m, s)) - self.info(m, s).decode + decode
+                   + m.remaining_steps * t_new <= m.deadline for m in members):
                 b.members.append(r)
                 return True
         return False

@@ -1,0 +1,22 @@
+import json
+from importlib import resources
+
+import pytest
+
+from genserve.latency import LatencyModel
+
+PROFILE_DIR = resources.files("genserve") / "data" / "profiles"
+
+
+@pytest.fixture(scope="session")
+def latency():
+    """The shipped h200 profile (read-only; LatencyModel only caches step times)."""
+    return LatencyModel()
+
+
+@pytest.fixture(scope="session")
+def profile_rows():
+    """(forward rows, block rows) of the shipped h200 profile, read straight from the JSON."""
+    fwd = json.loads((PROFILE_DIR / "h200_diffusers_forward.json").read_text())["rows"]
+    blk = json.loads((PROFILE_DIR / "h200_dit_blocks.json").read_text())["rows"]
+    return fwd, blk
