@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from genserve.cli import split_policies  # noqa: E402
 from genserve.experiment import ABLATIONS, BASELINES, RunSpec, run_many, tune_grid  # noqa: E402
 from genserve.workload import WorkloadConfig  # noqa: E402
 
@@ -74,7 +75,7 @@ def main() -> int:
                 if f"{key(spec)}|{p}" not in cache:
                     jobs.append((spec, p))
                     owners.append(f"{key(spec)}|{p}")
-    variants = [v for v in a.policies.split(",") if v]
+    variants = split_policies(a.policies)
     for spec in specs:
         for v in variants:
             jobs.append((spec, v))

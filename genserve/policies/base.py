@@ -79,8 +79,8 @@ NO_GPU = "no_free_gpu"
 QUEUED_BEHIND = "queued_behind_head"
 PREEMPTED_FOR_URGENT = "preempted_for_urgent"
 BEST_EFFORT = "best_effort_deadline_unreachable"
-RESERVED_FOR_IMAGES = "gpus_reserved_for_images"
 NOT_ADMITTED = "not_admitted_capacity"
+HELD_FOR_EARLIER = "gpus_held_for_earlier_video"
 WRONG_POOL = "pool_full"
 
 

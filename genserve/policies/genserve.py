@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..request import Kind, Request, Status
-from .base import (BEST_EFFORT, NO_GPU, NOT_ADMITTED, PREEMPTED_FOR_URGENT, RESERVED_FOR_IMAGES,
+from .base import (BEST_EFFORT, HELD_FOR_EARLIER, NO_GPU, NOT_ADMITTED, PREEMPTED_FOR_URGENT,
                    Assignment, Plan, Policy, SchedulerState, register)
 from .common import GpuPool, default_sp, degrees_for, tokens_of
 
@@ -63,11 +63,11 @@ class _Batch:
 class GenServe(Policy):
     params = {"preempt": bool, "elastic_sp": bool, "batch": bool, "reserve": bool,
               "admission": bool, "window_s": float, "headroom": float, "min_reserve": int,
-              "boost_efficiency": float, "max_batch": int, "be_step_s": float, "max_step_s": float}
+              "boost_efficiency": float, "max_batch": int, "be_step_s": float, "max_step_s": float, "hold": bool, "peak": bool}
     defaults = {"preempt": True, "elastic_sp": True, "batch": True, "reserve": True,
                 "admission": True, "window_s": 120.0, "headroom": 2.0, "min_reserve": 1,
                 "boost_efficiency": 0.75, "max_batch": 8, "be_step_s": 2.0,
-                "max_step_s": 0.0}
+                "max_step_s": 0.0, "hold": True, "peak": True}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -81,6 +81,8 @@ class GenServe(Policy):
         self._load_sum = 0.0
         self._admitted: set[str] = set()
         self._hopeless: set[str] = set()  # once a deadline is out of reach it stays so
+        self._held: str | None = None  # the waiting video GPUs are being held for
+        self._peak: deque[tuple[float, int]] = deque()  # (time, image GPU demand), decreasing
         self._calls = 0
 
     # ----- per-request facts -----
@@ -137,8 +139,23 @@ class GenServe(Policy):
         if not self.config["reserve"]:
             return 0
         load = max(self._load_sum, 0.0) / self.config["window_s"]  # mean GPUs busy with images
-        want = math.ceil(load * self.config["headroom"]) + self.config["min_reserve"]
+        want = max(math.ceil(load * self.config["headroom"]), self.config["min_reserve"])
+        if self.config["peak"] and self._peak:
+            # Bursty arrivals: keep room for the largest image demand seen in the window.
+            want = max(want, self._peak[0][1])
         return min(want, s.cluster.num_gpus - 1)
+
+    def _track_peak(self, s: SchedulerState, images) -> None:
+        """Window maximum of image GPU demand (running + waiting), as a monotonic deque."""
+        kinds = {r.id: r.kind for r in s.running}
+        demand = sum(len(j.gpus) for j in s.inflight if kinds.get(j.requests[0]) is Kind.IMAGE)
+        demand += sum(k for _, _, k in images)
+        horizon = s.now - self.config["window_s"]
+        while self._peak and self._peak[-1][1] <= demand:
+            self._peak.pop()
+        self._peak.append((s.now, demand))
+        while self._peak[0][0] < horizon:
+            self._peak.popleft()
 
     # ----- the plan -----
     def schedule(self, s: SchedulerState) -> Plan:
@@ -167,10 +184,13 @@ class GenServe(Policy):
                 hopeless.append(r)
                 self._hopeless.add(r.id)
                 self._admitted.discard(r.id)
+                if self._held == r.id:
+                    self._held = None
                 plan.reasons[r.id] = BEST_EFFORT
             else:
                 (images if r.kind is Kind.IMAGE else videos).append((r, inf, k))
 
+        self._track_peak(s, images)
         reserve = self.reserve(s)
         videos_running = {r.id for r in s.running if r.kind is Kind.VIDEO}
         video_inflight = sum(len(j.gpus) for j in s.inflight if j.requests[0] in videos_running)
@@ -199,29 +219,61 @@ class GenServe(Policy):
             fresh.sort(key=lambda v: (v[2] * v[0].remaining_steps * v[1].step[v[2]], v[0].id))
         else:
             fresh.sort(key=lambda v: (v[0].deadline, v[0].id))
+        # Admission keeps the admitted videos' current needs within the video share of the cluster,
+        # so admitted videos do not crowd each other out (no ping-pong between half-served videos).
+        committed = sum(k for _, _, k in admitted)
+        for q in s.running:
+            if q.id in self._admitted and q.kind is Kind.VIDEO:
+                qi = self.info(q, s)
+                committed += self.need(q, qi, now) or len(q.gpus)
+        video_share = s.cluster.num_gpus - reserve
+        hold_until: float | None = None
         for r, inf, k in admitted + fresh:
+            is_fresh = r.id not in self._admitted
             margin = self.laxity(r, inf, now) - 2 * inf.step[self._options(r, inf)[-1]]
-            critical = margin <= 1e-6  # may dip into the image reserve
+            critical = margin <= 1e-6
+            # A critical video, or the one GPUs are being held for, may dip into the image reserve.
+            privileged = critical or r.id == self._held
             want = self._preferred(r, inf, k)
+            if is_fresh and hold_until is not None and not critical and (
+                    now + self._fin(r, inf) + r.remaining_steps * inf.step[want] > hold_until):
+                plan.reasons[r.id] = HELD_FOR_EARLIER
+                wake.append(now + margin)
+                continue  # backfill only what is done before the held video's GPUs are due
             gpus = None
-            if want <= budget or critical:
-                gpus = pool.take(want, prefer=r.gpus)
-            if gpus is None and k < want and (k <= budget or critical):
-                gpus = pool.take(k, prefer=r.gpus)
+            # Admitted videos are committed: they take their need wherever GPUs are free (only
+            # images come before them).  A new one must fit next to them in the video share; one
+            # that is critical or held for may use the whole cluster.
+            fits = not is_fresh or committed + k <= (s.cluster.num_gpus if privileged
+                                                     else video_share)
+            if fits:
+                if want > k and want - k <= budget:
+                    gpus = pool.take(want, prefer=r.gpus)
+                if gpus is None:
+                    gpus = pool.take(k, prefer=r.gpus)
             if gpus is None:
-                if r.id in self._admitted:
+                if not is_fresh:
                     plan.reasons[r.id] = (PREEMPTED_FOR_URGENT if r.status is Status.RUNNING
-                                          else RESERVED_FOR_IMAGES if len(pool) >= k else NO_GPU)
+                                          else NO_GPU)
                 else:
-                    plan.reasons[r.id] = NOT_ADMITTED if k > budget else NO_GPU
+                    plan.reasons[r.id] = NOT_ADMITTED if not fits else NO_GPU
+                    if hold_until is None and self.config["hold"]:
+                        hold_until = self._start_time(r, inf, pool, planned, s)
+                        if hold_until is not None:
+                            self._held = r.id
                 if not critical:
                     wake.append(now + margin)
                 continue
-            self._admitted.add(r.id)
+            if is_fresh:
+                self._admitted.add(r.id)
+                committed += k
+            if r.id == self._held:
+                self._held = None
             budget -= len(gpus)
             planned.append((r, inf, Assignment(gpus, (r.id,), 1)))
 
-        if self.config["elastic_sp"]:
+        budget = max(budget, 0)
+        if self.config["elastic_sp"] and hold_until is None:
             planned.sort(key=lambda v: self.laxity(v[0], v[1], now))
             budget = self._boost(planned, pool, budget, s)
         plan.assignments.extend(a for _, _, a in planned)
@@ -229,6 +281,44 @@ class GenServe(Policy):
         if wake:
             plan.wake_at = min(wake)
         return plan
+
+    def _start_time(self, r: Request, inf: _Info, pool: GpuPool, planned, s: SchedulerState
+                    ) -> float | None:
+        """Earliest time enough GPUs free up for `r` to still meet its deadline, or None.
+
+        GPUs come back as running work finishes (videos at their current degree, images at the end
+        of their quantum); like EASY backfilling, later videos may only use them meanwhile if they
+        are done before then.
+        """
+        now, lat = s.now, s.latency
+        events: list[tuple[float, int]] = []
+        by_id = {q.id: q for q in s.running}
+        for j in s.inflight:
+            q = by_id.get(j.requests[0])
+            if q is None:
+                continue
+            if q.kind is Kind.IMAGE or len(j.requests) > 1:
+                events.append((j.end, len(j.gpus)))
+            else:
+                qi = self.info(q, s)
+                left = q.remaining_steps - 1  # this quantum is one step
+                k = len(j.gpus)
+                events.append((j.end + left * qi.step.get(k, qi.step[qi.degrees[0]]) + qi.decode,
+                               k))
+        for q, qi, a in planned:
+            k = len(a.gpus)
+            events.append((now + q.remaining_steps * qi.step[k] + qi.decode, k))
+        events.sort()
+        free = len(pool)
+        rem, fin = r.remaining_steps, self._fin(r, inf)
+        for t, n in events:
+            free += n
+            for k in self._options(r, inf):
+                if k > free:
+                    break
+                if t + fin + rem * inf.step[k] <= r.deadline:
+                    return t
+        return None
 
     def _preferred(self, r: Request, inf: _Info, k: int) -> int:
         """`k` raised until a step is short enough to keep the video preemptible (max_step_s)."""
