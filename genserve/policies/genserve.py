@@ -3,26 +3,32 @@
 At every decision point (arrival, a quantum done, a wake-up) the whole queue is re-planned:
 
 1. Feasibility.  For each request and SP degree k: finish = now + encode/decode + remaining steps x
-   step(k).  `need` is the least degree that meets the deadline; none means the request can no longer
-   make it and is demoted to best effort (served only on GPUs nobody else wants).
+   step(k).  `need` is the least degree that meets the deadline (elastic SP: re-chosen every step,
+   so GPUs a video does not need go to others); none means the request can no longer make it and is
+   demoted to best effort (served only on GPUs nobody else wants).
 2. Images first, earliest deadline first, on their `need` degree.  A compatible image joins a
    batch already planned (any step positions) when the batched step still meets every member's
    deadline and the join is cheap (launch-bound shapes) or no GPU is free.  Images run to completion.
-3. Videos share a budget: all GPUs minus a reserve for images sized from the recent image load
-   (images arrive often and are short, so a video step must not hold the last free GPU).  Videos are
-   re-planned every step: admitted ones first, least laxity first, each on its `need` degree; a video
-   that gets no GPUs at its step boundary is paused (its state stays where it is), and since images
-   were placed first, this is the preemption.  A video whose laxity is nearly gone may dip into the
+3. A reserve of GPUs is kept from new videos for images: the larger of the recent mean image load
+   times a headroom and the peak image demand in a sliding window (arrivals are bursty; a video step
+   must not hold the last free GPU when an image with a one-second SLO arrives).
+4. Videos are re-planned every step.  Admitted videos are committed: least laxity first, each takes
+   its `need` degree from the GPUs images left; one that finds none at its step boundary is paused
+   there (its state stays where it is): that is the preemption.  A new video is admitted only if the
+   admitted videos' needs plus its own fit in the cluster minus the reserve, so admitted videos do
+   not crowd each other out.  Choosing whom to admit is a knapsack with weight = GPUs and value =
+   1 per deadline met; for unit values lightest-first attains the optimum count (exchange argument),
+   so the DP collapses to a sort by GPU time.  A video whose laxity is nearly gone may use the
    reserve.
-4. Admission.  When not every feasible new video fits the budget, this is a knapsack with weight =
-   GPUs and value = 1 per deadline met; for unit values the lightest-first order attains the optimum
-   count (exchange argument), so we admit cheapest-in-GPU-time first and the DP collapses to a sort.
-   Admitted videos stay admitted while feasible, which keeps invested work from being thrown away.
-5. Spare GPUs beyond the reserve speed admitted videos up (Ulysses scales videos almost linearly, so
-   this is nearly free in GPU time and buys slack for later preemptions), then run best-effort work.
+5. Hold (EASY backfilling): when the first new video in admission order cannot start, the policy
+   computes when enough GPUs come back for it to still meet its deadline and lets later videos start
+   only if they finish before then.
+6. Spare GPUs within the video share speed admitted videos up (Ulysses scales videos almost
+   linearly, so this is nearly free in GPU time and buys slack for later preemptions), then
+   best-effort work runs on what is left beyond the reserve.
 
 Mechanisms switch off for ablation: preempt (started videos always continue), elastic_sp (videos
-keep their default degree), batch, reserve, admission.
+keep their default degree), batch, reserve, peak, admission (deadline order instead), hold.
 """
 
 from __future__ import annotations
@@ -63,11 +69,11 @@ class _Batch:
 class GenServe(Policy):
     params = {"preempt": bool, "elastic_sp": bool, "batch": bool, "reserve": bool,
               "admission": bool, "window_s": float, "headroom": float, "min_reserve": int,
-              "boost_efficiency": float, "max_batch": int, "be_step_s": float, "max_step_s": float, "hold": bool, "peak": bool}
+              "boost_efficiency": float, "max_batch": int, "be_step_s": float, "hold": bool, "peak": bool}
     defaults = {"preempt": True, "elastic_sp": True, "batch": True, "reserve": True,
                 "admission": True, "window_s": 120.0, "headroom": 2.0, "min_reserve": 1,
                 "boost_efficiency": 0.75, "max_batch": 8, "be_step_s": 2.0,
-                "max_step_s": 0.0, "hold": True, "peak": True}
+                "hold": True, "peak": True}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -234,9 +240,8 @@ class GenServe(Policy):
             critical = margin <= 1e-6
             # A critical video, or the one GPUs are being held for, may dip into the image reserve.
             privileged = critical or r.id == self._held
-            want = self._preferred(r, inf, k)
             if is_fresh and hold_until is not None and not critical and (
-                    now + self._fin(r, inf) + r.remaining_steps * inf.step[want] > hold_until):
+                    now + self._fin(r, inf) + r.remaining_steps * inf.step[k] > hold_until):
                 plan.reasons[r.id] = HELD_FOR_EARLIER
                 wake.append(now + margin)
                 continue  # backfill only what is done before the held video's GPUs are due
@@ -247,10 +252,7 @@ class GenServe(Policy):
             fits = not is_fresh or committed + k <= (s.cluster.num_gpus if privileged
                                                      else video_share)
             if fits:
-                if want > k and want - k <= budget:
-                    gpus = pool.take(want, prefer=r.gpus)
-                if gpus is None:
-                    gpus = pool.take(k, prefer=r.gpus)
+                gpus = pool.take(k, prefer=r.gpus)
             if gpus is None:
                 if not is_fresh:
                     plan.reasons[r.id] = (PREEMPTED_FOR_URGENT if r.status is Status.RUNNING
@@ -319,16 +321,6 @@ class GenServe(Policy):
                 if t + fin + rem * inf.step[k] <= r.deadline:
                     return t
         return None
-
-    def _preferred(self, r: Request, inf: _Info, k: int) -> int:
-        """`k` raised until a step is short enough to keep the video preemptible (max_step_s)."""
-        cap = self.config["max_step_s"]
-        if cap <= 0 or inf.step[k] <= cap:
-            return k
-        for d in self._options(r, inf):
-            if d > k and inf.step[d] <= cap:
-                return d
-        return self._options(r, inf)[-1]
 
     def _place_images(self, images, pool: GpuPool, plan: Plan, s: SchedulerState) -> None:
         lat, now = s.latency, s.now
