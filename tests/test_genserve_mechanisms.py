@@ -1,0 +1,116 @@
+"""The genserve policy's admission, hold and image-reserve mechanisms, on hand-made states."""
+
+from __future__ import annotations
+
+from genserve.catalog import get_model
+from genserve.latency import LatencyModel
+from genserve.policies import Cluster, InFlight, SchedulerState, make_policy
+from genserve.policies.base import HELD_FOR_EARLIER, NOT_ADMITTED
+from genserve.request import Request, Status
+from genserve.sim import Simulator
+
+LAT = LatencyModel()
+
+
+def video(rid: str, model: str = "wan2.1-14b", h: int = 480, w: int = 832, frames: int = 81,
+          arrival: float = 0.0, deadline: float = 1e9) -> Request:
+    spec = get_model(model)
+    return Request(id=rid, model=model, kind=spec.kind, height=h, width=w, frames=frames,
+                   steps=spec.steps, arrival=arrival, deadline=deadline)
+
+
+def image(rid: str, arrival: float = 0.0, deadline: float = 1e9) -> Request:
+    spec = get_model("sd3-medium")
+    return Request(id=rid, model="sd3-medium", kind=spec.kind, height=512, width=512,
+                   steps=spec.steps, arrival=arrival, deadline=deadline)
+
+
+def st(n: int, queue, now=0.0, free=None, inflight=(), running=()) -> SchedulerState:
+    return SchedulerState(now=now, cluster=Cluster(n),
+                          free_gpus=tuple(range(n)) if free is None else tuple(free),
+                          queue=list(queue), inflight=list(inflight), latency=LAT,
+                          running=list(running))
+
+
+def test_admitted_videos_never_exceed_the_video_share():
+    # Two 14B videos that each need SP 4 on 8 GPUs; with one GPU reserved for images only one is
+    # admitted at first (the other is not admitted, rather than both thrashing on 7 GPUs).
+    sp4 = LAT.standalone(video("x"), 4)
+    a, b = video("a", deadline=sp4 * 1.05), video("b", deadline=sp4 * 1.05)
+    pol = make_policy("genserve:hold=false")
+    plan = pol.schedule(st(8, [a, b]))
+    assert pol.reserve(st(8, [])) == 1
+    assert [len(x.gpus) for x in plan.assignments] == [4]
+    assert plan.reasons[plan.assignments[0].requests[0] == "a" and "b" or "a"] == NOT_ADMITTED
+
+
+def test_no_ping_pong_between_admitted_videos():
+    # Same two videos in a simulation: the admitted one is never paused for the other.
+    sp4 = LAT.standalone(video("x"), 4)
+    reqs = [video("a", deadline=sp4 * 2.2), video("b", deadline=sp4 * 2.2)]
+    res = Simulator(Cluster(8), LAT, make_policy("genserve")).run(reqs)
+    assert all(r.met_deadline for r in reqs)
+    assert res.preemptions == 0
+
+
+def test_hold_blocks_long_videos_but_backfills_short_ones():
+    # GPUs 0-3 run video `a` until it finishes; 4-7 are free.  Admission in deadline order
+    # (admission=false) puts `big` first: it needs all 8 GPUs and can start when `a` is done, so GPUs
+    # are held for it.  `long` would still hold GPUs then, so it waits; `short` is done before, so
+    # it backfills.
+    a = video("a")
+    a.start(0.0, (0, 1, 2, 3))
+    a.advance(20)
+    a_end = 1.0
+    a_done = a_end + 29 * LAT.step_time("wan2.1-14b", 32760, 1, 4) + LAT.decode_time(
+        "wan2.1-14b", 480, 832, 81)
+    big = video("big", h=720, w=1280)
+    big.deadline = a_done + LAT.standalone(big, 8) + 1.0
+    long = video("long", deadline=1e6)
+    short = video("short", model="wan2.1-1.3b", frames=33, deadline=1e6)
+    assert LAT.standalone(short, 1) < a_done < LAT.standalone(long, 4)
+    inflight = [InFlight((0, 1, 2, 3), ("a",), a_end)]
+
+    def plan_for(spec):
+        pol = make_policy(spec)
+        plan = pol.schedule(st(8, [big, long, short], free=(4, 5, 6, 7), inflight=inflight,
+                               running=[a]))
+        return pol, plan, {rid for x in plan.assignments for rid in x.requests}
+
+    pol, plan, started = plan_for("genserve:admission=false")
+    assert started == {"short"}
+    assert plan.reasons["long"] == HELD_FOR_EARLIER
+    assert pol._held == "big"
+    # Without the hold, the long video takes free GPUs.
+    _, _, started = plan_for("genserve:admission=false,hold=false")
+    assert "long" in started
+
+
+def test_peak_image_demand_sets_the_reserve_for_a_window():
+    pol = make_policy("genserve:window_s=100")
+    burst = [image(f"i{n}", arrival=10.0, deadline=10.0 + n + 5) for n in range(5)]
+    pol.schedule(st(8, burst, now=10.0))
+    later = st(8, [], now=60.0)
+    assert pol.reserve(later) >= 5  # the burst needed five GPUs at once
+    assert make_policy("genserve:window_s=100,peak=false").reserve(later) == 1
+    pol.schedule(st(8, [video("v")], now=200.0))
+    assert pol.reserve(st(8, [], now=200.0)) == 1  # the burst left the window
+    assert make_policy("genserve:reserve=false").reserve(later) == 0
+
+
+def test_critical_video_may_use_the_reserve():
+    # A video that only makes its deadline on all 8 GPUs, starting now: it is critical, so the
+    # image reserve does not stop it.
+    v = video("v")
+    v.deadline = LAT.standalone(v, 8) + 0.5
+    plan = make_policy("genserve").schedule(st(8, [v]))
+    assert [len(x.gpus) for x in plan.assignments] == [8]
+
+
+def test_nopreempt_keeps_started_video_running_past_its_deadline():
+    v = video("v", model="wan2.1-1.3b", frames=33, deadline=1.0)
+    v.start(0.0, (0,))
+    v.advance(10)
+    plan = make_policy("genserve-nopreempt").schedule(st(1, [v], now=5.0))
+    assert [x.requests for x in plan.assignments] == [("v",)]
+    assert v.status is Status.RUNNING
