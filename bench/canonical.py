@@ -139,6 +139,7 @@ def plot(rows: list[dict], variants: list[str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     shares = sorted({r["share"] for r in rows})
     fig, axes = plt.subplots(len(shares), len(SLOS), figsize=(4 * len(SLOS), 3.2 * len(shares)),
@@ -155,6 +156,9 @@ def plot(rows: list[dict], variants: list[str], path: Path) -> None:
                 ax.plot(xs, [r[v] for r in sel], marker="o", linewidth=2.5, color="black", label=v)
             ax.set_title(f"video share {share}, SLO x{slo}", fontsize=9)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{x:g}" for x in xs], fontsize=7, rotation=45)
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
             if i == len(shares) - 1:
