@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 
 from .experiment import (ABLATIONS, DEFAULT_POLICIES, RunSpec, plot_sweep, requests_for,
                          run_many, sweep)

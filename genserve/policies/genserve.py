@@ -68,12 +68,13 @@ class _Batch:
 @register("genserve-nobatch", batch=False)
 class GenServe(Policy):
     params = {"preempt": bool, "elastic_sp": bool, "batch": bool, "reserve": bool,
-              "admission": bool, "window_s": float, "headroom": float, "min_reserve": int,
-              "boost_efficiency": float, "max_batch": int, "be_step_s": float, "hold": bool, "peak": bool}
+              "admission": bool, "hold": bool, "peak": bool, "window_s": float,
+              "headroom": float, "min_reserve": int, "boost_efficiency": float, "max_batch": int,
+              "be_step_s": float}
     defaults = {"preempt": True, "elastic_sp": True, "batch": True, "reserve": True,
                 "admission": True, "window_s": 120.0, "headroom": 2.0, "min_reserve": 1,
-                "boost_efficiency": 0.75, "max_batch": 8, "be_step_s": 2.0,
-                "hold": True, "peak": True}
+                "hold": True, "peak": True, "boost_efficiency": 0.75, "max_batch": 8,
+                "be_step_s": 2.0}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -176,7 +177,7 @@ class GenServe(Policy):
         if s.cluster != self._info_cluster:
             self._info, self._info_cluster = {}, s.cluster
         self._observe(s)
-        now, lat = s.now, s.latency
+        now = s.now
         plan = Plan()
         pool = GpuPool(s.free_gpus, s.cluster)
         images, videos, hopeless = [], [], []
@@ -283,12 +284,11 @@ class GenServe(Policy):
             budget -= len(gpus)
             planned.append((r, inf, Assignment(gpus, (r.id,), 1)))
 
-        budget = max(budget, 0)
         if self.config["elastic_sp"] and hold_until is None:
             planned.sort(key=lambda v: self.laxity(v[0], v[1], now))
-            budget = self._boost(planned, pool, budget, s)
+            self._boost(planned, pool, max(budget, 0))
         plan.assignments.extend(a for _, _, a in planned)
-        self._best_effort(hopeless, pool, plan, s, reserve, budget)
+        self._best_effort(hopeless, pool, plan, s, reserve)
         if wake:
             plan.wake_at = min(wake)
         return plan
@@ -301,7 +301,7 @@ class GenServe(Policy):
         of their quantum); like EASY backfilling, later videos may only use them meanwhile if they
         are done before then.
         """
-        now, lat = s.now, s.latency
+        now = s.now
         events: list[tuple[float, int]] = []
         by_id = {q.id: q for q in s.running}
         for j in s.inflight:
@@ -332,7 +332,6 @@ class GenServe(Policy):
         return None
 
     def _place_images(self, images, pool: GpuPool, plan: Plan, s: SchedulerState) -> None:
-        lat, now = s.latency, s.now
         batches: dict[tuple, list[_Batch]] = {}
         images.sort(key=lambda v: (v[0].deadline, v[0].id))
         for r, inf, k in images:
@@ -369,7 +368,7 @@ class GenServe(Policy):
                 return True
         return False
 
-    def _boost(self, planned, pool: GpuPool, budget: int, s: SchedulerState) -> int:
+    def _boost(self, planned, pool: GpuPool, budget: int) -> None:
         """Give spare GPUs within the video budget to planned videos, least laxity first.
 
         (Lending the image reserve to short-step video degrees was tried and measured no gain.)
@@ -392,10 +391,9 @@ class GenServe(Policy):
                 a = Assignment(gpus, a.requests, a.steps)
                 k = k2
             planned[i] = (r, inf, a)
-        return budget
 
     def _best_effort(self, hopeless, pool: GpuPool, plan: Plan, s: SchedulerState,
-                     reserve: int, budget: int) -> None:
+                     reserve: int) -> None:
         """Demoted requests use GPUs beyond the reserve; with nothing else running, any GPU."""
         idle_system = not s.inflight and not plan.assignments
         if not hopeless or (len(pool) <= reserve and not idle_system):

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..latency import LatencyModel
-from ..policies.base import Assignment, Cluster, InFlight, Plan, Policy, SchedulerState
+from ..policies.base import Assignment, Cluster, InFlight, Policy, SchedulerState
 from ..policies.common import tokens_of
 from ..request import Request, Status
 
