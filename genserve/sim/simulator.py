@@ -10,6 +10,7 @@ comes from the latency model: move/re-shard costs + encode (first step) + steps 
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from ..latency import LatencyModel
 from ..policies.base import Assignment, Cluster, InFlight, Policy, SchedulerState
 from ..policies.common import tokens_of
 from ..request import Request, Status
+
+log = logging.getLogger("genserve.sim")
 
 # Kinds order events at equal times: work finishing frees GPUs before arrivals are planned.
 QUANTUM_DONE, ARRIVAL, WAKE = 0, 1, 2
@@ -123,6 +126,7 @@ class Simulator:
                 if last_reason.get(rid) != why:
                     last_reason[rid] = why
                     reasons[why] += 1
+                    log.debug("t=%.3f %s deferred: %s", now, rid, why)
             for a in plan.assignments:
                 dur, moved = self._start(a, now, free, queue, by_id)
                 migrations += moved
