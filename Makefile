@@ -3,15 +3,19 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The CPU wheel this machine has locally; only installed when torch is not importable.
+TORCH_VERSION ?= 2.13.0
 
 .PHONY: demo test bench clean
 
+# --system-site-packages: a torch already installed for the system (e.g. a CUDA build) is used.
 $(BIN)/python:
-	$(PY) -m venv $(VENV)
+	$(PY) -m venv --system-site-packages $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[test,models]'
 	touch $(STAMP)
 
 demo: $(STAMP)

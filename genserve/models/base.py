@@ -1,0 +1,289 @@
+"""Step-level execution of diffusers pipelines: encode / prepare / step / decode.
+
+A diffusion request is a loop of identical denoising steps.  The adapter splits a diffusers pipeline
+into phases so that every step boundary is a place where a request can stop, be serialised, move to
+another process or device, be batched with other requests (at any step positions), and go on with
+no change to its output.
+
+Everything a request needs to resume lives in its `StepState`: latents, its own scheduler (diffusers
+schedulers are stateful, and multistep ones such as UniPC keep a history: we snapshot the whole
+`__dict__`, never share one scheduler between requests), prompt embeddings, guidance, and the
+generator state.  Classifier-free guidance is batch doubling: [uncond..., cond...].
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..request import Kind
+
+
+class ModelInputError(ValueError):
+    """A request the model cannot run; `field` names the offending input."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class ModelLoadError(RuntimeError):
+    """A preset or checkpoint that cannot be loaded (unknown name, missing or unreadable path)."""
+
+
+@dataclass
+class GenRequest:
+    """What a model needs to generate one output."""
+
+    id: str
+    prompt: str
+    height: int
+    width: int
+    frames: int = 1
+    steps: int = 28
+    guidance: float = 5.0
+    seed: int = 0
+    negative_prompt: str = ""
+
+
+@dataclass
+class StepState:
+    """Everything needed to resume one request at step `step_index` on any device."""
+
+    request_id: str
+    model: str
+    height: int
+    width: int
+    frames: int
+    steps: int
+    guidance: float
+    step_index: int
+    latents: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None
+    scheduler_state: dict[str, Any]
+    generator_state: torch.Tensor
+    # The live scheduler; rebuilt from `scheduler_state` after a move.  Never serialised.
+    scheduler: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.steps
+
+    @property
+    def cfg(self) -> bool:
+        return self.uncond is not None
+
+    @property
+    def shape_key(self) -> tuple:
+        """States with equal keys can share one batched step."""
+        return (self.model, self.height, self.width, self.frames, self.cfg)
+
+    def to_bytes(self) -> bytes:
+        """Serialise (tensors on CPU); loadable with torch.load(weights_only=True)."""
+        payload = {k: getattr(self, k) for k in (
+            "request_id", "model", "height", "width", "frames", "steps", "guidance", "step_index")}
+        payload.update(latents=self.latents.cpu(), cond=_cpu(self.cond), uncond=_cpu(self.uncond),
+                       scheduler_state=_cpu(self.snapshot_scheduler()),
+                       generator_state=self.generator_state.cpu())
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "StepState":
+        payload = torch.load(io.BytesIO(data), weights_only=True)
+        return cls(**payload)
+
+    def snapshot_scheduler(self) -> dict[str, Any]:
+        if self.scheduler is not None:
+            self.scheduler_state = {k: v for k, v in self.scheduler.__dict__.items()
+                                    if k != "_internal_dict"}
+        return self.scheduler_state
+
+    def to(self, device: torch.device | str) -> "StepState":
+        """Move the state's tensors (the scheduler is rebuilt on the next step)."""
+        self.snapshot_scheduler()
+        self.latents = self.latents.to(device)
+        self.cond = _to(self.cond, device)
+        self.uncond = _to(self.uncond, device)
+        self.scheduler_state = _to(self.scheduler_state, device)
+        self.scheduler = None
+        return self
+
+
+def _to(obj: Any, device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def _cpu(obj: Any) -> Any:
+    return _to(obj, "cpu")
+
+
+class DiffusionAdapter(ABC):
+    """One diffusers pipeline split into phases.  Subclasses fill in the family specifics."""
+
+    kind: Kind
+    # Latent geometry: spatial divisor of height/width (VAE x patch) and temporal VAE factor.
+    spatial_multiple: int = 16
+    temporal_factor: int = 1
+
+    def __init__(self, pipe, name: str, device: str | torch.device = "cpu",
+                 max_sequence_length: int = 256):
+        # Random-weight models built from config start in training mode: dropout would make
+        # every run differ.
+        for comp in pipe.components.values():
+            if isinstance(comp, torch.nn.Module):
+                comp.eval()
+        self.pipe = pipe
+        self.name = name
+        self.device = torch.device(device)
+        self.max_sequence_length = max_sequence_length
+        self.transformer = pipe.transformer
+        self.dtype = self.transformer.dtype
+        self._scheduler_template = copy.deepcopy(pipe.scheduler)
+
+    # ----- validation -----
+    def validate(self, req: GenRequest) -> None:
+        m = self.spatial_multiple
+        for name, v in (("height", req.height), ("width", req.width)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < m or v % m:
+                raise ModelInputError(name, f"{v!r} must be a positive multiple of {m} for "
+                                            f"{self.name}")
+        if self.kind is Kind.IMAGE:
+            if req.frames != 1:
+                raise ModelInputError("frames", f"{req.frames!r}: {self.name} makes images "
+                                                "(frames must be 1)")
+        elif (not isinstance(req.frames, int) or req.frames < 1
+              or (req.frames - 1) % self.temporal_factor):
+            raise ModelInputError("frames", f"{req.frames!r} must be of the form "
+                                            f"{self.temporal_factor}k+1 for {self.name}")
+        if not isinstance(req.steps, int) or isinstance(req.steps, bool) or req.steps < 1:
+            raise ModelInputError("steps", f"{req.steps!r} must be an integer >= 1")
+        if not isinstance(req.guidance, (int, float)) or not np.isfinite(req.guidance) or (
+                req.guidance < 0):
+            raise ModelInputError("guidance", f"{req.guidance!r} must be a finite number >= 0")
+        if not isinstance(req.prompt, str):
+            raise ModelInputError("prompt", "must be a string")
+
+    # ----- phases -----
+    @torch.no_grad()
+    def encode(self, reqs: list[GenRequest]) -> list[tuple[dict, dict | None]]:
+        """Text encoders, once per request: (cond, uncond-or-None) embeddings."""
+        for r in reqs:
+            self.validate(r)
+        return [self._encode(r) for r in reqs]
+
+    @torch.no_grad()
+    def prepare(self, reqs: list[GenRequest],
+                encoded: list[tuple[dict, dict | None]] | None = None) -> list[StepState]:
+        """Initial latents from each request's seed and its own timestep schedule."""
+        encoded = encoded if encoded is not None else self.encode(reqs)
+        states = []
+        for r, (cond, uncond) in zip(reqs, encoded):
+            gen = torch.Generator("cpu").manual_seed(int(r.seed))
+            latents = self._init_latents(r, gen)
+            sched = copy.deepcopy(self._scheduler_template)
+            self._set_timesteps(sched, r)
+            states.append(StepState(
+                request_id=r.id, model=self.name, height=r.height, width=r.width, frames=r.frames,
+                steps=r.steps, guidance=float(r.guidance), step_index=0, latents=latents,
+                cond=cond, uncond=uncond, scheduler_state={}, generator_state=gen.get_state(),
+                scheduler=sched))
+        return states
+
+    @torch.no_grad()
+    def step(self, states: list[StepState]) -> None:
+        """Advance every state by one denoising step; compatible states share one forward.
+
+        States may be at different step positions: each brings its own timestep, and each
+        request's scheduler update runs on its own slice of the batched output.
+        """
+        groups: dict[tuple, list[StepState]] = {}
+        for s in states:
+            if s.model != self.name:
+                raise ModelInputError("model", f"state of {s.model} given to {self.name}")
+            if s.done:
+                raise ModelInputError("step_index", f"request {s.request_id} has no step left")
+            groups.setdefault(s.shape_key, []).append(s)
+        for group in groups.values():
+            self._step_group(group)
+
+    def _step_group(self, group: list[StepState]) -> None:
+        scheds = [self._live_scheduler(s) for s in group]
+        lat = torch.cat([s.latents for s in group]).to(self.device)
+        ts = torch.stack([sch.timesteps[s.step_index] for sch, s in zip(scheds, group)])
+        ts = ts.to(self.device)
+        cond = {k: torch.cat([s.cond[k] for s in group]).to(self.device) for k in group[0].cond}
+        if group[0].cfg:
+            unc = {k: torch.cat([s.uncond[k] for s in group]).to(self.device)
+                   for k in group[0].uncond}
+            out = self._forward(torch.cat([lat, lat]), torch.cat([ts, ts]),
+                                {k: torch.cat([unc[k], cond[k]]) for k in cond})
+            out_u, out_c = out.chunk(2)
+            shape = (len(group),) + (1,) * (out.dim() - 1)
+            g = torch.tensor([s.guidance for s in group], dtype=out.dtype,
+                             device=out.device).view(shape)
+            noise = out_u + g * (out_c - out_u)
+        else:
+            noise = self._forward(lat, ts, cond)
+        for i, (s, sch) in enumerate(zip(group, scheds)):
+            s.latents = sch.step(noise[i:i + 1], ts[i], s.latents, return_dict=False)[0]
+            s.step_index += 1
+
+    def _live_scheduler(self, s: StepState):
+        if s.scheduler is None:
+            sch = type(self._scheduler_template).from_config(self._scheduler_template.config)
+            sch.__dict__.update(copy.deepcopy(s.scheduler_state))
+            s.scheduler = sch
+        return s.scheduler
+
+    @torch.no_grad()
+    def decode(self, states: list[StepState]) -> list[np.ndarray]:
+        """VAE decode: uint8 arrays, (H, W, 3) for images and (F, H, W, 3) for videos."""
+        outs = []
+        for s in states:
+            if not s.done:
+                raise ModelInputError("step_index", f"request {s.request_id} is at step "
+                                                    f"{s.step_index}/{s.steps}")
+            arr = self._decode(s.latents.to(self.device))
+            outs.append((np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8))
+        return outs
+
+    def generate(self, req: GenRequest, progress=None) -> np.ndarray:
+        """Run one request start to finish (the CLI path); `progress(i, n)` after each step."""
+        (state,) = self.prepare([req])
+        while not state.done:
+            self.step([state])
+            if progress is not None:
+                progress(state.step_index, state.steps)
+        return self.decode([state])[0]
+
+    # ----- family hooks -----
+    @abstractmethod
+    def _encode(self, r: GenRequest) -> tuple[dict, dict | None]: ...
+
+    @abstractmethod
+    def _init_latents(self, r: GenRequest, gen: torch.Generator) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _set_timesteps(self, sched, r: GenRequest) -> None: ...
+
+    @abstractmethod
+    def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                 embeds: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _decode(self, latents: torch.Tensor) -> np.ndarray: ...

@@ -1,0 +1,104 @@
+"""The two families on diffusers' own classes: SD3 (text-to-image) and Wan2.1 (text-to-video).
+
+Both use the pipeline's own `encode_prompt`, `prepare_latents`, scheduler and VAE, so a real
+checkpoint and a tiny random one run the same code; only the denoising loop is ours (batched over
+requests, CFG as batch doubling, per-sample timesteps).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..request import Kind
+from .base import DiffusionAdapter, GenRequest
+
+
+class SD3Adapter(DiffusionAdapter):
+    """StableDiffusion3Pipeline: SD3Transformer2DModel + FlowMatchEulerDiscreteScheduler."""
+
+    kind = Kind.IMAGE
+
+    def __init__(self, pipe, name: str, device="cpu", max_sequence_length: int = 256):
+        super().__init__(pipe, name, device, max_sequence_length)
+        self.spatial_multiple = pipe.vae_scale_factor * pipe.patch_size
+
+    def _encode(self, r: GenRequest):
+        cfg = r.guidance > 1.0
+        pe, npe, pooled, npooled = self.pipe.encode_prompt(
+            prompt=r.prompt, prompt_2=r.prompt, prompt_3=r.prompt, device=self.device,
+            do_classifier_free_guidance=cfg, negative_prompt=r.negative_prompt,
+            negative_prompt_2=r.negative_prompt, negative_prompt_3=r.negative_prompt,
+            max_sequence_length=self.max_sequence_length)
+        cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
+        uncond = {"encoder_hidden_states": npe, "pooled_projections": npooled} if cfg else None
+        return cond, uncond
+
+    def _init_latents(self, r: GenRequest, gen: torch.Generator) -> torch.Tensor:
+        return self.pipe.prepare_latents(1, self.transformer.config.in_channels, r.height,
+                                         r.width, torch.float32, self.device, gen)
+
+    def _set_timesteps(self, sched, r: GenRequest) -> None:
+        kwargs = {}
+        if sched.config.get("use_dynamic_shifting", None):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+                calculate_shift)
+            seq = (r.height // self.spatial_multiple) * (r.width // self.spatial_multiple)
+            kwargs["mu"] = calculate_shift(
+                seq, sched.config.get("base_image_seq_len", 256),
+                sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                sched.config.get("max_shift", 1.16))
+        sched.set_timesteps(r.steps, device=self.device, **kwargs)
+
+    def _forward(self, latents, timesteps, embeds):
+        return self.transformer(hidden_states=latents.to(self.dtype), timestep=timesteps,
+                                encoder_hidden_states=embeds["encoder_hidden_states"],
+                                pooled_projections=embeds["pooled_projections"],
+                                return_dict=False)[0].float()
+
+    def _decode(self, latents) -> np.ndarray:
+        vae = self.pipe.vae
+        lat = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(lat, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="np")[0]
+
+
+class WanAdapter(DiffusionAdapter):
+    """WanPipeline: WanTransformer3DModel + UniPC (flow prediction) + AutoencoderKLWan."""
+
+    kind = Kind.VIDEO
+
+    def __init__(self, pipe, name: str, device="cpu", max_sequence_length: int = 512):
+        super().__init__(pipe, name, device, max_sequence_length)
+        patch = pipe.transformer.config.patch_size[-1]
+        self.spatial_multiple = pipe.vae_scale_factor_spatial * patch
+        self.temporal_factor = pipe.vae_scale_factor_temporal
+
+    def _encode(self, r: GenRequest):
+        cfg = r.guidance > 1.0
+        pe, npe = self.pipe.encode_prompt(
+            prompt=r.prompt, negative_prompt=r.negative_prompt, do_classifier_free_guidance=cfg,
+            max_sequence_length=self.max_sequence_length, device=self.device)
+        return {"encoder_hidden_states": pe}, ({"encoder_hidden_states": npe} if cfg else None)
+
+    def _init_latents(self, r: GenRequest, gen: torch.Generator) -> torch.Tensor:
+        return self.pipe.prepare_latents(1, self.transformer.config.in_channels, r.height,
+                                         r.width, r.frames, torch.float32, self.device, gen)
+
+    def _set_timesteps(self, sched, r: GenRequest) -> None:
+        sched.set_timesteps(r.steps, device=self.device)
+        sched.set_begin_index(0)
+
+    def _forward(self, latents, timesteps, embeds):
+        return self.transformer(hidden_states=latents.to(self.dtype), timestep=timesteps,
+                                encoder_hidden_states=embeds["encoder_hidden_states"],
+                                return_dict=False)[0].float()
+
+    def _decode(self, latents) -> np.ndarray:
+        vae = self.pipe.vae
+        lat = latents.to(vae.dtype)
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(lat)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(lat)
+        video = vae.decode(lat / inv_std + mean, return_dict=False)[0]
+        return self.pipe.video_processor.postprocess_video(video, output_type="np")[0]

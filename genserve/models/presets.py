@@ -1,0 +1,151 @@
+"""Model presets: tiny random-weight models built from config (tests, CI, demo) and real checkpoints
+loaded from a local diffusers directory (`local_files_only`: nothing is downloaded).
+
+Tiny weights come from a fixed seed, so two processes that build the same preset hold the same
+model bit for bit (the cross-process resume tests rely on it).  Tokenizers are built in code from
+in-memory vocabularies.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .base import DiffusionAdapter, ModelLoadError
+from .families import SD3Adapter, WanAdapter
+
+TINY = ("tiny-t2i", "tiny-t2v")
+REAL = {"sd3-medium": "sd3", "flux-dev": "flux", "wan2.1-1.3b": "wan", "wan2.1-14b": "wan"}
+PRESETS = TINY + tuple(REAL)
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = sorted(set(bytes_to_unicode().values()))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    for tok in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[tok] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer(max_len: int):
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789 .,!?\u2581"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_len)
+
+
+def _quiet():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def tiny_t2i(device="cpu") -> SD3Adapter:
+    """SD3-style: 2 joint blocks, CLIP x2 + T5 text encoders, a 2-level VAE (2x down)."""
+    _quiet()
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer(32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cc = dict(bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+                  hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
+                  num_attention_heads=4, num_hidden_layers=2, pad_token_id=1,
+                  vocab_size=len(clip_tok), hidden_act="gelu", projection_dim=32)
+        te1 = CLIPTextModelWithProjection(CLIPTextConfig(**cc))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cc))
+        te3 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37,
+                                      num_layers=2, num_heads=4, decoder_start_token_id=0))
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+            pooled_projection_dim=64, out_channels=4)
+        vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3,
+                            down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2,
+                            block_out_channels=(4, 8), layers_per_block=1, latent_channels=4,
+                            norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
+        text_encoder_3=te3, tokenizer_3=t5_tok)
+    pipe.set_progress_bar_config(disable=True)
+    return SD3Adapter(pipe.to(device), "tiny-t2i", device, max_sequence_length=32)
+
+
+def tiny_t2v(device="cpu") -> WanAdapter:
+    """Wan2.1-style: 2 blocks, a umT5 text encoder, the Wan VAE at its smallest width."""
+    _quiet()
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline,
+                           WanTransformer3DModel)
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = _t5_tokenizer(32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        te = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37,
+                                         num_layers=2, num_heads=4, decoder_start_token_id=0))
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+            out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                    num_train_timesteps=1000, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tok, text_encoder=te, transformer=transformer, vae=vae,
+                       scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return WanAdapter(pipe.to(device), "tiny-t2v", device, max_sequence_length=32)
+
+
+def load_local(preset: str, path: str | os.PathLike, device="cpu",
+               dtype: torch.dtype = torch.bfloat16) -> DiffusionAdapter:
+    """A real preset from a local diffusers directory (model_index.json and its folders)."""
+    _quiet()
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelLoadError(f"model_path={str(path)!r}: not a directory")
+    if not (p / "model_index.json").is_file():
+        raise ModelLoadError(f"model_path={str(path)!r}: no model_index.json; expected a "
+                             f"diffusers checkpoint directory for {preset}")
+    family = REAL[preset]
+    try:
+        if family == "sd3":
+            from diffusers import StableDiffusion3Pipeline as Pipe
+        elif family == "wan":
+            from diffusers import WanPipeline as Pipe
+        else:
+            raise ModelLoadError(f"model={preset!r}: the FLUX family has no adapter yet")
+        pipe = Pipe.from_pretrained(p, local_files_only=True, dtype=dtype)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"model_path={str(path)!r}: cannot load {preset}: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device)
+    return SD3Adapter(pipe, preset, device) if family == "sd3" else WanAdapter(pipe, preset, device)
+
+
+def load_preset(name: str, model_path: str | None = None, device="cpu") -> DiffusionAdapter:
+    if name == "tiny-t2i":
+        return tiny_t2i(device)
+    if name == "tiny-t2v":
+        return tiny_t2v(device)
+    if name in REAL:
+        if model_path is None:
+            raise ModelLoadError(f"model={name!r} needs --model-path DIR (a local diffusers "
+                                 f"checkpoint; nothing is downloaded)")
+        return load_local(name, model_path, device)
+    raise ModelLoadError(f"model={name!r}: unknown preset; known: {', '.join(PRESETS)}")
