@@ -153,7 +153,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
 
 # Per-preset defaults: (height, width, frames, steps).
-GENERATE_DEFAULTS = {"tiny-t2i": (64, 64, 1, 8), "tiny-t2v": (32, 32, 9, 8),
+GENERATE_DEFAULTS = {"tiny-t2i": (64, 64, 1, 8), "tiny-flux": (64, 64, 1, 8),
+                     "tiny-t2v": (32, 32, 9, 8),
                      "sd3-medium": (1024, 1024, 1, 28), "flux-dev": (1024, 1024, 1, 28),
                      "wan2.1-1.3b": (480, 832, 81, 50), "wan2.1-14b": (480, 832, 81, 50)}
 
@@ -170,7 +171,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         return default if v is None else v
 
     req = GenRequest(id="cli", prompt=a.prompt, height=pick(a.height, h), width=pick(a.width, w),
-                     frames=pick(a.frames, f), steps=pick(a.steps, st), guidance=a.guidance,
+                     frames=pick(a.frames, f), steps=pick(a.steps, st),
+                     guidance=pick(a.guidance, 3.5 if "flux" in a.model else 5.0),
                      seed=a.seed)
     try:
         adapter = load_preset(a.model, a.model_path, a.device)
@@ -226,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
     gen.add_argument("--frames", type=int, help="video frames (4k+1)")
-    gen.add_argument("--guidance", type=float, default=5.0, help="CFG scale (<= 1 turns CFG off)")
+    gen.add_argument("--guidance", type=float,
+                     help="guidance scale (default 5; FLUX 3.5; <= 1 turns CFG off)")
     gen.add_argument("--model-path", help="local diffusers checkpoint directory (real presets)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")

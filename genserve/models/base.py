@@ -154,6 +154,7 @@ class DiffusionAdapter(ABC):
         self.transformer = pipe.transformer
         self.dtype = self.transformer.dtype
         self._scheduler_template = copy.deepcopy(pipe.scheduler)
+        self._emb_cache: tuple | None = None
 
     # ----- validation -----
     def validate(self, req: GenRequest) -> None:
@@ -221,24 +222,38 @@ class DiffusionAdapter(ABC):
         for group in groups.values():
             self._step_group(group)
 
+    def _embeds(self, group: list[StepState]) -> dict[str, torch.Tensor]:
+        """Batched prompt embeddings ([uncond..., cond...] under CFG), reused while the batch
+        composition stays the same (they do not change between steps)."""
+        key = tuple(id(s.cond) for s in group)
+        if self._emb_cache is not None and self._emb_cache[0] == key:
+            return self._emb_cache[1]
+        parts = [s.cond for s in group]
+        if group[0].cfg:
+            parts = [s.uncond for s in group] + parts
+        emb = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
+        self._emb_cache = (key, emb, group)  # holding `group` keeps the ids in the key alive
+        return emb
+
     def _step_group(self, group: list[StepState]) -> None:
         scheds = [self._live_scheduler(s) for s in group]
-        lat = torch.cat([s.latents for s in group]).to(self.device)
+        lat = (group[0].latents if len(group) == 1
+               else torch.cat([s.latents for s in group])).to(self.device)
         ts = torch.stack([sch.timesteps[s.step_index] for sch, s in zip(scheds, group)])
         ts = ts.to(self.device)
-        cond = {k: torch.cat([s.cond[k] for s in group]).to(self.device) for k in group[0].cond}
+        emb = self._embeds(group)
         if group[0].cfg:
-            unc = {k: torch.cat([s.uncond[k] for s in group]).to(self.device)
-                   for k in group[0].uncond}
-            out = self._forward(torch.cat([lat, lat]), torch.cat([ts, ts]),
-                                {k: torch.cat([unc[k], cond[k]]) for k in cond})
+            out = self._forward(torch.cat([lat, lat]), torch.cat([ts, ts]), emb, group + group)
             out_u, out_c = out.chunk(2)
-            shape = (len(group),) + (1,) * (out.dim() - 1)
-            g = torch.tensor([s.guidance for s in group], dtype=out.dtype,
-                             device=out.device).view(shape)
-            noise = out_u + g * (out_c - out_u)
+            if len({s.guidance for s in group}) == 1:
+                noise = out_u + group[0].guidance * (out_c - out_u)
+            else:
+                shape = (len(group),) + (1,) * (out.dim() - 1)
+                g = torch.tensor([s.guidance for s in group], dtype=out.dtype,
+                                 device=out.device).view(shape)
+                noise = out_u + g * (out_c - out_u)
         else:
-            noise = self._forward(lat, ts, cond)
+            noise = self._forward(lat, ts, emb, group)
         for i, (s, sch) in enumerate(zip(group, scheds)):
             s.latents = sch.step(noise[i:i + 1], ts[i], s.latents, return_dict=False)[0]
             s.step_index += 1
@@ -258,7 +273,7 @@ class DiffusionAdapter(ABC):
             if not s.done:
                 raise ModelInputError("step_index", f"request {s.request_id} is at step "
                                                     f"{s.step_index}/{s.steps}")
-            arr = self._decode(s.latents.to(self.device))
+            arr = self._decode(s.latents.to(self.device), s)
             outs.append((np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8))
         return outs
 
@@ -283,7 +298,9 @@ class DiffusionAdapter(ABC):
 
     @abstractmethod
     def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor,
-                 embeds: dict[str, torch.Tensor]) -> torch.Tensor: ...
+                 embeds: dict[str, torch.Tensor], states: list[StepState]) -> torch.Tensor:
+        """One transformer forward; `states[i]` is the request behind batch row i."""
 
     @abstractmethod
-    def _decode(self, latents: torch.Tensor) -> np.ndarray: ...
+    def _decode(self, latents: torch.Tensor, state: StepState) -> np.ndarray:
+        """Float array in [0, 1]: (H, W, 3) or (F, H, W, 3)."""

@@ -1,4 +1,4 @@
-"""The two families on diffusers' own classes: SD3 (text-to-image) and Wan2.1 (text-to-video).
+"""The families on diffusers' own classes: SD3 and FLUX (text-to-image), Wan2.1 (text-to-video).
 
 Both use the pipeline's own `encode_prompt`, `prepare_latents`, scheduler and VAE, so a real
 checkpoint and a tiny random one run the same code; only the denoising loop is ours (batched over
@@ -50,15 +50,73 @@ class SD3Adapter(DiffusionAdapter):
                 sched.config.get("max_shift", 1.16))
         sched.set_timesteps(r.steps, device=self.device, **kwargs)
 
-    def _forward(self, latents, timesteps, embeds):
+    def _forward(self, latents, timesteps, embeds, states):
         return self.transformer(hidden_states=latents.to(self.dtype), timestep=timesteps,
                                 encoder_hidden_states=embeds["encoder_hidden_states"],
                                 pooled_projections=embeds["pooled_projections"],
                                 return_dict=False)[0].float()
 
-    def _decode(self, latents) -> np.ndarray:
+    def _decode(self, latents, state) -> np.ndarray:
         vae = self.pipe.vae
         lat = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(lat, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="np")[0]
+
+
+class FluxAdapter(DiffusionAdapter):
+    """FluxPipeline: FluxTransformer2DModel on packed 2x2 latents, guidance-distilled (no CFG:
+    the guidance scale is an input of the transformer, per request)."""
+
+    kind = Kind.IMAGE
+
+    def __init__(self, pipe, name: str, device="cpu", max_sequence_length: int = 512):
+        super().__init__(pipe, name, device, max_sequence_length)
+        self.spatial_multiple = pipe.vae_scale_factor * 2
+
+    def _encode(self, r: GenRequest):
+        pe, pooled, _ = self.pipe.encode_prompt(prompt=r.prompt, prompt_2=r.prompt,
+                                                device=self.device,
+                                                max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": pe, "pooled_projections": pooled}, None
+
+    def _init_latents(self, r: GenRequest, gen: torch.Generator) -> torch.Tensor:
+        lat, _ = self.pipe.prepare_latents(1, self.transformer.config.in_channels // 4, r.height,
+                                           r.width, torch.float32, self.device, gen)
+        return lat
+
+    def _set_timesteps(self, sched, r: GenRequest) -> None:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        seq = (r.height // self.spatial_multiple) * (r.width // self.spatial_multiple)
+        mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
+                             sched.config.get("max_image_seq_len", 4096),
+                             sched.config.get("base_shift", 0.5),
+                             sched.config.get("max_shift", 1.15))
+        sigmas = None if sched.config.get("use_flow_sigmas") else np.linspace(
+            1.0, 1 / r.steps, r.steps)
+        sched.set_timesteps(r.steps, device=self.device, sigmas=sigmas, mu=mu)
+
+    def _forward(self, latents, timesteps, embeds, states):
+        s0 = states[0]
+        h = 2 * (s0.height // self.spatial_multiple)
+        w = 2 * (s0.width // self.spatial_multiple)
+        img_ids = self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
+        txt = embeds["encoder_hidden_states"]
+        txt_ids = torch.zeros(txt.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.tensor([s.guidance for s in states], device=self.device,
+                                    dtype=torch.float32)
+        return self.transformer(hidden_states=latents.to(self.dtype), timestep=timesteps / 1000,
+                                guidance=guidance, pooled_projections=embeds["pooled_projections"],
+                                encoder_hidden_states=txt, txt_ids=txt_ids, img_ids=img_ids,
+                                return_dict=False)[0].float()
+
+    def _decode(self, latents, state) -> np.ndarray:
+        vae = self.pipe.vae
+        lat = self.pipe._unpack_latents(latents, state.height, state.width,
+                                        self.pipe.vae_scale_factor)
+        lat = lat.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(lat, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="np")[0]
 
@@ -89,12 +147,12 @@ class WanAdapter(DiffusionAdapter):
         sched.set_timesteps(r.steps, device=self.device)
         sched.set_begin_index(0)
 
-    def _forward(self, latents, timesteps, embeds):
+    def _forward(self, latents, timesteps, embeds, states):
         return self.transformer(hidden_states=latents.to(self.dtype), timestep=timesteps,
                                 encoder_hidden_states=embeds["encoder_hidden_states"],
                                 return_dict=False)[0].float()
 
-    def _decode(self, latents) -> np.ndarray:
+    def _decode(self, latents, state) -> np.ndarray:
         vae = self.pipe.vae
         lat = latents.to(vae.dtype)
         z = vae.config.z_dim

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from .base import DiffusionAdapter, ModelLoadError
-from .families import SD3Adapter, WanAdapter
+from .families import FluxAdapter, SD3Adapter, WanAdapter
 
-TINY = ("tiny-t2i", "tiny-t2v")
+TINY = ("tiny-t2i", "tiny-t2v", "tiny-flux")
 REAL = {"sd3-medium": "sd3", "flux-dev": "flux", "wan2.1-1.3b": "wan", "wan2.1-14b": "wan"}
 PRESETS = TINY + tuple(REAL)
 
@@ -84,6 +84,42 @@ def tiny_t2i(device="cpu") -> SD3Adapter:
     return SD3Adapter(pipe.to(device), "tiny-t2i", device, max_sequence_length=32)
 
 
+def tiny_flux(device="cpu") -> FluxAdapter:
+    """FLUX-style: 1 double + 1 single block, guidance embedding, CLIP + T5 text encoders."""
+    _quiet()
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           FluxTransformer2DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer(32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        te1 = CLIPTextModel(CLIPTextConfig(
+            bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+            hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4,
+            num_hidden_layers=2, pad_token_id=1, vocab_size=len(clip_tok), hidden_act="gelu",
+            projection_dim=32))
+        te2 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37,
+                                      num_layers=2, num_heads=4, decoder_start_token_id=0))
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+            pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+        vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3,
+                            down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2,
+                            block_out_channels=(4, 8), layers_per_block=1, latent_channels=4,
+                            norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.0609, scaling_factor=1.5035)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
+                                            max_shift=1.15, base_image_seq_len=256,
+                                            max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=te1, tokenizer=clip_tok,
+                        text_encoder_2=te2, tokenizer_2=t5_tok, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return FluxAdapter(pipe.to(device), "tiny-flux", device, max_sequence_length=32)
+
+
 def tiny_t2v(device="cpu") -> WanAdapter:
     """Wan2.1-style: 2 blocks, a umT5 text encoder, the Wan VAE at its smallest width."""
     _quiet()
@@ -124,10 +160,10 @@ def load_local(preset: str, path: str | os.PathLike, device="cpu",
     try:
         if family == "sd3":
             from diffusers import StableDiffusion3Pipeline as Pipe
-        elif family == "wan":
-            from diffusers import WanPipeline as Pipe
+        elif family == "flux":
+            from diffusers import FluxPipeline as Pipe
         else:
-            raise ModelLoadError(f"model={preset!r}: the FLUX family has no adapter yet")
+            from diffusers import WanPipeline as Pipe
         pipe = Pipe.from_pretrained(p, local_files_only=True, dtype=dtype)
     except ModelLoadError:
         raise
@@ -135,7 +171,8 @@ def load_local(preset: str, path: str | os.PathLike, device="cpu",
         raise ModelLoadError(f"model_path={str(path)!r}: cannot load {preset}: {e}") from None
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
-    return SD3Adapter(pipe, preset, device) if family == "sd3" else WanAdapter(pipe, preset, device)
+    cls = {"sd3": SD3Adapter, "flux": FluxAdapter, "wan": WanAdapter}[family]
+    return cls(pipe, preset, device)
 
 
 def load_preset(name: str, model_path: str | None = None, device="cpu") -> DiffusionAdapter:
@@ -143,6 +180,8 @@ def load_preset(name: str, model_path: str | None = None, device="cpu") -> Diffu
         return tiny_t2i(device)
     if name == "tiny-t2v":
         return tiny_t2v(device)
+    if name == "tiny-flux":
+        return tiny_flux(device)
     if name in REAL:
         if model_path is None:
             raise ModelLoadError(f"model={name!r} needs --model-path DIR (a local diffusers "
