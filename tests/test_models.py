@@ -208,3 +208,20 @@ def test_generate_cli_writes_outputs_and_rejects_bad_arguments(tmp_path, capsys)
         assert main(["generate", "--prompt", "x", "--quiet", *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("genserve generate: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("preset", ["sd3-medium", "flux-dev", "wan2.1-1.3b"])
+def test_real_presets_load_a_local_diffusers_directory(preset, tmp_path):
+    """The real-checkpoint path (from_pretrained, local_files_only) on a saved tiny pipeline of the
+    same family: same weights, same output."""
+    from genserve.models.presets import load_local, tiny_flux, tiny_t2i, tiny_t2v
+
+    build, name = {"sd3-medium": (tiny_t2i, "tiny-t2i"), "flux-dev": (tiny_flux, "tiny-flux"),
+                   "wan2.1-1.3b": (tiny_t2v, "tiny-t2v")}[preset]
+    tiny = build()
+    tiny.pipe.save_pretrained(tmp_path)
+    real = load_local(preset, tmp_path, dtype=torch.float32)
+    real.max_sequence_length = tiny.max_sequence_length  # the tiny T5 tokenizer holds 32 tokens
+    r = GenRequest(id="r", prompt="a cat", steps=3, seed=1, **SHAPES[name])
+    assert real.name == preset and type(real) is type(tiny)
+    assert np.array_equal(real.generate(r), tiny.generate(r))
