@@ -42,6 +42,34 @@ def _t5_tokenizer(max_len: int):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_len)
 
 
+def _clip_config(tok):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
+                          num_attention_heads=4, num_hidden_layers=2, pad_token_id=1,
+                          vocab_size=len(tok), hidden_act="gelu", projection_dim=32)
+
+
+def _t5_config(tok, cls_name: str = "T5Config"):
+    import transformers
+
+    return getattr(transformers, cls_name)(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37,
+                                           num_layers=2, num_heads=4, decoder_start_token_id=0)
+
+
+def _image_vae():
+    """A 2-level AutoencoderKL (2x down), 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 8),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=1,
+                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                         scaling_factor=1.5035)
+
+
 def _quiet():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -51,31 +79,21 @@ def _quiet():
 def tiny_t2i(device="cpu") -> SD3Adapter:
     """SD3-style: 2 joint blocks, CLIP x2 + T5 text encoders, a 2-level VAE (2x down)."""
     _quiet()
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer(32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        cc = dict(bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-                  hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
-                  num_attention_heads=4, num_hidden_layers=2, pad_token_id=1,
-                  vocab_size=len(clip_tok), hidden_act="gelu", projection_dim=32)
-        te1 = CLIPTextModelWithProjection(CLIPTextConfig(**cc))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cc))
-        te3 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37,
-                                      num_layers=2, num_heads=4, decoder_start_token_id=0))
+        te1 = CLIPTextModelWithProjection(_clip_config(clip_tok))
+        te2 = CLIPTextModelWithProjection(_clip_config(clip_tok))
+        te3 = T5EncoderModel(_t5_config(t5_tok))
         transformer = SD3Transformer2DModel(
             sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
             pooled_projection_dim=64, out_channels=4)
-        vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3,
-                            down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2,
-                            block_out_channels=(4, 8), layers_per_block=1, latent_channels=4,
-                            norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                            shift_factor=0.0609, scaling_factor=1.5035)
+        vae = _image_vae()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
@@ -87,30 +105,19 @@ def tiny_t2i(device="cpu") -> SD3Adapter:
 def tiny_flux(device="cpu") -> FluxAdapter:
     """FLUX-style: 1 double + 1 single block, guidance embedding, CLIP + T5 text encoders."""
     _quiet()
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                           FluxTransformer2DModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer(32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        te1 = CLIPTextModel(CLIPTextConfig(
-            bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-            hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4,
-            num_hidden_layers=2, pad_token_id=1, vocab_size=len(clip_tok), hidden_act="gelu",
-            projection_dim=32))
-        te2 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37,
-                                      num_layers=2, num_heads=4, decoder_start_token_id=0))
+        te1 = CLIPTextModel(_clip_config(clip_tok))
+        te2 = T5EncoderModel(_t5_config(t5_tok))
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
-        vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3,
-                            down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2,
-                            block_out_channels=(4, 8), layers_per_block=1, latent_channels=4,
-                            norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                            shift_factor=0.0609, scaling_factor=1.5035)
+        vae = _image_vae()
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
                                             max_shift=1.15, base_image_seq_len=256,
                                             max_image_seq_len=4096)
@@ -125,13 +132,12 @@ def tiny_t2v(device="cpu") -> WanAdapter:
     _quiet()
     from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline,
                            WanTransformer3DModel)
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
     tok = _t5_tokenizer(32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        te = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37,
-                                         num_layers=2, num_heads=4, decoder_start_token_id=0))
+        te = UMT5EncoderModel(_t5_config(tok, "UMT5Config"))
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
             out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
