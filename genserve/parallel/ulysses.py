@@ -1,0 +1,123 @@
+"""Ulysses sequence-parallel attention over an explicit process group.
+
+Each rank holds a contiguous shard of the sequence for all heads.  An all-to-all turns sequence
+shards into head shards (every rank sees the whole sequence for heads/k heads), attention runs
+locally, and a second all-to-all turns the result back into sequence shards.  Communication per
+layer and rank: 4 x (k-1)/k^2 of the activations (q, k, v, out), which is what the latency model
+charges.
+
+- Sequences whose length is not a multiple of k are padded to equal shards; padded keys are masked
+  out, padded query rows are dropped by the caller (`shard`/`unshard` below do both ends).
+- When the head count is not a multiple of k, Ulysses cannot split heads evenly: the fallback
+  all-gathers K and V along the sequence and each rank attends with its own query shard (correct,
+  more bytes).  gloo (CPU) and NCCL both support `all_to_all_single` and `all_gather`.
+- The group is always passed in: no module-level process groups, so the same process can serve
+  different degrees step by step (groups are created once at start-up, see `GroupCache`).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def shard(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous shard of `x` along `dim`, zero-padded to ceil(n / world)."""
+    n = x.shape[dim]
+    per = math.ceil(n / world)
+    pad = per * world - n
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    return x.narrow(dim, rank * per, per).contiguous()
+
+
+def unshard(local: torch.Tensor, dim: int, n: int, group) -> torch.Tensor:
+    """Gather equal shards from every rank of `group` and drop the padding: length `n` along dim."""
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=dim).narrow(dim, 0, n)
+
+
+def _key_mask(n_valid: int, per: int, world: int, device) -> torch.Tensor | None:
+    """Boolean mask over the gathered key axis (world x per): True where a key is real."""
+    if per * world == n_valid:
+        return None
+    pos = torch.arange(per * world, device=device)
+    return pos < n_valid  # shards are contiguous, so padding sits at the very end
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: int, group,
+                      scale: float | None = None) -> torch.Tensor:
+    """Attention over the full sequence from sequence-sharded inputs.
+
+    q, k, v: (B, H, n_local, D) with n_local = ceil(n_valid / world) on every rank (the shard of
+    this rank, zero-padded).  Returns (B, H, n_local, D), this rank's query shard.
+    """
+    world = dist.get_world_size(group)
+    if world == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    b, h, per, d = q.shape
+    mask = _key_mask(n_valid, per, world, q.device)
+    if h % world:
+        return _allgather_kv_attention(q, k, v, mask, group, scale)
+
+    def seq_to_heads(x: torch.Tensor) -> torch.Tensor:
+        # (B, H, per, D) -> chunks of heads to each rank -> (B, H/w, world*per, D)
+        x = x.reshape(b, world, h // world, per, d).permute(1, 0, 2, 3, 4).contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out.permute(1, 2, 0, 3, 4).reshape(b, h // world, world * per, d)
+
+    qh, kh, vh = seq_to_heads(q), seq_to_heads(k), seq_to_heads(v)
+    attn_mask = None if mask is None else mask.view(1, 1, 1, -1)
+    oh = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale)
+    # (B, H/w, world*per, D) -> sequence chunks back to their ranks -> (B, H, per, D)
+    x = oh.reshape(b, h // world, world, per, d).permute(2, 0, 1, 3, 4).contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out.permute(1, 0, 2, 3, 4).reshape(b, h, per, d)
+
+
+def _allgather_kv_attention(q, k, v, mask, group, scale):
+    """Fallback for heads % world != 0: every rank gets all keys/values, keeps its query shard."""
+    world = dist.get_world_size(group)
+    ks = [torch.empty_like(k) for _ in range(world)]
+    vs = [torch.empty_like(v) for _ in range(world)]
+    dist.all_gather(ks, k.contiguous(), group=group)
+    dist.all_gather(vs, v.contiguous(), group=group)
+    attn_mask = None if mask is None else mask.view(1, 1, 1, -1)
+    return F.scaled_dot_product_attention(q, torch.cat(ks, dim=2), torch.cat(vs, dim=2),
+                                          attn_mask=attn_mask, scale=scale)
+
+
+class GroupCache:
+    """Process groups for every GPU set the scheduler may use, created once at start-up.
+
+    `new_group` is collective (every rank must call it, in the same order) and slow (GF-DiT measured
+    778 ms per set-up), so all groups of contiguous, aligned rank sets of each allowed size are
+    made up front, and looked up by their rank tuple at run time.
+    """
+
+    def __init__(self, world: int, sizes: tuple[int, ...] = (1, 2, 4, 8),
+                 contiguous_only: bool = True, backend: str | None = None):
+        self.groups: dict[tuple[int, ...], object] = {}
+        for size in sorted(s for s in sizes if 1 < s <= world):
+            sets = ([tuple(range(i, i + size)) for i in range(0, world - size + 1, size)]
+                    if contiguous_only else list(combinations(range(world), size)))
+            for ranks in sets:
+                self.groups[ranks] = dist.new_group(list(ranks), backend=backend)
+
+    def get(self, ranks: tuple[int, ...]):
+        ranks = tuple(sorted(ranks))
+        try:
+            return self.groups[ranks]
+        except KeyError:
+            raise ValueError(f"no process group for ranks {ranks}; made at start-up: "
+                             f"{sorted(self.groups)}") from None

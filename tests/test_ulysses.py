@@ -1,0 +1,86 @@
+"""Ulysses attention on gloo (CPU): sharded results equal single-process attention."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _worker(rank: int, world: int, init: str, cases, out) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from genserve.parallel import GroupCache, shard, ulysses_attention, unshard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        groups = GroupCache(world, sizes=(2, 4))
+        results = []
+        for ranks, b, h, n, d in cases:
+            g = torch.Generator().manual_seed(1000 * n + h)
+            q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+            ref = F.scaled_dot_product_attention(q, k, v)
+            if rank not in ranks:
+                results.append(None)
+                continue
+            group = groups.get(ranks) if len(ranks) < world else dist.group.WORLD
+            local = ranks.index(rank)
+            shards = [shard(x, 2, local, len(ranks)) for x in (q, k, v)]
+            o = ulysses_attention(*shards, n_valid=n, group=group)
+            full = unshard(o, 2, n, group)
+            results.append(float((full - ref).abs().max()))
+        out.put((rank, results))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(world: int, cases, tmp_path) -> dict[int, list]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    init = f"file://{os.path.join(tmp_path, 'rdzv')}"
+    procs = [ctx.Process(target=_worker, args=(r, world, init, cases, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    res = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    return res
+
+
+def test_two_ranks_match_single_process_including_padding(tmp_path):
+    cases = [((0, 1), 2, 4, 16, 8),   # divisible
+             ((0, 1), 1, 4, 15, 8),   # N % 2 != 0: padded keys masked out
+             ((0, 1), 1, 3, 10, 8)]   # heads % 2 != 0: all-gather K/V fallback
+    res = run_world(2, cases, tmp_path)
+    for rank in (0, 1):
+        assert all(err < 1e-5 for err in res[rank]), res
+
+
+def test_four_ranks_and_cached_subgroups(tmp_path):
+    cases = [((0, 1, 2, 3), 1, 8, 13, 8),  # degree 4, N % 4 != 0
+             ((0, 1, 2, 3), 1, 6, 12, 8),  # heads % 4 != 0: fallback
+             ((0, 1), 1, 4, 9, 8),         # two degree-2 groups side by side
+             ((2, 3), 1, 4, 11, 8)]
+    res = run_world(4, cases, tmp_path)
+    for rank in range(4):
+        for (ranks, *_), err in zip(cases, res[rank]):
+            if rank in ranks:
+                assert err < 1e-5, (rank, ranks, err)
+            else:
+                assert err is None
+
+
+def test_unknown_rank_set_is_a_clear_error():
+    from genserve.parallel import GroupCache
+
+    cache = GroupCache.__new__(GroupCache)
+    cache.groups = {(0, 1): object()}
+    with pytest.raises(ValueError, match=r"no process group for ranks \(1, 2\)"):
+        cache.get((2, 1))
