@@ -16,6 +16,7 @@ def _worker(rank: int, world: int, init: str, cases, out) -> None:
     import torch.nn.functional as F
 
     from genserve.parallel import GroupCache, shard, ulysses_attention, unshard
+    from genserve.parallel.ulysses import joint_ulysses_attention
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -34,7 +35,14 @@ def _worker(rank: int, world: int, init: str, cases, out) -> None:
             shards = [shard(x, 2, local, len(ranks)) for x in (q, k, v)]
             o = ulysses_attention(*shards, n_valid=n, group=group)
             full = unshard(o, 2, n, group)
-            results.append(float((full - ref).abs().max()))
+            err = float((full - ref).abs().max())
+            # Joint (MMDiT) attention: 5 replicated text tokens appended to the keys.
+            tq, tk, tv = (torch.randn(b, h, 5, d, generator=g) for _ in range(3))
+            jref = F.scaled_dot_product_attention(torch.cat([q, tq], 2), torch.cat([k, tk], 2),
+                                                  torch.cat([v, tv], 2))
+            img, txt = joint_ulysses_attention(*shards, tq, tk, tv, n_valid=n, group=group)
+            jfull = torch.cat([unshard(img, 2, n, group), txt], 2)
+            results.append(max(err, float((jfull - jref).abs().max())))
         out.put((rank, results))
     finally:
         dist.destroy_process_group()

@@ -53,6 +53,27 @@ def _key_mask(n_valid: int, per: int, world: int, device) -> torch.Tensor | None
     return pos < n_valid  # shards are contiguous, so padding sits at the very end
 
 
+def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, H, per, D) sequence shard -> (B, H/w, w*per, D): all tokens, this rank's heads."""
+    world = dist.get_world_size(group)
+    b, h, per, d = x.shape
+    x = x.reshape(b, world, h // world, per, d).permute(1, 0, 2, 3, 4).contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out.permute(1, 2, 0, 3, 4).reshape(b, h // world, world * per, d)
+
+
+def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, H/w, w*per, D) -> (B, H, per, D): the inverse of `_seq_to_heads`."""
+    world = dist.get_world_size(group)
+    b, hl, n, d = x.shape
+    per = n // world
+    x = x.reshape(b, hl, world, per, d).permute(2, 0, 1, 3, 4).contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out.permute(1, 0, 2, 3, 4).reshape(b, hl * world, per, d)
+
+
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: int, group,
                       scale: float | None = None) -> torch.Tensor:
     """Attention over the full sequence from sequence-sharded inputs.
@@ -63,26 +84,56 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid
     world = dist.get_world_size(group)
     if world == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    b, h, per, d = q.shape
+    h, per = q.shape[1], q.shape[2]
     mask = _key_mask(n_valid, per, world, q.device)
     if h % world:
         return _allgather_kv_attention(q, k, v, mask, group, scale)
-
-    def seq_to_heads(x: torch.Tensor) -> torch.Tensor:
-        # (B, H, per, D) -> chunks of heads to each rank -> (B, H/w, world*per, D)
-        x = x.reshape(b, world, h // world, per, d).permute(1, 0, 2, 3, 4).contiguous()
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=group)
-        return out.permute(1, 2, 0, 3, 4).reshape(b, h // world, world * per, d)
-
-    qh, kh, vh = seq_to_heads(q), seq_to_heads(k), seq_to_heads(v)
+    qh, kh, vh = (_seq_to_heads(t, group) for t in (q, k, v))
     attn_mask = None if mask is None else mask.view(1, 1, 1, -1)
     oh = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale)
-    # (B, H/w, world*per, D) -> sequence chunks back to their ranks -> (B, H, per, D)
-    x = oh.reshape(b, h // world, world, per, d).permute(2, 0, 1, 3, 4).contiguous()
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    return out.permute(1, 0, 2, 3, 4).reshape(b, h, per, d)
+    return _heads_to_seq(oh, group)
+
+
+def joint_ulysses_attention(q, k, v, tq, tk, tv, n_valid: int, group
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MMDiT joint attention: image tokens sharded (q, k, v: (B, H, per, D)), text tokens
+    replicated on every rank (tq, tk, tv: (B, H, T, D)); keys are [image..., text...].
+
+    Returns (this rank's image output (B, H, per, D), the full text output (B, H, T, D)).  The
+    text needs no communication in: each rank uses its own head slice, and one all-gather over
+    heads gives every rank the whole text output.
+    """
+    world = dist.get_world_size(group)
+    h, per = q.shape[1], q.shape[2]
+    img_mask = _key_mask(n_valid, per, world, q.device)
+    if h % world:
+        ks = [torch.empty_like(k) for _ in range(world)]
+        vs = [torch.empty_like(v) for _ in range(world)]
+        dist.all_gather(ks, k.contiguous(), group=group)
+        dist.all_gather(vs, v.contiguous(), group=group)
+        keys = torch.cat(ks + [tk], dim=2)
+        vals = torch.cat(vs + [tv], dim=2)
+        mask = _joint_mask(img_mask, tk.shape[2])
+        img = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+        txt = F.scaled_dot_product_attention(tq, keys, vals, attn_mask=mask)
+        return img, txt
+    rank, hl = dist.get_rank(group), h // world
+    heads = slice(rank * hl, (rank + 1) * hl)
+    qh, kh, vh = (_seq_to_heads(t, group) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(
+        torch.cat([qh, tq[:, heads]], dim=2), torch.cat([kh, tk[:, heads]], dim=2),
+        torch.cat([vh, tv[:, heads]], dim=2), attn_mask=_joint_mask(img_mask, tk.shape[2]))
+    n_img = qh.shape[2]
+    img = _heads_to_seq(out[:, :, :n_img].contiguous(), group)
+    parts = [torch.empty_like(out[:, :, n_img:]) for _ in range(world)]
+    dist.all_gather(parts, out[:, :, n_img:].contiguous(), group=group)
+    return img, torch.cat(parts, dim=1)
+
+
+def _joint_mask(img_mask: torch.Tensor | None, n_text: int) -> torch.Tensor | None:
+    if img_mask is None:
+        return None
+    return torch.cat([img_mask, img_mask.new_ones(n_text)]).view(1, 1, 1, -1)
 
 
 def _allgather_kv_attention(q, k, v, mask, group, scale):

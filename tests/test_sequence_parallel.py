@@ -1,4 +1,4 @@
-"""Sequence parallelism on the tiny Wan preset with gloo: SP 2 and 4, and a degree that changes
+"""Sequence parallelism on the tiny presets with gloo: SP 2 and 4, and a degree that changes
 between steps, give latents allclose to SP 1 (float32, atol 1e-4)."""
 
 from __future__ import annotations
@@ -10,29 +10,30 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-# 32x48 pixels x 9 frames -> 3 x 2 x 3 = 18 tokens: not a multiple of 4 (padding is exercised);
-# the tiny model has 2 heads, so degree 4 also exercises the all-gather fallback.
-SHAPE = dict(height=32, width=48, frames=9)
+# Token counts not divisible by 2 or 4, so padding is exercised:
+# tiny-t2v 32x48 x 9 frames -> 3 x 2 x 3 = 18 tokens; its 2 heads also exercise the all-gather
+# fallback at degree 4.  tiny-t2i 68x68 -> 17 x 17 = 289 image tokens (+ replicated text).
+SHAPES = {"tiny-t2v": dict(height=32, width=48, frames=9), "tiny-t2i": dict(height=68, width=68)}
 STEPS = 6
 
 
-def _worker(rank, world, init, schedules, out):
+def _worker(rank, world, init, preset, schedules, out):
     import torch
     import torch.distributed as dist
 
     from genserve.models import GenRequest, load_preset
     from genserve.parallel import GroupCache
-    from genserve.parallel.wan_sp import WanSequenceParallel
+    from genserve.parallel.sequence import install
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         groups = GroupCache(world, sizes=(2, 4))
-        ad = load_preset("tiny-t2v")
-        sp = WanSequenceParallel(ad.transformer)
+        ad = load_preset(preset)
+        sp = install(ad.transformer)
         results = []
         for degrees in schedules:
-            (s,) = ad.prepare([GenRequest("r", "a fox", steps=STEPS, seed=5, **SHAPE)])
+            (s,) = ad.prepare([GenRequest("r", "a fox", steps=STEPS, seed=5, **SHAPES[preset])])
             for k in degrees:
                 if k == 1:
                     group = None
@@ -49,19 +50,21 @@ def _worker(rank, world, init, schedules, out):
         dist.destroy_process_group()
 
 
-def test_sp_degrees_and_switching_match_sp1(tmp_path):
+@pytest.mark.parametrize("preset", list(SHAPES))
+def test_sp_degrees_and_switching_match_sp1(preset, tmp_path):
     from genserve.models import GenRequest, load_preset
 
     torch.set_num_threads(1)
-    ad = load_preset("tiny-t2v")
-    (ref,) = ad.prepare([GenRequest("r", "a fox", steps=STEPS, seed=5, **SHAPE)])
+    ad = load_preset(preset)
+    (ref,) = ad.prepare([GenRequest("r", "a fox", steps=STEPS, seed=5, **SHAPES[preset])])
     while not ref.done:
         ad.step([ref])
     schedules = [[2] * STEPS, [4] * STEPS, [1, 2, 4, 1, 4, 2]]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     init = f"file://{os.path.join(tmp_path, 'rdzv')}"
-    procs = [ctx.Process(target=_worker, args=(r, 4, init, schedules, q)) for r in range(4)]
+    procs = [ctx.Process(target=_worker, args=(r, 4, init, preset, schedules, q))
+             for r in range(4)]
     for p in procs:
         p.start()
     res = dict(q.get(timeout=300) for _ in procs)
@@ -74,17 +77,26 @@ def test_sp_degrees_and_switching_match_sp1(tmp_path):
                                        msg=lambda m: f"rank {rank}, degrees {degrees}: {m}")
 
 
-def test_no_group_leaves_the_model_unchanged():
+@pytest.mark.parametrize("preset", list(SHAPES))
+def test_no_group_leaves_the_model_unchanged(preset):
     from genserve.models import GenRequest, load_preset
-    from genserve.parallel.wan_sp import WanSequenceParallel
+    from genserve.parallel.sequence import install
 
-    a, b = load_preset("tiny-t2v"), load_preset("tiny-t2v")
-    WanSequenceParallel(b.transformer)
+    a, b = load_preset(preset), load_preset(preset)
+    install(b.transformer)
     with pytest.raises(ValueError, match="already installed"):
-        WanSequenceParallel(b.transformer)
-    r = GenRequest("r", "a fox", steps=3, seed=2, **SHAPE)
+        install(b.transformer)
+    r = GenRequest("r", "a fox", steps=3, seed=2, **SHAPES[preset])
     sa, sb = a.prepare([r])[0], b.prepare([r])[0]
     while not sa.done:
         a.step([sa])
         b.step([sb])
     assert torch.equal(sa.latents, sb.latents)
+
+
+def test_unsupported_transformer_is_refused():
+    from genserve.models import load_preset
+    from genserve.parallel.sequence import install
+
+    with pytest.raises(ValueError, match="no sequence parallelism for FluxTransformer2DModel"):
+        install(load_preset("tiny-flux").transformer)

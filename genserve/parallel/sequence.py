@@ -1,0 +1,199 @@
+"""Ulysses sequence parallelism for diffusers' Wan and SD3 transformers, degree chosen per call.
+
+Our own hooks and processor rather than diffusers' `enable_parallelism`: that one keeps the degree
+in private module state (`_cp_plan`, `_parallel_config`) that must be torn down to change it, while
+GenServe changes a request's degree between any two steps.  Here the group is an argument of
+`use(group)`; with no group the model runs exactly as before.
+
+How the forward is split: a pre-hook on the first block cuts the patch tokens into contiguous
+shards (zero-padded to equal length) and a hook on the last block gathers them and drops the
+padding, so embeddings before and norm_out / proj_out / unpatchify after see the full sequence on
+every rank.  Text tokens stay replicated.
+- Wan: every block's rotary embedding is cut like the tokens; self-attention runs through
+  `ulysses_attention` (padded keys masked); cross-attention needs nothing.
+- SD3 (MMDiT joint attention): `joint_ulysses_attention`, image tokens sharded, text replicated.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .ulysses import joint_ulysses_attention, shard, ulysses_attention, unshard
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved pairs (the math of diffusers' WanAttnProcessor)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)
+
+
+class _SelfAttn:
+    """Wan self-attention (T2V: no image context) with Ulysses when a group is active."""
+
+    def __init__(self, sp: "WanSequenceParallel"):
+        self.sp = sp
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
+        if self.sp.group is not None:
+            out = ulysses_attention(q, k, v, self.sp.n_valid, self.sp.group)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class _SequenceParallel:
+    """Shared part: the active group and the token shards."""
+
+    def __init__(self, transformer):
+        if getattr(transformer, "_genserve_sp", None) is not None:
+            raise ValueError("sequence parallelism is already installed on this transformer")
+        self.group = None
+        self.n_valid = 0
+        transformer._genserve_sp = self
+
+    @contextmanager
+    def use(self, group):
+        """Run the forwards inside the block sharded over `group` (None: unsharded)."""
+        if group is not None and dist.get_world_size(group) == 1:
+            group = None
+        self.group = group
+        try:
+            yield self
+        finally:
+            self.group = None
+            self._reset()
+
+    def _reset(self) -> None:
+        pass
+
+    def _shards(self, x: torch.Tensor) -> torch.Tensor:
+        return shard(x, 1, dist.get_rank(self.group), dist.get_world_size(self.group))
+
+
+class WanSequenceParallel(_SequenceParallel):
+    """Installed once per transformer; `with sp.use(group): transformer(...)` runs one forward
+    sharded over `group` (None or a 1-rank group: unsharded)."""
+
+    def __init__(self, transformer):
+        blocks = transformer.blocks
+        if any(getattr(b.attn1, "add_k_proj", None) is not None for b in blocks):
+            raise ValueError("image-conditioned Wan (I2V) attention is not supported")
+        super().__init__(transformer)
+        self._rot: tuple | None = None
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(self._shard_first if i == 0 else self._shard_rotary)
+            block.attn1.set_processor(_SelfAttn(self))
+        blocks[-1].register_forward_hook(self._gather)
+
+    def _reset(self) -> None:
+        self._rot = None
+
+    def _shard_first(self, module, args):
+        if self.group is None:
+            return None
+        hidden, text, temb, rotary = args
+        self.n_valid = hidden.shape[1]
+        self._rot = tuple(self._shards(r) for r in rotary)
+        return (self._shards(hidden), text, temb, self._rot)
+
+    def _shard_rotary(self, module, args):
+        if self.group is None:
+            return None
+        hidden, text, temb, _ = args
+        return (hidden, text, temb, self._rot)
+
+    def _gather(self, module, args, output):
+        if self.group is None:
+            return None
+        return unshard(output, 1, self.n_valid, self.group)
+
+
+class _JointAttn:
+    """SD3 joint attention (the math of diffusers' JointAttnProcessor2_0), Ulysses when active."""
+
+    def __init__(self, sp: "SD3SequenceParallel"):
+        self.sp = sp
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        b, h = hidden_states.shape[0], attn.heads
+
+        def heads(x):
+            return x.view(b, -1, h, x.shape[-1] // h).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(
+            attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        tq = heads(attn.add_q_proj(encoder_hidden_states))
+        tk = heads(attn.add_k_proj(encoder_hidden_states))
+        tv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            tq = attn.norm_added_q(tq)
+        if attn.norm_added_k is not None:
+            tk = attn.norm_added_k(tk)
+        if self.sp.group is not None:
+            img, txt = joint_ulysses_attention(q, k, v, tq, tk, tv, self.sp.n_valid, self.sp.group)
+        else:
+            n = q.shape[2]
+            out = F.scaled_dot_product_attention(torch.cat([q, tq], 2), torch.cat([k, tk], 2),
+                                                 torch.cat([v, tv], 2))
+            img, txt = out[:, :, :n], out[:, :, n:]
+        img = img.transpose(1, 2).reshape(b, -1, h * img.shape[-1]).to(q.dtype)
+        txt = txt.transpose(1, 2).reshape(b, -1, h * txt.shape[-1]).to(q.dtype)
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        return attn.to_out[1](attn.to_out[0](img)), txt
+
+
+class SD3SequenceParallel(_SequenceParallel):
+    def __init__(self, transformer):
+        blocks = transformer.transformer_blocks
+        if any(getattr(b, "use_dual_attention", False) for b in blocks):
+            raise ValueError("SD3.5 dual attention layers are not supported")
+        super().__init__(transformer)
+        for block in blocks:
+            block.attn.set_processor(_JointAttn(self))
+        blocks[0].register_forward_pre_hook(self._shard_first, with_kwargs=True)
+        blocks[-1].register_forward_hook(self._gather)
+
+    def _shard_first(self, module, args, kwargs):
+        if self.group is None:
+            return None
+        hidden = kwargs["hidden_states"]
+        self.n_valid = hidden.shape[1]
+        return args, {**kwargs, "hidden_states": self._shards(hidden)}
+
+    def _gather(self, module, args, output):
+        if self.group is None:
+            return None
+        text, hidden = output
+        return text, unshard(hidden, 1, self.n_valid, self.group)
+
+
+def install(transformer) -> _SequenceParallel:
+    """Sequence parallelism for a supported diffusers transformer."""
+    name = type(transformer).__name__
+    if name == "WanTransformer3DModel":
+        return WanSequenceParallel(transformer)
+    if name == "SD3Transformer2DModel":
+        return SD3SequenceParallel(transformer)
+    raise ValueError(f"no sequence parallelism for {name} (supported: Wan, SD3)")
