@@ -174,22 +174,48 @@ def cmd_generate(a: argparse.Namespace) -> int:
                      frames=pick(a.frames, f), steps=pick(a.steps, st),
                      guidance=pick(a.guidance, 3.5 if "flux" in a.model else 5.0),
                      seed=a.seed)
-    try:
-        adapter = load_preset(a.model, a.model_path, a.device)
-        want = ".png" if adapter.kind.value == "image" else ".mp4"
-        if not a.out.lower().endswith(want):
-            raise ValueError(f"--out {a.out!r}: {a.model} makes {adapter.kind.value}s; use a "
-                             f"{want} file")
-        adapter.validate(req)
-        from tqdm.auto import tqdm
+    video = a.model in ("tiny-t2v", "wan2.1-1.3b", "wan2.1-14b")
+    want = ".mp4" if video else ".png"
+    if not a.out.lower().endswith(want):
+        raise ValueError(f"--out {a.out!r}: {a.model} makes {'videos' if video else 'images'}; "
+                         f"use a {want} file")
+    if a.sp < 1:
+        raise ValueError(f"--sp {a.sp}: must be >= 1")
+    if a.sp > 1 and "flux" in a.model:
+        raise ValueError(f"--sp {a.sp}: {a.model} has no sequence parallelism yet (SD3 and Wan do)")
+    from tqdm.auto import tqdm
 
-        with tqdm(total=req.steps, desc=f"{a.model} steps", disable=a.quiet) as bar:
-            out = adapter.generate(req, progress=lambda i, n: bar.update(1))
+    try:
+        with tqdm(total=req.steps, desc=f"{a.model} steps (SP {a.sp})", disable=a.quiet) as bar:
+            if a.sp == 1:
+                adapter = load_preset(a.model, a.model_path, a.device)
+                adapter.validate(req)
+                out = adapter.generate(req, progress=lambda i, n: bar.update(1))
+            else:
+                out = _generate_sp(req, a, bar)
     except (ModelInputError, ModelLoadError) as e:
         raise ValueError(str(e)) from None
     (write_png if want == ".png" else write_mp4)(a.out, out)
     print(f"wrote {a.out} ({'x'.join(map(str, out.shape))})")
     return 0
+
+
+def _generate_sp(req, a: argparse.Namespace, bar):
+    """`--sp K`: K worker processes, every step sharded over all of them (Ulysses)."""
+    from .parallel.workers import WorkerError, WorkerLost, WorkerPool
+
+    try:
+        with WorkerPool(a.model, a.sp, a.model_path, "cpu" if a.device == "cpu" else "cuda") as pool:
+            (state,) = pool.prepare([req])
+            ranks = tuple(range(a.sp))
+            while not state.done:
+                (state,) = pool.steps(ranks, [state], 1)
+                bar.update(1)
+            return pool.decode([state])[0]
+    except WorkerError as e:
+        raise ValueError(str(e).split(": ", 1)[-1]) from None
+    except WorkerLost as e:
+        raise ValueError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="guidance scale (default 5; FLUX 3.5; <= 1 turns CFG off)")
     gen.add_argument("--model-path", help="local diffusers checkpoint directory (real presets)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    gen.add_argument("--sp", type=int, default=1,
+                     help="sequence-parallel degree: run on this many worker processes (CPU "
+                          "workers when --device cpu, one GPU each otherwise)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 

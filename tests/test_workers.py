@@ -1,0 +1,99 @@
+"""Worker processes (gloo, CPU): elastic degree changes on changing worker sets, failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from genserve.models import GenRequest, load_preset  # noqa: E402
+from genserve.parallel.workers import WorkerError, WorkerLost, WorkerPool  # noqa: E402
+
+SHAPE = dict(height=32, width=48, frames=9)  # 18 tokens: padding at degree 4
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with WorkerPool("tiny-t2v", 4, collective_timeout_s=20) as p:
+        yield p
+
+
+def reference(steps: int):
+    torch.set_num_threads(1)
+    ad = load_preset("tiny-t2v")
+    (s,) = ad.prepare([GenRequest("r", "a fox", steps=steps, seed=4, **SHAPE)])
+    while not s.done:
+        ad.step([s])
+    return s.latents
+
+
+def test_degree_changes_on_changing_worker_sets_match_one_device(pool):
+    (s,) = pool.prepare([GenRequest("r", "a fox", steps=6, seed=4, **SHAPE)])
+    for ranks, n in (((0,), 1), ((2, 3), 2), ((0, 1, 2, 3), 1), ((1,), 1), ((0, 1), 1)):
+        (s,) = pool.steps(ranks, [s], n)  # 1 -> 2 -> 4 -> 1 -> 2 on different workers
+    assert s.done
+    torch.testing.assert_close(s.latents, reference(6), atol=1e-4, rtol=0)
+    assert pool.decode([s])[0].shape == (9, 32, 48, 3)
+
+
+def test_a_job_error_is_reported_and_the_worker_stays_up(pool):
+    (s,) = pool.prepare([GenRequest("r", "x", steps=1, seed=1, **SHAPE)])
+    (s,) = pool.steps((0,), [s], 1)
+    with pytest.raises(WorkerError, match="no step left"):
+        pool.steps((0,), [s], 1)
+    with pytest.raises(WorkerError, match="frames"):
+        pool.prepare([GenRequest("bad", "x", steps=2, seed=1, height=32, width=48, frames=10)])
+    assert pool.alive() == [0, 1, 2, 3]
+
+
+def test_bad_rank_sets_are_refused(pool):
+    with pytest.raises(ValueError, match="not distinct workers"):
+        pool.submit("steps", (3, 4), ([], 1))
+
+
+def test_killing_a_worker_mid_step_is_reported_quickly_and_others_stay_usable():
+    with WorkerPool("tiny-t2v", 4, collective_timeout_s=10) as p:
+        (s,) = p.prepare([GenRequest("r", "a fox", steps=400, seed=4, **SHAPE)])
+        job = p.submit("steps", (2, 3), ([s.to_bytes()], 400))
+        time.sleep(1.0)
+        os.kill(p.procs[3].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerLost, match="worker 3 died"):
+            p.wait(job, timeout_s=60)
+        assert time.monotonic() - t0 < 5
+        # Workers 0 and 1 (and their group) were not involved: still usable.
+        (s2,) = p.steps((0, 1), [s], 2)
+        assert s2.step_index == 2
+        with pytest.raises(WorkerLost):
+            p.steps((3,), [s], 1)
+
+
+def test_generate_cli_with_sp_matches_sp1(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from genserve.cli import main
+
+    outs = {}
+    for sp in (1, 2):  # PNG is lossless (H.264 would amplify 1e-6 differences)
+        path = tmp_path / f"sp{sp}.png"
+        assert main(["generate", "--model", "tiny-t2i", "--prompt", "a fox", "--steps", "4",
+                     "--height", "68", "--width", "68", "--sp", str(sp), "--out", str(path),
+                     "--quiet"]) == 0
+        outs[sp] = np.asarray(Image.open(path)).astype(int)
+    assert np.abs(outs[1] - outs[2]).max() <= 1  # allclose latents, rounded to uint8
+    capsys.readouterr()
+    assert main(["generate", "--model", "tiny-flux", "--prompt", "x", "--sp", "2", "--out",
+                 str(tmp_path / "f.png"), "--quiet"]) == 2
+    assert "no sequence parallelism" in capsys.readouterr().err
+
+
+def test_worker_start_up_failure_is_reported(tmp_path):
+    from genserve.parallel.workers import WorkerError
+
+    with pytest.raises(WorkerError, match="model_index.json"):
+        WorkerPool("sd3-medium", 2, model_path=str(tmp_path))
