@@ -25,7 +25,9 @@ import torch  # noqa: E402
 from genserve.models.base import GenRequest  # noqa: E402
 from genserve.models.families import SD3Adapter, WanAdapter  # noqa: E402
 
-PROFILE = Path(__file__).resolve().parents[1] / "genserve/data/profiles/h200_diffusers_forward.json"
+PROFILES = Path(__file__).resolve().parents[1] / "genserve/data/profiles"
+PROFILE = PROFILES / "h200_diffusers_forward.json"
+BLOCKS = PROFILES / "h200_dit_blocks.json"
 
 
 def _sync() -> None:
@@ -114,9 +116,11 @@ def main() -> int:
     dev = torch.device("cuda")
     prof = {(r["model"], r["size"], r["batch"]): r["forward_ms"]
             for r in json.loads(PROFILE.read_text())["rows"]}
+    blocks = {(r["model"], r["size"], r["batch"], r["sp"]): r["step_ms"]
+              for r in json.loads(BLOCKS.read_text())["rows"]}
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     cases = [("sd3-medium", "512", sd3, GenRequest("a", "", 512, 512, 1, steps=1000), 333, 2048),
-             ("sd3-medium", "1024", None, GenRequest("b", "", 1024, 1024, 1, steps=1000), 333, 2048),
+             ("sd3-medium", "1024", sd3, GenRequest("b", "", 1024, 1024, 1, steps=1000), 333, 2048),
              ("wan2.1-1.3b", "480p-81f", wan, GenRequest("c", "", 480, 832, 81, steps=1000), 512,
               None)]
     ad = None
@@ -131,6 +135,18 @@ def main() -> int:
         print(f"{model} {size}: bare forward (batch 2) {bare:8.2f} ms, adapter step {step:8.2f} ms, "
               f"overhead {100 * (step / bare - 1):+5.2f}%; H200 profile forward {ref:.2f} ms "
               f"(this card / profile {bare / ref:.2f}x)", flush=True)
+        # Issue 4: degree 1 with genserve's sequence-parallel processors installed, against the
+        # per-block compute figures (blocks x layers) at SP 1.
+        from genserve.parallel.sequence import install
+
+        if getattr(ad.transformer, "_genserve_sp", None) is None:
+            install(ad.transformer)
+        _, sp_step = measure(ad, req, text_len, 4096, pooled, reps)
+        blk = blocks.get((model, size, 2, 1))
+        print(f"    with SP processors (degree 1): adapter step {sp_step:8.2f} ms "
+              f"({100 * (sp_step / step - 1):+5.2f}% vs diffusers processors); blocks file "
+              f"step (SP 1, batch 2) {blk:.2f} ms -> full step / blocks {sp_step / blk:.2f}x",
+              flush=True)
     return 0
 
 
