@@ -50,7 +50,9 @@ def _worker_main(rank: int, world: int, init: str, preset: str, model_path: str 
     try:
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
-        groups = GroupCache(world)
+        # Every subset up to one 8-GPU node (the scheduler may pick any free GPUs of a node);
+        # beyond that only aligned contiguous sets, to bound start-up.
+        groups = GroupCache(world, contiguous_only=world > 8)
         adapter = load_preset(preset, model_path, dev)
         sp = install(adapter.transformer)
     except Exception as e:  # e.g. a bad checkpoint path: tell the driver, then exit
