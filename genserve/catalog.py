@@ -40,6 +40,9 @@ class ModelSpec:
     min_side: int = 128
     max_side: int = 2048
     max_frames: int = 1
+    # Tiny random-weight presets (tests, CPU): in the catalog so traces and profiles can name them,
+    # left out of the default workload mixes.
+    tiny: bool = False
 
     def latent_frames(self, frames: int) -> int:
         return 1 if self.kind is Kind.IMAGE else (frames - 1) // self.vae_temporal + 1
@@ -96,6 +99,16 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     ModelSpec("wan2.1-14b", Kind.VIDEO, steps=50, cfg=True, heads=40, hidden=5120, layers=40,
               sizes=(_WAN_480P_81, _WAN_720P_81), default_sp_rule=((32760, 4), (math.inf, 8)),
               vae_temporal=4, max_frames=161, max_side=1280),
+    # The tiny presets of genserve.models.presets (same geometry; steps as `generate` uses them).
+    ModelSpec("tiny-t2i", Kind.IMAGE, steps=8, cfg=True, heads=4, hidden=32, layers=2,
+              sizes=((64, 64, 1),), vae_spatial=2, latent_channels=4, text_tokens=109,
+              text_dim=32, min_side=16, max_side=512, tiny=True),
+    ModelSpec("tiny-flux", Kind.IMAGE, steps=8, cfg=False, heads=2, hidden=32, layers=2,
+              sizes=((64, 64, 1),), vae_spatial=2, latent_channels=4, text_tokens=32,
+              text_dim=32, min_side=16, max_side=512, tiny=True),
+    ModelSpec("tiny-t2v", Kind.VIDEO, steps=8, cfg=True, heads=2, hidden=24, layers=2,
+              sizes=((32, 32, 9),), sp_degrees=(1, 2), vae_temporal=4, text_tokens=32,
+              text_dim=32, min_side=16, max_side=512, max_frames=33, tiny=True),
 )}
 
 

@@ -1,4 +1,4 @@
-"""Command line: `genserve simulate | sweep | trace | generate`.
+"""Command line: `genserve simulate | sweep | trace | generate | profile`.
 
 Bad options: one line on stderr, exit 2.
 """
@@ -218,6 +218,30 @@ def _generate_sp(req, a: argparse.Namespace, bar):
         raise ValueError(str(e)) from None
 
 
+def cmd_profile(a: argparse.Namespace) -> int:
+    from .models import ModelInputError, ModelLoadError
+    from .profiler import profile, write_profile
+
+    names = [m.strip() for m in a.models.split(",") if m.strip()]
+    if not names:
+        raise ValueError("--models is empty")
+    for n in names:
+        if n not in GENERATE_DEFAULTS:
+            raise ValueError(f"--models {n!r}: unknown preset; known: {', '.join(GENERATE_DEFAULTS)}")
+    if a.model_path and len(names) > 1:
+        raise ValueError("--model-path names one checkpoint: give one model with it")
+    batches = tuple(int(b) for b in _floats(a.batches))
+    if a.reps < 1 or any(b < 1 for b in batches):
+        raise ValueError("--reps and --batches must be >= 1")
+    try:
+        rows = profile(names, batches, a.reps, a.device, a.model_path)
+    except (ModelInputError, ModelLoadError) as e:
+        raise ValueError(str(e)) from None
+    fwd, blk = write_profile(a.out, a.name, *rows)
+    print(f"wrote {fwd} and {blk} ({len(rows[0])} forward rows); use --profile {a.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="genserve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -263,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "workers when --device cpu, one GPU each otherwise)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    pr = sub.add_parser("profile", help="measure step latencies here; write a profile directory")
+    pr.add_argument("--models", default="tiny-t2i,tiny-t2v",
+                    help="comma-separated presets (default: the tiny ones, on CPU)")
+    pr.add_argument("--out", required=True, help="output directory (for --profile)")
+    pr.add_argument("--name", default="local", help="file name prefix (default: local)")
+    pr.add_argument("--batches", default="1,2,4,8", help="transformer batch sizes")
+    pr.add_argument("--reps", type=int, default=5)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--model-path", help="local checkpoint for a single real preset")
+    pr.set_defaults(func=cmd_profile)
 
     t = sub.add_parser("trace", help="write a workload trace (JSONL) for simulate --trace")
     _add_workload(t, trace_ok=False)

@@ -180,6 +180,12 @@ class LatencyModel:
         blk = json.loads((root / (stem + BLOCKS_SUFFIX)).read_text())
         self.meta = {"forward": fwd.get("meta", {}), "blocks": blk.get("meta", {}),
                      "profile": str(profile)}
+        # Measured by `genserve profile` (absent from the shipped H200 files): preferred to the
+        # estimates.  decode keys are "model@WxHxF".
+        self._encode_measured = {k: v / 1e3 for k, v in
+                                 self.meta["forward"].get("encode_ms", {}).items()}
+        self._decode_measured = {k: v / 1e3 for k, v in
+                                 self.meta["forward"].get("decode_ms", {}).items()}
         self.models: dict[str, ModelProfile] = {}
         for name, spec in MODELS.items():
             brows = [r for r in blk["rows"] if r["model"] == name]
@@ -231,9 +237,15 @@ class LatencyModel:
                               n_requests, sp, cross_node)
 
     def encode_time(self, model: str) -> float:
+        hit = self._encode_measured.get(model)
+        if hit is not None:
+            return hit
         return self.costs.encode_s.get(model, self.costs.default_encode_s)
 
     def decode_time(self, model: str, height: int, width: int, frames: int = 1) -> float:
+        hit = self._decode_measured.get(f"{model}@{width}x{height}x{frames}")
+        if hit is not None:
+            return hit
         spec = get_model(model)
         rate = (self.costs.image_decode_s_per_mpix if spec.kind is Kind.IMAGE
                 else self.costs.video_decode_s_per_mpix)
