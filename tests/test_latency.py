@@ -55,7 +55,8 @@ SP1_POINTS = _sp1_points()
 
 
 def test_sp1_points_cover_every_model():
-    assert {m for m, *_ in SP1_POINTS} == set(MODELS)
+    # Every served model is in the shipped profile; tiny presets get theirs from `genserve profile`.
+    assert {m for m, *_ in SP1_POINTS} == {n for n, m in MODELS.items() if not m.tiny}
 
 
 @pytest.mark.parametrize("model,tokens,n,forward_s", SP1_POINTS)
