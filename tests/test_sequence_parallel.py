@@ -3,10 +3,8 @@ between steps, give latents allclose to SP 1 (float32, atol 1e-4)."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-
 import pytest
+from _spawn import run_world
 
 torch = pytest.importorskip("torch")
 
@@ -60,17 +58,7 @@ def test_sp_degrees_and_switching_match_sp1(preset, tmp_path):
     while not ref.done:
         ad.step([ref])
     schedules = [[2] * STEPS, [4] * STEPS, [1, 2, 4, 1, 4, 2]]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    init = f"file://{os.path.join(tmp_path, 'rdzv')}"
-    procs = [ctx.Process(target=_worker, args=(r, 4, init, preset, schedules, q))
-             for r in range(4)]
-    for p in procs:
-        p.start()
-    res = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    res = run_world(_worker, 4, tmp_path, preset, schedules)
     for rank, per_schedule in res.items():
         for degrees, lat in zip(schedules, per_schedule):
             torch.testing.assert_close(torch.from_numpy(lat), ref.latents, atol=1e-4, rtol=0,

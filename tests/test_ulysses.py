@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-
 import pytest
+from _spawn import run_world
 
 torch = pytest.importorskip("torch")
 
@@ -48,25 +46,11 @@ def _worker(rank: int, world: int, init: str, cases, out) -> None:
         dist.destroy_process_group()
 
 
-def run_world(world: int, cases, tmp_path) -> dict[int, list]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    init = f"file://{os.path.join(tmp_path, 'rdzv')}"
-    procs = [ctx.Process(target=_worker, args=(r, world, init, cases, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    res = dict(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    return res
-
-
 def test_two_ranks_match_single_process_including_padding(tmp_path):
     cases = [((0, 1), 2, 4, 16, 8),   # divisible
              ((0, 1), 1, 4, 15, 8),   # N % 2 != 0: padded keys masked out
              ((0, 1), 1, 3, 10, 8)]   # heads % 2 != 0: all-gather K/V fallback
-    res = run_world(2, cases, tmp_path)
+    res = run_world(_worker, 2, tmp_path, cases)
     for rank in (0, 1):
         assert all(err < 1e-5 for err in res[rank]), res
 
@@ -76,7 +60,7 @@ def test_four_ranks_and_cached_subgroups(tmp_path):
              ((0, 1, 2, 3), 1, 6, 12, 8),  # heads % 4 != 0: fallback
              ((0, 1), 1, 4, 9, 8),         # two degree-2 groups side by side
              ((2, 3), 1, 4, 11, 8)]
-    res = run_world(4, cases, tmp_path)
+    res = run_world(_worker, 4, tmp_path, cases)
     for rank in range(4):
         for (ranks, *_), err in zip(cases, res[rank]):
             if rank in ranks:
