@@ -35,8 +35,8 @@ class WorkerLost(RuntimeError):
     """A worker process died while the driver waited for it."""
 
 
-def _worker_main(rank: int, world: int, init: str, preset: str, model_path: str | None,
-                 device: str, timeout_s: float, inbox, outbox) -> None:
+def _worker_main(rank: int, world: int, init: str, presets: tuple[str, ...],
+                 model_path: str | None, device: str, timeout_s: float, inbox, outbox) -> None:
     import torch
     import torch.distributed as dist
 
@@ -53,8 +53,8 @@ def _worker_main(rank: int, world: int, init: str, preset: str, model_path: str 
         # Every subset up to one 8-GPU node (the scheduler may pick any free GPUs of a node);
         # beyond that only aligned contiguous sets, to bound start-up.
         groups = GroupCache(world, contiguous_only=world > 8)
-        adapter = load_preset(preset, model_path, dev)
-        sp = install(adapter.transformer)
+        adapters = {p: load_preset(p, model_path, dev) for p in presets}
+        sps = {p: install(ad.transformer) for p, ad in adapters.items()}
     except Exception as e:  # e.g. a bad checkpoint path: tell the driver, then exit
         outbox.put(("failed", rank, f"worker {rank} could not start: {e}"))
         return
@@ -66,18 +66,27 @@ def _worker_main(rank: int, world: int, init: str, preset: str, model_path: str 
         job_id, kind, ranks, payload = job
         try:
             if kind == "prepare":
-                out = [s.to_bytes() for s in adapter.prepare(payload)]
+                model, reqs = payload
+                out = [s.to_bytes() for s in _adapter(adapters, model).prepare(reqs)]
             elif kind == "decode":
-                out = adapter.decode([StepState.from_bytes(b).to(dev) for b in payload])
+                states = [StepState.from_bytes(b).to(dev) for b in payload]
+                out = _adapter(adapters, states[0].model).decode(states)
             elif kind == "steps":
-                blobs, n = payload
+                blobs, n = payload[:2]
+                decode_done = len(payload) > 2 and payload[2]
                 states = [StepState.from_bytes(b).to(dev) for b in blobs]
+                adapter = _adapter(adapters, states[0].model)
                 group = (None if len(ranks) == 1 else dist.group.WORLD if len(ranks) == world
                          else groups.get(ranks))
-                with sp.use(group):
+                with sps[adapter.name].use(group):
                     for _ in range(n):
                         adapter.step(states)
-                out = [s.to_bytes() for s in states] if rank == ranks[0] else None
+                out = None
+                if rank == ranks[0]:
+                    out = [s.to_bytes() for s in states]
+                    if decode_done:  # outputs of the requests this job finished
+                        done = [s for s in states if s.done]
+                        out = (out, dict(zip([s.request_id for s in done], adapter.decode(done))))
             else:
                 raise ValueError(f"unknown job kind {kind!r}")
             if rank == ranks[0]:
@@ -90,22 +99,32 @@ def _worker_main(rank: int, world: int, init: str, preset: str, model_path: str 
     dist.destroy_process_group()
 
 
-class WorkerPool:
-    """`n` worker processes serving one preset; jobs run on any subset of them."""
+def _adapter(adapters: dict, model: str):
+    try:
+        return adapters[model]
+    except KeyError:
+        raise ValueError(f"model={model!r}: not served by these workers "
+                         f"(they hold {', '.join(adapters)})") from None
 
-    def __init__(self, preset: str, n: int, model_path: str | None = None, device: str = "cpu",
+
+class WorkerPool:
+    """`n` worker processes serving one or more presets; jobs run on any subset of them."""
+
+    def __init__(self, preset: str | tuple[str, ...], n: int, model_path: str | None = None,
+                 device: str = "cpu",
                  collective_timeout_s: float = 60.0, start_timeout_s: float = 300.0,
                  poll_s: float = 0.2):
         if n < 1:
             raise ValueError(f"workers must be >= 1, got {n}")
         self.n, self.poll_s = n, poll_s
+        self.presets = (preset,) if isinstance(preset, str) else tuple(preset)
         ctx = mp.get_context("spawn")
         self._dir = tempfile.TemporaryDirectory(prefix="genserve-rdzv-")
         init = f"file://{os.path.join(self._dir.name, 'rdzv')}"
         self._inboxes = [ctx.Queue() for _ in range(n)]
         self._outbox = ctx.Queue()
         self.procs = [ctx.Process(target=_worker_main, daemon=True,
-                                  args=(r, n, init, preset, model_path, device,
+                                  args=(r, n, init, self.presets, model_path, device,
                                         collective_timeout_s, self._inboxes[r], self._outbox))
                       for r in range(n)]
         for p in self.procs:
@@ -141,6 +160,23 @@ class WorkerPool:
             self._inboxes[r].put((job_id, kind, ranks, payload))
         return job_id
 
+    def finished(self, timeout_s: float = 0.0) -> list[int]:
+        """Jobs whose results arrived (waiting up to `timeout_s` for the first); raises
+        `WorkerLost` if a worker of a pending job died."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                tag, jid, out = self._outbox.get(timeout=max(deadline - time.monotonic(), 0.001))
+                self._results[jid] = (tag, out)
+                timeout_s = 0.0
+                deadline = time.monotonic()
+            except queue.Empty:
+                break
+        for jid, ranks in self._jobs.items():
+            if jid not in self._results:
+                self._check_alive(ranks, f"job {jid}")
+        return [j for j in self._results if j in self._jobs]
+
     def wait(self, job_id: int, timeout_s: float | None = None):
         ranks = self._jobs[job_id]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -162,8 +198,11 @@ class WorkerPool:
             raise WorkerError(out)
         return out
 
-    def prepare(self, reqs: list[GenRequest], rank: int = 0) -> list[StepState]:
-        return [StepState.from_bytes(b) for b in self.wait(self.submit("prepare", (rank,), reqs))]
+    def prepare(self, reqs: list[GenRequest], rank: int = 0, model: str | None = None
+                ) -> list[StepState]:
+        model = model or self.presets[0]
+        return [StepState.from_bytes(b)
+                for b in self.wait(self.submit("prepare", (rank,), (model, reqs)))]
 
     def steps(self, ranks: tuple[int, ...], states: list[StepState], n: int = 1
               ) -> list[StepState]:

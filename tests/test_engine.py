@@ -1,0 +1,55 @@
+"""The real engine on CPU workers: the simulator's policies, real tiny models, a real clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from genserve.cli import main  # noqa: E402
+from genserve.engine import Engine  # noqa: E402
+from genserve.latency import LatencyModel  # noqa: E402
+from genserve.models import GenRequest, load_preset  # noqa: E402
+from genserve.parallel.workers import WorkerPool  # noqa: E402
+from genserve.policies import make_policy  # noqa: E402
+from genserve.request import Status  # noqa: E402
+from genserve.workload import WorkloadConfig, generate  # noqa: E402
+
+MIX = "tiny-t2i@64x64=3,tiny-t2v@32x32x9=1"
+
+
+@pytest.fixture(scope="module")
+def latency(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prof")
+    assert main(["profile", "--models", "tiny-t2i,tiny-t2v", "--out", str(out), "--reps", "1",
+                 "--batches", "1,2,4,8"]) == 0
+    return LatencyModel(out)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with WorkerPool(("tiny-t2i", "tiny-t2v"), 2) as p:
+        yield p
+
+
+def alone(r):
+    torch.set_num_threads(1)
+    ad = load_preset(r.model)
+    return ad.generate(GenRequest(r.id, r.prompt, r.height, r.width, r.frames, r.steps,
+                                  r.guidance, r.seed))
+
+
+@pytest.mark.parametrize("policy", ["genserve", "fcfs"])
+def test_trace_through_the_engine_finishes_everything_with_exact_outputs(policy, latency, pool):
+    reqs = generate(WorkloadConfig(rate=6, duration=2, mix=MIX, slo_scale=5, seed=3), latency, 2)
+    assert len(reqs) >= 6
+    res = Engine(make_policy(policy), pool, latency).run(reqs)
+    assert all(r.status is Status.FINISHED for r in reqs)
+    assert res.decisions > 0 and set(res.outputs) == {r.id for r in reqs}
+    for r in reqs:
+        got, ref = res.outputs[r.id].astype(int), alone(r).astype(int)
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1  # batching/SP change rounding only
+        assert r.history[0][1] is Status.WAITING and r.history[-1][1] is Status.FINISHED
+        assert sum(q[1] - q[0] >= 0 for q in res.timeline[r.id]) == len(res.timeline[r.id])
