@@ -1,4 +1,4 @@
-"""Command line: `genserve simulate | sweep | trace | generate | profile`.
+"""Command line: `genserve simulate | sweep | trace | replay | generate | profile`.
 
 Bad options: one line on stderr, exit 2.
 """
@@ -242,6 +242,48 @@ def cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(a: argparse.Namespace) -> int:
+    """A trace through the real engine: same JSON as `simulate`, plus per-request timelines."""
+    from .engine import Engine
+    from .latency import LatencyModel
+    from .metrics import summarize
+    from .models import ModelLoadError
+    from .parallel.workers import WorkerError, WorkerLost, WorkerPool
+    from .workload import load_trace
+
+    names = _policies(a.policy)
+    reqs, meta = load_trace(a.trace)
+    if not reqs:
+        raise ValueError(f"{a.trace}: no requests")
+    if a.workers < 1:
+        raise ValueError(f"--workers {a.workers}: must be >= 1")
+    latency = LatencyModel(a.profile)
+    models = sorted({r.model for r in reqs})
+    for m in models:
+        latency.profile_of(m)  # a clear error now rather than inside a policy
+    results = {}
+    try:
+        with WorkerPool(tuple(models), a.workers, a.model_path,
+                        "cpu" if a.device == "cpu" else "cuda") as pool:
+            for name in names:
+                run = load_trace(a.trace)[0]  # fresh requests for every policy
+                res = Engine(make_policy(name), pool, latency, a.gpus_per_node).run(run)
+                results[name] = {**summarize(res), "timelines": {
+                    r.id: {"arrival": r.arrival, "deadline": r.deadline,
+                           "finish": r.finish_time,
+                           "quanta": [[s, e, list(g)] for s, e, g in res.timeline.get(r.id, [])],
+                           "history": [[t, st.value] for t, st in r.history]} for r in run}}
+    except (WorkerError, WorkerLost, ModelLoadError) as e:
+        raise ValueError(str(e)) from None
+    print_table(results)
+    if a.json:
+        cfg = {"trace": a.trace, "workers": a.workers, "profile": a.profile, "trace_meta": meta}
+        with open(a.json, "w") as f:
+            json.dump({"config": cfg, "policies": results}, f, indent=1)
+        print(f"wrote {a.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="genserve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -298,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--model-path", help="local checkpoint for a single real preset")
     pr.set_defaults(func=cmd_profile)
+
+    rp = sub.add_parser("replay", help="run a trace through the real engine (worker processes)")
+    rp.add_argument("trace", help="JSONL trace from `genserve trace`")
+    rp.add_argument("--policy", default="genserve", help=pol_help)
+    rp.add_argument("--workers", type=int, default=2, help="worker processes (one per device)")
+    rp.add_argument("--gpus-per-node", type=int, default=8)
+    rp.add_argument("--profile", default="h200",
+                    help="latency profile the policy plans with (from `genserve profile` for the "
+                         "tiny presets)")
+    rp.add_argument("--device", default="cpu")
+    rp.add_argument("--model-path", help="local checkpoint (a single real preset)")
+    rp.add_argument("--json", help="write results and per-request timelines here")
+    rp.set_defaults(func=cmd_replay)
 
     t = sub.add_parser("trace", help="write a workload trace (JSONL) for simulate --trace")
     _add_workload(t, trace_ok=False)

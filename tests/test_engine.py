@@ -53,3 +53,25 @@ def test_trace_through_the_engine_finishes_everything_with_exact_outputs(policy,
         assert np.abs(got - ref).max() <= 1  # batching/SP change rounding only
         assert r.history[0][1] is Status.WAITING and r.history[-1][1] is Status.FINISHED
         assert sum(q[1] - q[0] >= 0 for q in res.timeline[r.id]) == len(res.timeline[r.id])
+
+
+def test_replay_cli_writes_simulate_json_plus_timelines(latency, tmp_path, capsys):
+    import json
+
+    prof = latency.meta["profile"]
+    trace = tmp_path / "t.jsonl"
+    assert main(["trace", "--profile", prof, "--mix", MIX, "--rate", "4", "--duration", "1.5",
+                 "--slo-scale", "5", "--gpus", "2", "--seed", "2", "--out", str(trace)]) == 0
+    out = tmp_path / "r.json"
+    assert main(["replay", str(trace), "--policy", "genserve", "--workers", "2", "--profile", prof,
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["policies"]["genserve"]
+    n = sum(1 for line in trace.read_text().splitlines() if '"model"' in line)
+    assert res["count"] == res["finished"] == n
+    assert isinstance(res["slo_attainment"], float) and set(res["image"]) >= {"slo_attainment"}
+    tl = next(iter(res["timelines"].values()))
+    assert tl["history"][0][1] == "waiting" and tl["history"][-1][1] == "finished"
+    assert tl["quanta"] and all(s <= e for s, e, _ in tl["quanta"])
+    capsys.readouterr()
+    assert main(["replay", str(trace), "--profile", "h200", "--workers", "2"]) == 2
+    assert "no rows in profile" in capsys.readouterr().err
