@@ -24,7 +24,7 @@ from ..models.base import GenRequest, StepState
 from ..parallel.workers import WorkerPool
 from ..policies.base import Assignment, Cluster, InFlight, Policy, SchedulerState
 from ..request import Request, Status
-from ..sim.simulator import PlanError, SimResult
+from ..sim.simulator import PlanError, SimResult, validate_assignment
 
 
 @dataclass
@@ -100,13 +100,8 @@ class Engine:
         plan = self.policy.schedule(state)
         res.decisions += 1
         res.reasons.update(plan.reasons.values())
-        used: set[int] = set()
         for a in plan.assignments:
-            members = [queue.get(rid) for rid in a.requests]
-            if any(m is None for m in members) or used & set(a.gpus) or not free.issuperset(
-                    a.gpus) or a.steps < 1 or a.steps > min(m.remaining_steps for m in members):
-                raise PlanError(f"invalid assignment {a} at t={now:.3f}")
-            used |= set(a.gpus)
+            members = validate_assignment(a, free, queue, self.latency)
             new = [m for m in members if m.id not in states]
             if new:
                 for st in self.pool.prepare([_gen_request(m) for m in new], rank=a.gpus[0],

@@ -30,6 +30,32 @@ class PlanError(RuntimeError):
     """The policy returned a plan that cannot be carried out (a policy bug)."""
 
 
+def validate_assignment(a: Assignment, free: set[int], queue: dict[str, Request],
+                        latency: LatencyModel) -> list[Request]:
+    """The checks every executor (simulated or real) applies to a policy's assignment; returns the
+    member requests.  Raises PlanError: a bad plan is a policy bug, never silently fixed."""
+    if not a.gpus or not a.requests or a.steps < 1:
+        raise PlanError(f"empty or zero-step assignment {a}")
+    if len(set(a.gpus)) != len(a.gpus) or not free.issuperset(a.gpus):
+        raise PlanError(f"assignment uses busy or duplicate GPUs {a.gpus} (free: {sorted(free)})")
+    members = []
+    for rid in a.requests:
+        r = queue.get(rid)
+        if r is None:
+            raise PlanError(f"request {rid!r} is not plannable now (unknown, running or done)")
+        members.append(r)
+    if len(set(a.requests)) != len(a.requests):
+        raise PlanError(f"request listed twice in {a}")
+    lead = members[0]
+    if any(r.shape != lead.shape for r in members):
+        raise PlanError(f"incompatible batch {a.requests}: shapes differ")
+    if a.steps > min(r.remaining_steps for r in members):
+        raise PlanError(f"{a.steps} steps exceed a member's remaining steps in {a.requests}")
+    if len(a.gpus) not in latency.degrees(lead.model):
+        raise PlanError(f"SP degree {len(a.gpus)} not allowed for {lead.model}")
+    return members
+
+
 @dataclass
 class SimConfig:
     # Stop the clock here; requests not finished by then count as missed (unfinished).  None stops
@@ -156,26 +182,9 @@ class Simulator:
     def _start(self, a: Assignment, now: float, free: set[int], queue: dict[str, Request],
                by_id: dict[str, Request]) -> tuple[float, int]:
         """Validate one assignment, start it, and return (duration, number of state moves)."""
-        if not a.gpus or not a.requests or a.steps < 1:
-            raise PlanError(f"empty or zero-step assignment {a}")
-        if len(set(a.gpus)) != len(a.gpus) or not free.issuperset(a.gpus):
-            raise PlanError(f"assignment uses busy or duplicate GPUs {a.gpus} (free: {sorted(free)})")
-        members = []
-        for rid in a.requests:
-            r = queue.get(rid)
-            if r is None:
-                raise PlanError(f"request {rid!r} is not plannable now (unknown, running or done)")
-            members.append(r)
-        if len(set(a.requests)) != len(a.requests):
-            raise PlanError(f"request listed twice in {a}")
+        members = validate_assignment(a, free, queue, self.latency)
         lead = members[0]
-        if any(r.shape != lead.shape for r in members):
-            raise PlanError(f"incompatible batch {a.requests}: shapes differ")
-        if a.steps > min(r.remaining_steps for r in members):
-            raise PlanError(f"{a.steps} steps exceed a member's remaining steps in {a.requests}")
         k = len(a.gpus)
-        if k not in self.latency.degrees(lead.model):
-            raise PlanError(f"SP degree {k} not allowed for {lead.model}")
         lat = self.latency
         cross = self.cluster.spans_nodes(a.gpus)
         setup = 0.0
