@@ -75,3 +75,33 @@ def test_replay_cli_writes_simulate_json_plus_timelines(latency, tmp_path, capsy
     capsys.readouterr()
     assert main(["replay", str(trace), "--profile", "h200", "--workers", "2"]) == 2
     assert "no rows in profile" in capsys.readouterr().err
+
+
+def test_engine_honours_a_policy_wake_up_and_reports_a_stall(latency, pool):
+    from genserve.policies import Plan, Policy
+    from genserve.sim import PlanError
+
+    class Late(Policy):
+        """Holds everything back until t >= 0.2 s, asking to be woken then."""
+
+        name = "late"
+
+        def schedule(self, s):
+            if s.now < 0.2:
+                return Plan(wake_at=0.2)
+            return make_policy("fcfs").schedule(s)
+
+    class Never(Policy):
+        name = "never"
+
+        def schedule(self, s):
+            return Plan()
+
+    reqs = generate(WorkloadConfig(rate=5, duration=2, mix=MIX, slo_scale=5, seed=3), latency, 2)
+    assert reqs
+    Engine(Late(), pool, latency).run(reqs)
+    assert all(r.status is Status.FINISHED for r in reqs)
+    assert min(r.history[1][0] for r in reqs) >= 0.2  # nothing started before the wake-up
+    reqs = generate(WorkloadConfig(rate=5, duration=2, mix=MIX, slo_scale=5, seed=3), latency, 2)
+    with pytest.raises(PlanError, match="stalled"):
+        Engine(Never(), pool, latency).run(reqs)

@@ -23,8 +23,9 @@ from ..latency import LatencyModel
 from ..models.base import GenRequest, StepState
 from ..parallel.workers import WorkerPool
 from ..policies.base import Assignment, Cluster, InFlight, Policy, SchedulerState
-from ..request import Request, Status
-from ..sim.simulator import PlanError, SimResult, validate_assignment
+from ..request import Request
+from ..sim.simulator import (PlanError, SimResult, count_reasons, pause_unplanned, place_members,
+                             validate_assignment)
 
 
 @dataclass
@@ -52,11 +53,15 @@ class Engine:
         res = EngineResult(requests=list(requests), num_gpus=self.cluster.num_gpus, busy_gpu_s=0.0,
                            end_time=0.0, decisions=0, preemptions=0, migrations=0,
                            reasons=Counter())
+        self._last_reason: dict[str, str] = {}
+        wake: float | None = None
         t0 = time.monotonic()
         i = 0
         while i < len(arrivals) or queue or inflight:
             now = (time.monotonic() - t0) * self.time_scale
-            changed = False
+            changed = wake is not None and now >= wake
+            if changed:
+                wake = None
             while i < len(arrivals) and arrivals[i].arrival <= now:
                 queue[arrivals[i].id] = arrivals[i]
                 i += 1
@@ -80,16 +85,22 @@ class Engine:
                         queue[rid] = r
                 changed = True
             if changed and queue and free:
-                self._decide(now, queue, states, inflight, free, by_id, res)
-            if not inflight and queue and i >= len(arrivals) and not free:
-                raise PlanError("engine stalled: requests wait, no GPU is free, nothing runs")
-            if not changed and i < len(arrivals) and not inflight:
-                wait = (arrivals[i].arrival - now) / self.time_scale
-                time.sleep(min(max(wait, 0.0), 0.05))
+                asked = self._decide(now, queue, states, inflight, free, by_id, res)
+                if asked is not None and asked > now and (wake is None or asked < wake):
+                    wake = asked
+                if not inflight and queue and i >= len(arrivals) and wake is None:
+                    raise PlanError(f"policy {self.policy.describe()} stalled at t={now:.3f}: "
+                                    f"{len(queue)} requests wait, nothing runs")
+            if not changed and not inflight:  # idle: sleep until the next arrival or wake-up
+                due = [t for t in (wake, arrivals[i].arrival if i < len(arrivals) else None)
+                       if t is not None]
+                if due:
+                    time.sleep(min(max((min(due) - now) / self.time_scale, 0.0), 0.05))
         res.end_time = (time.monotonic() - t0) * self.time_scale
         return res
 
-    def _decide(self, now, queue, states, inflight, free, by_id, res) -> None:
+    def _decide(self, now, queue, states, inflight, free, by_id, res) -> float | None:
+        """Plan and dispatch; returns the policy's wake-up time, if any."""
         running = [by_id[rid] for a, _ in inflight.values() for rid in a.requests]
         state = SchedulerState(
             now=now, cluster=self.cluster, free_gpus=tuple(sorted(free)),
@@ -99,7 +110,7 @@ class Engine:
             latency=self.latency, running=running)
         plan = self.policy.schedule(state)
         res.decisions += 1
-        res.reasons.update(plan.reasons.values())
+        count_reasons(plan, self._last_reason, res.reasons, now)
         for a in plan.assignments:
             members = validate_assignment(a, free, queue, self.latency)
             new = [m for m in members if m.id not in states]
@@ -107,27 +118,13 @@ class Engine:
                 for st in self.pool.prepare([_gen_request(m) for m in new], rank=a.gpus[0],
                                             model=new[0].model):
                     states[st.request_id] = st
-            for m in members:
-                if m.status is Status.WAITING:
-                    m.start(now, a.gpus)
-                elif m.status is Status.PREEMPTED:
-                    if m.gpus and set(m.gpus) != set(a.gpus):
-                        res.migrations += 1
-                    m.resume(now, a.gpus)
-                else:
-                    if set(m.gpus) != set(a.gpus):
-                        res.migrations += 1
-                    m.move_to(a.gpus)
-                del queue[m.id]
+            res.migrations += place_members(members, a.gpus, now, queue)
             blobs = [states[m.id].to_bytes() for m in members]
             job = self.pool.submit("steps", a.gpus, (blobs, a.steps, True))
             inflight[job] = (a, now)
             free.difference_update(a.gpus)
-        for r in queue.values():
-            if r.status is Status.RUNNING:
-                r.preempt(now)
-                res.preemptions += 1
-
+        res.preemptions += pause_unplanned(queue, now)
+        return plan.wake_at
 
     def _estimated_end(self, a: Assignment, started: float, by_id) -> float:
         lead = by_id[a.requests[0]]

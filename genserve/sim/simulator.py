@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..latency import LatencyModel
-from ..policies.base import Assignment, Cluster, InFlight, Policy, SchedulerState
+from ..policies.base import Assignment, Cluster, InFlight, Plan, Policy, SchedulerState
 from ..policies.common import tokens_of
 from ..request import Request, Status
 
@@ -54,6 +54,43 @@ def validate_assignment(a: Assignment, free: set[int], queue: dict[str, Request]
     if len(a.gpus) not in latency.degrees(lead.model):
         raise PlanError(f"SP degree {len(a.gpus)} not allowed for {lead.model}")
     return members
+
+
+def place_members(members: list[Request], gpus: tuple[int, ...], now: float,
+                  queue: dict[str, Request]) -> int:
+    """Move a validated assignment's requests onto `gpus` (start, resume or stay running) and out
+    of the plannable queue; returns how many had their state on another GPU set."""
+    moved = 0
+    for r in members:
+        if r.gpus and set(r.gpus) != set(gpus):
+            moved += 1
+        if r.status is Status.WAITING:
+            r.start(now, gpus)
+        elif r.status is Status.PREEMPTED:
+            r.resume(now, gpus)
+        else:
+            r.move_to(gpus)
+        del queue[r.id]
+    return moved
+
+
+def pause_unplanned(queue: dict[str, Request], now: float) -> int:
+    """Requests that ran the last quantum and were not re-planned are paused; returns how many."""
+    n = 0
+    for r in queue.values():
+        if r.status is Status.RUNNING:
+            r.preempt(now)
+            n += 1
+    return n
+
+
+def count_reasons(plan: Plan, last: dict[str, str], counter: Counter, now: float) -> None:
+    """Count each change of a request's defer reason once (not once per decision)."""
+    for rid, why in plan.reasons.items():
+        if last.get(rid) != why:
+            last[rid] = why
+            counter[why] += 1
+            log.debug("t=%.3f %s deferred: %s", now, rid, why)
 
 
 @dataclass
@@ -148,11 +185,7 @@ class Simulator:
             if self.config.time_decisions:
                 walls.append(time.perf_counter() - t0)
             decisions += 1
-            for rid, why in plan.reasons.items():  # count each change of a request's reason once
-                if last_reason.get(rid) != why:
-                    last_reason[rid] = why
-                    reasons[why] += 1
-                    log.debug("t=%.3f %s deferred: %s", now, rid, why)
+            count_reasons(plan, last_reason, reasons, now)
             for a in plan.assignments:
                 dur, moved = self._start(a, now, free, queue, by_id)
                 migrations += moved
@@ -160,11 +193,7 @@ class Simulator:
                 inflight[seq] = InFlight(a.gpus, a.requests, now + dur)
                 heapq.heappush(heap, (now + dur, QUANTUM_DONE, seq, a.steps))
                 seq += 1
-            # Requests that ran the last quantum and were not re-planned are paused here.
-            for r in queue.values():
-                if r.status is Status.RUNNING:
-                    r.preempt(now)
-                    preemptions += 1
+            preemptions += pause_unplanned(queue, now)
             if plan.wake_at is not None and plan.wake_at > now and (
                     pending_wake is None or plan.wake_at < pending_wake):
                 pending_wake = plan.wake_at
@@ -188,20 +217,12 @@ class Simulator:
         lat = self.latency
         cross = self.cluster.spans_nodes(a.gpus)
         setup = 0.0
-        moved = 0
         for r in members:
             if r.steps_done == 0 and r.status is Status.WAITING:
                 setup = max(setup, lat.encode_time(r.model))
             if r.gpus and set(r.gpus) != set(a.gpus):
                 setup = max(setup, lat.move_time(r, self.cluster.spans_nodes(r.gpus + a.gpus)))
-                moved += 1
-            if r.status is Status.WAITING:
-                r.start(now, a.gpus)
-            elif r.status is Status.PREEMPTED:
-                r.resume(now, a.gpus)
-            else:
-                r.move_to(a.gpus)
-            del queue[r.id]
+        moved = place_members(members, a.gpus, now, queue)
         free.difference_update(a.gpus)
         dur = setup + a.steps * lat.step_time(lead.model, tokens_of(lead), len(members), k, cross)
         dur += sum(lat.decode_time(r.model, r.height, r.width, r.frames)
