@@ -132,6 +132,22 @@ class Request:
                 f"request {self.id}: cannot advance {n} steps from {self.steps_done}/{self.steps}")
         self.steps_done += n
 
+    def relocate(self, gpus: tuple[int, ...]) -> None:
+        """Record where a request's state now lives between two quanta (fewer GPUs after a worker
+        died)."""
+        if self.status not in (Status.RUNNING, Status.PREEMPTED):
+            raise InvalidTransition(f"request {self.id}: relocated while {self.status.value}")
+        self.gpus = tuple(gpus)
+
+    def rollback(self, now: float, steps_done: int) -> None:
+        """The state was lost with a worker: go back to a checkpoint at `steps_done` (0: start
+        over) and wait to be planned again."""
+        if not 0 <= steps_done <= self.steps_done:
+            raise InvalidTransition(f"request {self.id}: cannot roll back to step {steps_done} "
+                                    f"from {self.steps_done}")
+        self._move(now, (Status.RUNNING, Status.PREEMPTED), Status.PREEMPTED)
+        self.steps_done, self.gpus = steps_done, ()
+
     def finish(self, now: float) -> None:
         if self.steps_done != self.steps:
             raise InvalidTransition(

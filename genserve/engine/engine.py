@@ -1,18 +1,25 @@
 """The real engine: the simulator's policies driving real workers on a real clock.
 
-Same contract as the simulator (`genserve.sim`): at every decision point (an arrival, a job done)
-the engine builds a `SchedulerState`, asks the policy for a `Plan`, validates it with the
-simulator's own checks, and hands each assignment to the worker set it names, without waiting for
-any one of them: several groups run at once.  A request that ran the last quantum and is not
-re-planned is paused; its state stays in the driver (host memory) and goes to whichever workers
-the policy picks next.
+Same contract as the simulator (`genserve.sim`): at every decision point (an arrival, a job done, a
+cancellation, a worker lost, a policy's wake-up) the engine builds a `SchedulerState`, asks the
+policy for a `Plan`, validates it with the simulator's own checks, and hands each assignment to the
+worker set it names without waiting for any one of them: several groups run at once.
 
-This first version moves each request's state through the driver on every quantum (see
-`parallel/workers.py`); keeping states resident on their workers is the next step.
+Where a request's state lives (`Request.gpus`): after a quantum it stays resident on the workers
+that ran it (each member of an SP group holds a copy).  A request planned on the same set again
+costs no transfer; one planned elsewhere is fetched from a holder and shipped with the job (the
+move the simulator charges).  A new request travels as its prompt: the worker encodes it inside
+the job, so the driver loop never waits for a text encoder.  Every `checkpoint_every` steps the
+job also returns the state to host memory: the restart point if its worker dies.
+
+Failures: a request whose prepare or step raises (bad input, out of memory) fails alone with the
+reason; a worker that dies is replaced (`WorkerPool.replace`) and the requests it held resume from
+their last host-side checkpoint, or start over; every request ends exactly once.
 """
 
 from __future__ import annotations
 
+import queue as queue_mod
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..latency import LatencyModel
-from ..models.base import GenRequest, StepState
-from ..parallel.workers import WorkerPool
+from ..models.base import GenRequest
+from ..parallel.workers import WorkerError, WorkerLost, WorkerPool
 from ..policies.base import Assignment, Cluster, InFlight, Policy, SchedulerState
 from ..request import Request
 from ..sim.simulator import (PlanError, SimResult, count_reasons, pause_unplanned, place_members,
@@ -33,108 +40,254 @@ class EngineResult(SimResult):
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     # Per request: (start, end, GPU set) of every quantum it ran.
     timeline: dict[str, list[tuple[float, float, tuple[int, ...]]]] = field(default_factory=dict)
+    restarts: int = 0        # workers replaced
+    recovered: int = 0       # requests rolled back to a checkpoint (or the start) after a loss
+    moves_bytes: int = 0     # state bytes shipped through the driver
 
 
 class Engine:
     def __init__(self, policy: Policy, pool: WorkerPool, latency: LatencyModel,
-                 gpus_per_node: int = 8, time_scale: float = 1.0, poll_s: float = 0.005):
+                 gpus_per_node: int = 8, time_scale: float = 1.0, poll_s: float = 0.005,
+                 checkpoint_every: int = 4):
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 steps (0: never), got "
+                             f"{checkpoint_every}")
         self.policy, self.pool, self.latency = policy, pool, latency
         self.cluster = Cluster(pool.n, min(gpus_per_node, pool.n))
         self.time_scale = time_scale  # trace seconds per wall second (arrivals only)
         self.poll_s = poll_s
+        self.checkpoint_every = checkpoint_every
+        self._cancels: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
 
-    def run(self, requests: list[Request]) -> EngineResult:
-        by_id = {r.id: r for r in requests}
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request (thread-safe); it stops at its next step boundary."""
+        self._cancels.put(request_id)
+
+    # ----- the loop -----
+    def run(self, requests: list[Request], cancel_at: dict[str, float] | None = None
+            ) -> EngineResult:
+        """Serve `requests` (arrival times on the engine clock, seconds from now); `cancel_at`
+        cancels requests at given times, as a client would."""
+        self.by_id = {r.id: r for r in requests}
+        if len(self.by_id) != len(requests):
+            raise ValueError("request ids must be unique")
         arrivals = sorted(requests, key=lambda r: (r.arrival, r.id))
-        queue: dict[str, Request] = {}
-        states: dict[str, StepState] = {}
-        inflight: dict[int, tuple[Assignment, float]] = {}
-        free = set(range(self.cluster.num_gpus))
-        res = EngineResult(requests=list(requests), num_gpus=self.cluster.num_gpus, busy_gpu_s=0.0,
-                           end_time=0.0, decisions=0, preemptions=0, migrations=0,
-                           reasons=Counter())
+        cancels = sorted((t, rid) for rid, t in (cancel_at or {}).items())
+        self.queue: dict[str, Request] = {}
+        self.inflight: dict[int, tuple[Assignment, float]] = {}
+        self.host: dict[str, tuple[bytes, int]] = {}      # checkpoints: (state, steps done)
+        self.cancel_pending: set[str] = set()
+        self.free = set(range(self.cluster.num_gpus))
+        res = self.res = EngineResult(requests=list(requests), num_gpus=self.cluster.num_gpus,
+                                      busy_gpu_s=0.0, end_time=0.0, decisions=0, preemptions=0,
+                                      migrations=0, reasons=Counter())
         self._last_reason: dict[str, str] = {}
         wake: float | None = None
         t0 = time.monotonic()
+
+        def clock() -> float:
+            return (time.monotonic() - t0) * self.time_scale
+
         i = 0
-        while i < len(arrivals) or queue or inflight:
-            now = (time.monotonic() - t0) * self.time_scale
+        while i < len(arrivals) or self.queue or self.inflight:
+            now = clock()
             changed = wake is not None and now >= wake
             if changed:
                 wake = None
             while i < len(arrivals) and arrivals[i].arrival <= now:
-                queue[arrivals[i].id] = arrivals[i]
+                r = arrivals[i]
                 i += 1
+                if not r.is_final:  # cancelled before it arrived
+                    self.queue[r.id] = r
+                    changed = True
+            while cancels and cancels[0][0] <= now:
+                self.cancel(cancels.pop(0)[1])
+            while not self._cancels.empty():
+                self._cancel(self._cancels.get(), now)
                 changed = True
             for job in self.pool.finished(timeout_s=0.0 if changed else self.poll_s):
-                a, started = inflight.pop(job)
-                blobs, outputs = self.pool.wait(job)
-                now = (time.monotonic() - t0) * self.time_scale
-                free.update(a.gpus)
-                res.busy_gpu_s += (now - started) * len(a.gpus)
-                for rid, blob in zip(a.requests, blobs):
-                    r = by_id[rid]
-                    states[rid] = StepState.from_bytes(blob)
-                    r.advance(a.steps)
-                    res.timeline.setdefault(rid, []).append((started, now, a.gpus))
-                    if r.remaining_steps == 0:
-                        r.finish(now)
-                        res.outputs[rid] = outputs[rid]
-                        del states[rid]
-                    else:
-                        queue[rid] = r
+                self._complete(job, clock())
                 changed = True
-            if changed and queue and free:
-                asked = self._decide(now, queue, states, inflight, free, by_id, res)
+            if self._recover(clock()):
+                changed = True
+            if changed and self.queue and self.free:
+                now = clock()
+                asked = self._decide(now)
                 if asked is not None and asked > now and (wake is None or asked < wake):
                     wake = asked
-                if not inflight and queue and i >= len(arrivals) and wake is None:
+                if not self.inflight and self.queue and i >= len(arrivals) and wake is None:
                     raise PlanError(f"policy {self.policy.describe()} stalled at t={now:.3f}: "
-                                    f"{len(queue)} requests wait, nothing runs")
-            if not changed and not inflight:  # idle: sleep until the next arrival or wake-up
-                due = [t for t in (wake, arrivals[i].arrival if i < len(arrivals) else None)
-                       if t is not None]
+                                    f"{len(self.queue)} requests wait, nothing runs")
+            if not changed and not self.inflight:  # idle: sleep until the next arrival or wake-up
+                due = [t for t in (wake, arrivals[i].arrival if i < len(arrivals) else None,
+                                   cancels[0][0] if cancels else None) if t is not None]
                 if due:
                     time.sleep(min(max((min(due) - now) / self.time_scale, 0.0), 0.05))
-        res.end_time = (time.monotonic() - t0) * self.time_scale
+        res.end_time = clock()
         return res
 
-    def _decide(self, now, queue, states, inflight, free, by_id, res) -> float | None:
+    # ----- decisions -----
+    def _decide(self, now: float) -> float | None:
         """Plan and dispatch; returns the policy's wake-up time, if any."""
-        running = [by_id[rid] for a, _ in inflight.values() for rid in a.requests]
+        running = [self.by_id[rid] for a, _ in self.inflight.values() for rid in a.requests]
         state = SchedulerState(
-            now=now, cluster=self.cluster, free_gpus=tuple(sorted(free)),
-            queue=list(queue.values()),
-            inflight=[InFlight(a.gpus, a.requests, self._estimated_end(a, t, by_id))
-                      for a, t in inflight.values()],
+            now=now, cluster=self.cluster, free_gpus=tuple(sorted(self.free)),
+            queue=list(self.queue.values()),
+            inflight=[InFlight(a.gpus, a.requests, self._estimated_end(a, t))
+                      for a, t in self.inflight.values()],
             latency=self.latency, running=running)
+        t0 = time.perf_counter()
         plan = self.policy.schedule(state)
-        res.decisions += 1
-        count_reasons(plan, self._last_reason, res.reasons, now)
+        self.res.decision_wall_s.append(time.perf_counter() - t0)
+        self.res.decisions += 1
+        count_reasons(plan, self._last_reason, self.res.reasons, now)
         for a in plan.assignments:
-            members = validate_assignment(a, free, queue, self.latency)
-            new = [m for m in members if m.id not in states]
-            if new:
-                for st in self.pool.prepare([_gen_request(m) for m in new], rank=a.gpus[0],
-                                            model=new[0].model):
-                    states[st.request_id] = st
-            res.migrations += place_members(members, a.gpus, now, queue)
-            blobs = [states[m.id].to_bytes() for m in members]
-            job = self.pool.submit("steps", a.gpus, (blobs, a.steps, True))
-            inflight[job] = (a, now)
-            free.difference_update(a.gpus)
-        res.preemptions += pause_unplanned(queue, now)
+            members = validate_assignment(a, self.free, self.queue, self.latency)
+            srcs = [(m.id, self._source(m, a.gpus, now)) for m in members]
+            every = self.checkpoint_every
+            want = [m.id for m in members if every and m.remaining_steps > a.steps
+                    and (m.steps_done + a.steps) // every > m.steps_done // every]
+            self.res.migrations += place_members(members, a.gpus, now, self.queue)
+            job = self.pool.submit("run", a.gpus, {"model": members[0].model, "members": srcs,
+                                                   "n": a.steps, "want": want})
+            self.inflight[job] = (a, now)
+            self.free.difference_update(a.gpus)
+        self.res.preemptions += pause_unplanned(self.queue, now)
         return plan.wake_at
 
-    def _estimated_end(self, a: Assignment, started: float, by_id) -> float:
-        lead = by_id[a.requests[0]]
+    def _source(self, r: Request, gpus: tuple[int, ...], now: float):
+        """What the job needs to run `r` on `gpus`: None (resident there), the state's bytes (it
+        moves), or the prompt (a new request, encoded by the worker)."""
+        if r.gpus and set(r.gpus) == set(gpus):
+            return None
+        if r.gpus:
+            holder = next((g for g in r.gpus if g not in self.pool.dead()), None)
+            blob = None
+            if holder is not None:
+                try:
+                    blob = self.pool.fetch(holder, [r.id]).get(r.id)
+                except (WorkerLost, WorkerError, TimeoutError):
+                    blob = None
+            self.pool.drop(set(r.gpus) - set(gpus) - {holder}, [r.id])
+            if blob is not None:
+                self.res.moves_bytes += len(blob)
+                return blob
+            self._roll_back(r, now)  # the holder is gone: fall back to the checkpoint
+        ck = self.host.get(r.id)
+        if ck is not None and ck[1] == r.steps_done and r.steps_done > 0:
+            return ck[0]
+        if r.steps_done:
+            self._roll_back(r, now)
+            if r.id in self.host:
+                return self.host[r.id][0]
+        return GenRequest(id=r.id, prompt=r.prompt, height=r.height, width=r.width,
+                          frames=r.frames, steps=r.steps, guidance=r.guidance, seed=r.seed)
+
+    def _estimated_end(self, a: Assignment, started: float) -> float:
+        lead = self.by_id[a.requests[0]]
         try:
             step = self.latency.request_step_time(lead, len(a.requests), len(a.gpus))
         except ValueError:
             return started
         return started + a.steps * step
 
+    # ----- results -----
+    def _complete(self, job: int, now: float) -> None:
+        a, started = self.inflight.pop(job)
+        tag, out = self.pool.result(job)
+        self.free.update(a.gpus)
+        self.res.busy_gpu_s += (now - started) * len(a.gpus)
+        if tag == "lost":
+            self._lose(a, now)
+            return
+        if tag == "error":  # not pinned on one request (SP > 1): the job's requests fail
+            for rid in a.requests:
+                self._end(self.by_id[rid], now, failed=f"worker_error: {out}".strip())
+            self.pool.drop(a.gpus, list(a.requests))
+            return
+        for rid in a.requests:
+            r = self.by_id[rid]
+            self.res.timeline.setdefault(rid, []).append((started, now, a.gpus))
+            if rid in out["failed"]:
+                self._end(r, now, failed=out["failed"][rid])
+                continue
+            if rid in out["cancelled"]:
+                self._end(r, now, cancelled=True)
+                continue
+            done = out["steps"][rid] - r.steps_done
+            if done > 0:
+                r.advance(done)
+            if rid in out["blobs"]:
+                self.host[rid] = (out["blobs"][rid], r.steps_done)
+            if r.remaining_steps == 0:
+                self.res.outputs[rid] = out["outputs"][rid]
+                r.finish(now)
+                self.host.pop(rid, None)
+                self.cancel_pending.discard(rid)  # a cancel that came too late: it finished
+            elif rid in self.cancel_pending:
+                self.pool.drop(a.gpus, [rid])
+                self._end(r, now, cancelled=True)
+            else:
+                self.queue[rid] = r
 
-def _gen_request(r: Request) -> GenRequest:
-    return GenRequest(id=r.id, prompt=r.prompt, height=r.height, width=r.width, frames=r.frames,
-                      steps=r.steps, guidance=r.guidance, seed=r.seed)
+    def _end(self, r: Request, now: float, failed: str | None = None,
+             cancelled: bool = False) -> None:
+        if failed is not None:
+            r.fail(now, failed)
+        elif cancelled:
+            r.cancel(now)
+        self.host.pop(r.id, None)
+        self.cancel_pending.discard(r.id)
+        self.queue.pop(r.id, None)
+
+    def _cancel(self, rid: str, now: float) -> None:
+        r = self.by_id.get(rid)
+        if r is None or r.is_final:
+            return
+        if any(rid in a.requests for a, _ in self.inflight.values()):
+            for a, _ in self.inflight.values():
+                if rid in a.requests:
+                    self.pool.cancel(a.gpus[:1], [rid])  # the group's first rank decides
+            self.cancel_pending.add(rid)
+            return
+        if r.gpus:
+            self.pool.drop(r.gpus, [rid])
+        self._end(r, now, cancelled=True)
+
+    # ----- failures -----
+    def _lose(self, a: Assignment, now: float) -> None:
+        """A job's worker died: its requests go back to their checkpoints (or the start)."""
+        self.pool.drop([g for g in a.gpus if g not in self.pool.dead()], list(a.requests))
+        for rid in a.requests:
+            r = self.by_id[rid]
+            if rid in self.cancel_pending:
+                self._end(r, now, cancelled=True)
+                continue
+            self._roll_back(r, now)
+            self.queue[rid] = r
+
+    def _roll_back(self, r: Request, now: float) -> None:
+        ck = self.host.get(r.id)
+        r.rollback(now, ck[1] if ck and ck[1] <= r.steps_done else 0)
+        if ck and ck[1] > r.steps_done:
+            del self.host[r.id]
+        self.res.recovered += 1
+
+    def _recover(self, now: float) -> bool:
+        """Replace newly dead workers; paused requests they held move to surviving copies or go
+        back to their checkpoints."""
+        dead = set(self.pool.dead())
+        if not dead:
+            return False
+        busy = {rid for a, _ in self.inflight.values() for rid in a.requests}
+        for r in list(self.queue.values()):
+            if r.id in busy or not set(r.gpus) & dead:
+                continue
+            left = tuple(g for g in r.gpus if g not in dead)
+            if left:
+                r.relocate(left)
+            else:
+                self._roll_back(r, now)
+        self.pool.replace(sorted(dead))
+        self.res.restarts += len(dead)
+        return True

@@ -1,16 +1,19 @@
 """Worker processes: one per device, one torch.distributed world, groups made once at start-up.
 
-The driver (the engine, or `genserve generate --sp K`) never loads the model: it sends jobs and
-receives step states as bytes.  A job names its ranks (the GPU set; SP degree = its size), the
-requests' states and the number of steps.  Every member of the group runs the same steps (the
-transformer forward is sharded inside, see `sequence.py`); the first member sends back the new
-states.  Since a state travels with each job, a request can run its next steps on any other set of
-workers, of any size: that is the elastic re-sharding (via host memory, bytes = `StepState`).
+The driver (the engine, or `genserve generate --sp K`) never loads a model: it sends jobs to the
+workers (`worker_main.py`) and receives results.  A job names its ranks (the GPU set; SP degree = its
+size).  Two ways to use the pool:
+- `prepare` / `steps` / `decode`: states travel with every call as bytes (`StepState`), so each call
+  may use another worker set of another degree: elastic re-sharding via host memory.  Simple, and
+  what `genserve generate --sp K` uses.
+- `submit("run", ...)`: the engine's job.  States stay resident on the workers that stepped them;
+  a state is fetched (`fetch`) only to move it to another set or to keep a host-side checkpoint.
 
-Failures: a worker that raises sends the error back and stays up; a worker that dies is noticed by
-the driver within `poll_s` and reported as `WorkerLost`, and the other workers stay usable for
-groups that do not include it (gloo/NCCL collectives of a group with a dead member time out after
-`collective_timeout_s`).
+Failures: a job error comes back as `WorkerError` and the worker stays up.  A worker that dies is
+noticed within `poll_s`: its pending jobs end as lost (`WorkerLost` from `wait`, tag "lost" from
+`result`), the other workers stay usable for groups that do not include it, and `replace(rank)`
+starts a new process in its place; the survivors join the new world between two of their jobs,
+keeping their models and resident states.
 """
 
 from __future__ import annotations
@@ -21,10 +24,9 @@ import os
 import queue
 import tempfile
 import time
-import traceback
-from datetime import timedelta
 
 from ..models.base import GenRequest, StepState
+from .worker_main import RESTART, worker_main
 
 
 class WorkerError(RuntimeError):
@@ -35,118 +37,75 @@ class WorkerLost(RuntimeError):
     """A worker process died while the driver waited for it."""
 
 
-def _worker_main(rank: int, world: int, init: str, presets: tuple[str, ...],
-                 model_path: str | None, device: str, timeout_s: float, inbox, outbox) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from ..models import load_preset
-    from .sequence import install
-    from .ulysses import GroupCache
-
-    torch.set_num_threads(int(os.environ.get("GENSERVE_WORKER_THREADS", "1")))
-    dev = device if device == "cpu" else f"{device}:{rank}"
-    backend = "gloo" if device == "cpu" else "nccl"
-    try:
-        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
-        # Every subset up to one 8-GPU node (the scheduler may pick any free GPUs of a node);
-        # beyond that only aligned contiguous sets, to bound start-up.
-        groups = GroupCache(world, contiguous_only=world > 8)
-        adapters = {p: load_preset(p, model_path, dev) for p in presets}
-        sps = {p: install(ad.transformer) for p, ad in adapters.items()}
-    except Exception as e:  # e.g. a bad checkpoint path: tell the driver, then exit
-        outbox.put(("failed", rank, f"worker {rank} could not start: {e}"))
-        return
-    outbox.put(("ready", rank, None))
-    while True:
-        job = inbox.get()
-        if job is None:
-            break
-        job_id, kind, ranks, payload = job
-        try:
-            if kind == "prepare":
-                model, reqs = payload
-                out = [s.to_bytes() for s in _adapter(adapters, model).prepare(reqs)]
-            elif kind == "decode":
-                states = [StepState.from_bytes(b).to(dev) for b in payload]
-                out = _adapter(adapters, states[0].model).decode(states)
-            elif kind == "steps":
-                blobs, n = payload[:2]
-                decode_done = len(payload) > 2 and payload[2]
-                states = [StepState.from_bytes(b).to(dev) for b in blobs]
-                adapter = _adapter(adapters, states[0].model)
-                group = (None if len(ranks) == 1 else dist.group.WORLD if len(ranks) == world
-                         else groups.get(ranks))
-                with sps[adapter.name].use(group):
-                    for _ in range(n):
-                        adapter.step(states)
-                out = None
-                if rank == ranks[0]:
-                    out = [s.to_bytes() for s in states]
-                    if decode_done:  # outputs of the requests this job finished
-                        done = [s for s in states if s.done]
-                        out = (out, dict(zip([s.request_id for s in done], adapter.decode(done))))
-            else:
-                raise ValueError(f"unknown job kind {kind!r}")
-            if rank == ranks[0]:
-                outbox.put(("done", job_id, out))
-        except ValueError as e:  # bad input (ModelInputError is one): the message says it all
-            outbox.put(("error", job_id, f"worker {rank}: {e}"))
-        except Exception as e:  # reported to the driver; the worker stays up
-            outbox.put(("error", job_id, f"worker {rank}: {type(e).__name__}: {e}\n"
-                                         f"{traceback.format_exc(limit=3)}"))
-    dist.destroy_process_group()
-
-
-def _adapter(adapters: dict, model: str):
-    try:
-        return adapters[model]
-    except KeyError:
-        raise ValueError(f"model={model!r}: not served by these workers "
-                         f"(they hold {', '.join(adapters)})") from None
-
-
 class WorkerPool:
     """`n` worker processes serving one or more presets; jobs run on any subset of them."""
 
     def __init__(self, preset: str | tuple[str, ...], n: int, model_path: str | None = None,
-                 device: str = "cpu",
-                 collective_timeout_s: float = 60.0, start_timeout_s: float = 300.0,
-                 poll_s: float = 0.2):
+                 device: str = "cpu", collective_timeout_s: float = 60.0,
+                 start_timeout_s: float = 300.0, poll_s: float = 0.2,
+                 faults: dict | None = None, min_free_bytes: int = 2 << 30):
+        """`faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit", "step": k,
+        "rank": r (optional)}} makes the workers fail that request at that step.
+        `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory."""
         if n < 1:
             raise ValueError(f"workers must be >= 1, got {n}")
         self.n, self.poll_s = n, poll_s
         self.presets = (preset,) if isinstance(preset, str) else tuple(preset)
-        ctx = mp.get_context("spawn")
+        self._cfg = (model_path, device, collective_timeout_s, min_free_bytes)
+        self._ctx = mp.get_context("spawn")
         self._dir = tempfile.TemporaryDirectory(prefix="genserve-rdzv-")
-        init = f"file://{os.path.join(self._dir.name, 'rdzv')}"
-        self._inboxes = [ctx.Queue() for _ in range(n)]
-        self._outbox = ctx.Queue()
-        self.procs = [ctx.Process(target=_worker_main, daemon=True,
-                                  args=(r, n, init, self.presets, model_path, device,
-                                        collective_timeout_s, self._inboxes[r], self._outbox))
-                      for r in range(n)]
-        for p in self.procs:
-            p.start()
+        self._generation = 0
+        self._inboxes = [self._ctx.Queue() for _ in range(n)]
+        self._ctls = [self._ctx.Queue() for _ in range(n)]
+        self._outbox = self._ctx.Queue()
+        self.procs: list = [None] * n
         self._ids = itertools.count()
         self._results: dict[int, tuple[str, object]] = {}
         self._jobs: dict[int, tuple[int, ...]] = {}
-        ready = set()
-        deadline = time.monotonic() + start_timeout_s
-        while len(ready) < n:
+        self._ctl_results: dict[int, object] = {}
+        self._starting: dict[int, float] = {}
+        init = self._init_path()
+        for r in range(n):
+            self._spawn(r, init, faults or {})
+        self._await_ready(start_timeout_s)
+        self.restarts = 0
+
+    def _init_path(self) -> str:
+        self._generation += 1
+        return f"file://{os.path.join(self._dir.name, f'rdzv{self._generation}')}"
+
+    def _spawn(self, rank: int, init: str, faults: dict) -> None:
+        model_path, device, timeout_s, min_free = self._cfg
+        p = self._ctx.Process(target=worker_main, daemon=True,
+                              args=(rank, self.n, init, self.presets, model_path, device,
+                                    timeout_s, faults, min_free, self._inboxes[rank],
+                                    self._ctls[rank], self._outbox))
+        p.start()
+        self.procs[rank] = p
+        self._starting[rank] = time.monotonic()
+
+    def _await_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._starting:
             if time.monotonic() > deadline:
                 self.close()
-                raise WorkerLost(f"workers did not start within {start_timeout_s:.0f} s")
+                raise WorkerLost(f"workers did not start within {timeout_s:.0f} s")
             try:
-                tag, rank, msg = self._outbox.get(timeout=poll_s)
+                self._route(self._outbox.get(timeout=self.poll_s))
             except queue.Empty:
-                self._check_alive(range(n), "start-up")
-                continue
-            if tag == "failed":
-                self.close()
-                raise WorkerError(msg)
-            ready.add(rank)
+                self._check_alive(list(self._starting), "start-up")
+
+    def _route(self, msg) -> None:
+        tag, key, out = msg
+        if tag == "ready":
+            self._starting.pop(key, None)
+        elif tag == "failed":
+            self.close()
+            raise WorkerError(out)
+        elif tag == "ctl":
+            self._ctl_results[key] = out
+        elif key in self._jobs and key not in self._results:  # late results of lost jobs: dropped
+            self._results[key] = (tag, out)
 
     # ----- jobs -----
     def submit(self, kind: str, ranks: tuple[int, ...], payload) -> int:
@@ -161,43 +120,81 @@ class WorkerPool:
         return job_id
 
     def finished(self, timeout_s: float = 0.0) -> list[int]:
-        """Jobs whose results arrived (waiting up to `timeout_s` for the first); raises
-        `WorkerLost` if a worker of a pending job died."""
+        """Jobs that ended (waiting up to `timeout_s` for the first): a result arrived, or a
+        member died (the job is then lost; see `result`)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                tag, jid, out = self._outbox.get(timeout=max(deadline - time.monotonic(), 0.001))
-                self._results[jid] = (tag, out)
-                timeout_s = 0.0
-                deadline = time.monotonic()
+                self._route(self._outbox.get(timeout=max(deadline - time.monotonic(), 0.001)))
+                deadline = time.monotonic()  # drain what is there, wait no more
             except queue.Empty:
                 break
         for jid, ranks in self._jobs.items():
-            if jid not in self._results:
-                self._check_alive(ranks, f"job {jid}")
+            if jid in self._results:
+                continue
+            dead = [r for r in ranks if not self.procs[r].is_alive()]
+            if dead:
+                self._results[jid] = ("lost", f"worker {dead[0]} died (exit code "
+                                              f"{self.procs[dead[0]].exitcode}) during job {jid}")
         return [j for j in self._results if j in self._jobs]
 
-    def wait(self, job_id: int, timeout_s: float | None = None):
-        ranks = self._jobs[job_id]
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while job_id not in self._results:
-            self._check_alive(ranks, f"job {job_id}")
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} on workers {ranks} took over {timeout_s} s")
-            try:
-                tag, jid, out = self._outbox.get(timeout=self.poll_s)
-            except queue.Empty:
-                continue
-            self._results[jid] = (tag, out)
+    def result(self, job_id: int) -> tuple[str, object]:
+        """(tag, output) of an ended job: tag is "done", "error" (message) or "lost" (message).
+        An error at SP > 1 whose group lost a member is reported as lost: the death caused it."""
         tag, out = self._results.pop(job_id)
-        del self._jobs[job_id]
+        ranks = self._jobs.pop(job_id)
+        if tag == "error" and len(ranks) > 1:
+            time.sleep(self.poll_s)  # the survivors' error can beat the death notice
+            dead = [r for r in ranks if not self.procs[r].is_alive()]
+            if dead:
+                return "lost", f"worker {dead[0]} died (exit code {self.procs[dead[0]].exitcode})"
+        return tag, out
+
+    def wait(self, job_id: int, timeout_s: float | None = None):
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while job_id not in self.finished(timeout_s=self.poll_s):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} on workers {self._jobs[job_id]} took over "
+                                   f"{timeout_s} s")
+        tag, out = self.result(job_id)
+        if tag == "lost":
+            raise WorkerLost(out)
         if tag == "error":
-            # A collective fails on the survivors when a member dies: report the death.
-            time.sleep(self.poll_s)
-            self._check_alive(ranks, f"job {job_id}")
             raise WorkerError(out)
         return out
 
+    # ----- control: served by each worker's second thread, even while it computes -----
+    def fetch(self, rank: int, rids: list[str], timeout_s: float = 60.0) -> dict[str, bytes]:
+        """Take the resident states of `rids` off worker `rank` (they leave it)."""
+        req = next(self._ids)
+        self._ctls[rank].put(("fetch", req, list(rids)))
+        deadline = time.monotonic() + timeout_s
+        while req not in self._ctl_results:
+            self._check_alive((rank,), "fetch")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fetch from worker {rank} took over {timeout_s} s")
+            try:
+                self._route(self._outbox.get(timeout=self.poll_s))
+            except queue.Empty:
+                continue
+        out = self._ctl_results.pop(req)
+        if isinstance(out, Exception):
+            raise WorkerError(str(out))
+        return out
+
+    def drop(self, ranks, rids: list[str]) -> None:
+        """Forget resident states (a request moved, finished elsewhere, failed or was cancelled)."""
+        for r in ranks:
+            if self.procs[r].is_alive():
+                self._ctls[r].put(("drop", None, list(rids)))
+
+    def cancel(self, ranks, rids: list[str]) -> None:
+        """Stop stepping `rids` at the next step boundary of the job that holds them."""
+        for r in ranks:
+            if self.procs[r].is_alive():
+                self._ctls[r].put(("cancel", None, list(rids)))
+
+    # ----- the simple API: states travel with every call -----
     def prepare(self, reqs: list[GenRequest], rank: int = 0, model: str | None = None
                 ) -> list[StepState]:
         model = model or self.presets[0]
@@ -224,11 +221,45 @@ class WorkerPool:
     def alive(self) -> list[int]:
         return [r for r, p in enumerate(self.procs) if p.is_alive()]
 
+    def dead(self) -> list[int]:
+        return [r for r, p in enumerate(self.procs) if not p.is_alive()]
+
+    def replace(self, ranks: list[int]) -> None:
+        """Start new processes for dead workers `ranks`; the survivors leave the old world after
+        their queued jobs and join the new one (keeping models and resident states).  Does not
+        wait: jobs submitted from now on queue behind the restart on every worker."""
+        ranks = sorted(set(ranks))
+        if any(self.procs[r].is_alive() for r in ranks):
+            raise ValueError(f"replace: worker(s) {ranks} are not all dead")
+        for jid, members in self._jobs.items():  # their results can no longer come
+            if jid not in self._results and set(members) & set(ranks):
+                self._results[jid] = ("lost", f"worker(s) {ranks} died during job {jid}")
+        init = self._init_path()
+        for r in ranks:
+            # A new queue: the dead process may have died holding the old ones' locks.
+            self._inboxes[r], self._ctls[r] = self._ctx.Queue(), self._ctx.Queue()
+            self._spawn(r, init, {})  # injected faults do not follow a worker into its successor
+        for r in range(self.n):
+            if r not in ranks:
+                self._inboxes[r].put((None, RESTART, (r,), init))
+        self.restarts += len(ranks)
+
+    def ready(self) -> bool:
+        """Whether every replacement worker has started (without blocking)."""
+        self.finished(timeout_s=0.0)
+        for r in list(self._starting):
+            if not self.procs[r].is_alive():
+                raise WorkerLost(f"replacement worker {r} died during start-up (exit code "
+                                 f"{self.procs[r].exitcode})")
+        return not self._starting
+
     def close(self) -> None:
         for r, p in enumerate(self.procs):
-            if p.is_alive():
+            if p is not None and p.is_alive():
                 self._inboxes[r].put(None)
         for p in self.procs:
+            if p is None:
+                continue
             p.join(5)
             if p.is_alive():
                 p.kill()
