@@ -22,8 +22,8 @@ from genserve.latency import LatencyModel  # noqa: E402
 from genserve.metrics import summarize  # noqa: E402
 from genserve.parallel.workers import WorkerPool  # noqa: E402
 from genserve.policies import Cluster, make_policy  # noqa: E402
-from genserve.profiler import profile, write_profile  # noqa: E402
-from genserve.sim import Simulator  # noqa: E402
+from genserve.profiler import profile_workers, write_profile  # noqa: E402
+from genserve.sim import SimConfig, Simulator  # noqa: E402
 from genserve.workload import WorkloadConfig, generate  # noqa: E402
 
 MIX = "tiny-t2i@64x64=4,tiny-t2v@32x32x9=1"
@@ -35,31 +35,39 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--rate", type=float, default=6.0, help="requests per second")
     ap.add_argument("--slo-scale", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--policies", default="genserve,fcfs")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, \
+            WorkerPool(("tiny-t2i", "tiny-t2v"), a.workers) as pool:
         t0 = time.time()
-        write_profile(d, "local", *profile(["tiny-t2i", "tiny-t2v"], (1, 2, 4, 8), reps=5))
+        # Measured inside a worker of this pool: same threads and process layout as serving.
+        write_profile(d, "local", *profile_workers(["tiny-t2i", "tiny-t2v"], (1, 2, 4, 8),
+                                                   reps=5, pool=pool))
         lat = LatencyModel(d)
-        print(f"profile measured in {time.time() - t0:.0f} s")
+        print(f"profile measured in {time.time() - t0:.0f} s; dispatch "
+              f"{1e3 * lat.dispatch_time():.2f} ms per quantum")
         wl = WorkloadConfig(rate=a.rate, duration=a.requests / a.rate, mix=MIX,
-                            slo_scale=a.slo_scale, seed=7)
+                            slo_scale=a.slo_scale, seed=a.seed)
         print(f"{len(generate(wl, lat, a.workers))} requests, {a.workers} workers, {MIX}, "
               f"rate {a.rate}/s, SLO x{a.slo_scale}")
-        with WorkerPool(("tiny-t2i", "tiny-t2v"), a.workers) as pool:
-            for name in ("genserve", "fcfs"):
-                sim_reqs = generate(wl, lat, a.workers)
-                sim = Simulator(Cluster(a.workers), lat, make_policy(name)).run(sim_reqs)
-                real_reqs = generate(wl, lat, a.workers)
-                real = Engine(make_policy(name), pool, lat).run(real_reqs)
-                ms, mr = summarize(sim), summarize(real)
-                errs = [abs(r.latency - s.latency) / s.latency
-                        for s, r in zip(sim_reqs, real_reqs)
-                        if s.latency is not None and r.latency is not None]
-                print(f"  {name:9s} SLO sim {ms['slo_attainment']:.3f} real "
-                      f"{mr['slo_attainment']:.3f} (diff {100 * abs(ms['slo_attainment'] - mr['slo_attainment']):.1f} "
-                      f"points); median latency error {100 * statistics.median(errs):.1f}% "
-                      f"over {len(errs)} requests; preemptions sim {sim.preemptions} real "
-                      f"{real.preemptions}")
+        for name in a.policies.split(","):
+            sim_reqs = generate(wl, lat, a.workers)
+            sim = Simulator(Cluster(a.workers), lat, make_policy(name),
+                            SimConfig(drain=True)).run(sim_reqs)
+            real_reqs = generate(wl, lat, a.workers)
+            real = Engine(make_policy(name), pool, lat).run(real_reqs)
+            ms, mr = summarize(sim), summarize(real)
+            pairs = [(s.latency, r.latency) for s, r in zip(sim_reqs, real_reqs)
+                     if s.latency is not None and r.latency is not None]
+            errs = [abs(r - s) / s for s, r in pairs]
+            bias = statistics.median((r - s) / s for s, r in pairs)
+            diff = 100 * abs(ms["slo_attainment"] - mr["slo_attainment"])
+            print(f"  {name:9s} SLO sim {ms['slo_attainment']:.3f} real "
+                  f"{mr['slo_attainment']:.3f} (diff {diff:.1f} points); median latency error "
+                  f"{100 * statistics.median(errs):.1f}% (signed {100 * bias:+.1f}%) over "
+                  f"{len(errs)} requests; preemptions sim {sim.preemptions} real "
+                  f"{real.preemptions}; decisions sim {sim.decisions} real {real.decisions}")
     return 0
 
 

@@ -220,7 +220,8 @@ def _generate_sp(req, a: argparse.Namespace, bar):
 
 def cmd_profile(a: argparse.Namespace) -> int:
     from .models import ModelInputError, ModelLoadError
-    from .profiler import profile, write_profile
+    from .parallel.workers import WorkerError, WorkerLost
+    from .profiler import profile, profile_workers, write_profile
 
     names = [m.strip() for m in a.models.split(",") if m.strip()]
     if not names:
@@ -231,11 +232,15 @@ def cmd_profile(a: argparse.Namespace) -> int:
     if a.model_path and len(names) > 1:
         raise ValueError("--model-path names one checkpoint: give one model with it")
     batches = tuple(int(b) for b in _floats(a.batches))
-    if a.reps < 1 or any(b < 1 for b in batches):
-        raise ValueError("--reps and --batches must be >= 1")
+    if a.reps < 1 or any(b < 1 for b in batches) or a.workers < 0:
+        raise ValueError("--reps and --batches must be >= 1, --workers >= 0")
     try:
-        rows = profile(names, batches, a.reps, a.device, a.model_path)
-    except (ModelInputError, ModelLoadError) as e:
+        if a.workers:
+            rows = profile_workers(names, batches, a.reps, a.workers,
+                                   "cpu" if a.device == "cpu" else "cuda", a.model_path)
+        else:
+            rows = profile(names, batches, a.reps, a.device, a.model_path)
+    except (ModelInputError, ModelLoadError, WorkerError, WorkerLost) as e:
         raise ValueError(str(e)) from None
     fwd, blk = write_profile(a.out, a.name, *rows)
     print(f"wrote {fwd} and {blk} ({len(rows[0])} forward rows); use --profile {a.out}")
@@ -257,6 +262,8 @@ def cmd_replay(a: argparse.Namespace) -> int:
         raise ValueError(f"{a.trace}: no requests")
     if a.workers < 1:
         raise ValueError(f"--workers {a.workers}: must be >= 1")
+    if a.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every {a.checkpoint_every}: must be >= 0 (0: never)")
     latency = LatencyModel(a.profile)
     models = sorted({r.model for r in reqs})
     for m in models:
@@ -267,8 +274,13 @@ def cmd_replay(a: argparse.Namespace) -> int:
                         "cpu" if a.device == "cpu" else "cuda") as pool:
             for name in names:
                 run = load_trace(a.trace)[0]  # fresh requests for every policy
-                res = Engine(make_policy(name), pool, latency, a.gpus_per_node).run(run)
-                results[name] = {**summarize(res), "timelines": {
+                res = Engine(make_policy(name), pool, latency, a.gpus_per_node,
+                             checkpoint_every=a.checkpoint_every).run(run)
+                results[name] = {**summarize(res), "worker_restarts": res.restarts,
+                                 "recovered": res.recovered,
+                                 "failed_reasons": {r.id: r.reason for r in run
+                                                    if r.reason is not None},
+                                 "timelines": {
                     r.id: {"arrival": r.arrival, "deadline": r.deadline,
                            "finish": r.finish_time,
                            "quanta": [[s, e, list(g)] for s, e, g in res.timeline.get(r.id, [])],
@@ -339,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--reps", type=int, default=5)
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--model-path", help="local checkpoint for a single real preset")
+    pr.add_argument("--workers", type=int, default=0,
+                    help="measure inside worker 0 of a pool of N engine workers (their threads "
+                         "and process layout), plus the engine's cost per quantum; 0: in this "
+                         "process, no dispatch cost")
     pr.set_defaults(func=cmd_profile)
 
     rp = sub.add_parser("replay", help="run a trace through the real engine (worker processes)")
@@ -351,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "tiny presets)")
     rp.add_argument("--device", default="cpu")
     rp.add_argument("--model-path", help="local checkpoint (a single real preset)")
+    rp.add_argument("--checkpoint-every", type=int, default=4,
+                    help="keep a host-side copy of each request's state every N steps, the "
+                         "restart point if its worker dies (0: never, start over)")
     rp.add_argument("--json", help="write results and per-request timelines here")
     rp.set_defaults(func=cmd_replay)
 

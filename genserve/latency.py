@@ -12,8 +12,9 @@ super-linearly, so a straight line is the conservative-but-not-absurd choice), f
 (small shapes are launch-bound), more batch scales proportionally (compute-bound).  SP speed-ups and
 the forward/blocks calibration clamp to the nearest measured point.
 
-Text encoding and VAE decoding are not in the profiles: they are configurable estimates
-(`CostEstimates`), documented in the README.
+Text encoding, VAE decoding and the engine's cost per quantum are not in the shipped profiles:
+they are configurable estimates (`CostEstimates`), documented in the README; a profile measured by
+`genserve profile` carries them in its meta, and those measurements win.
 """
 
 from __future__ import annotations
@@ -85,11 +86,14 @@ class CostEstimates:
     # Moving a paused request's state to another GPU set (or re-sharding it): a fixed set-up cost
     # plus bytes over the link.
     move_overhead_s: float = 0.005
+    # The engine's fixed cost per quantum (job round trip driver <-> worker).  Not measured for the
+    # shipped profile, so 0 there; `genserve profile --workers N` measures it on the setup used.
+    dispatch_s: float = 0.0
 
     def validate(self) -> None:
         bad = [k for k, v in self.encode_s.items() if v < 0]
         if bad or min(self.default_encode_s, self.image_decode_s_per_mpix,
-                      self.video_decode_s_per_mpix, self.move_overhead_s) < 0:
+                      self.video_decode_s_per_mpix, self.move_overhead_s, self.dispatch_s) < 0:
             raise ValueError(f"cost estimates must be >= 0 (negative: {bad or 'a scalar field'})")
 
 
@@ -186,6 +190,8 @@ class LatencyModel:
                                  self.meta["forward"].get("encode_ms", {}).items()}
         self._decode_measured = {k: v / 1e3 for k, v in
                                  self.meta["forward"].get("decode_ms", {}).items()}
+        ms = self.meta["forward"].get("dispatch_ms")
+        self._dispatch = self.costs.dispatch_s if ms is None else ms / 1e3
         self.models: dict[str, ModelProfile] = {}
         for name, spec in MODELS.items():
             brows = [r for r in blk["rows"] if r["model"] == name]
@@ -250,6 +256,10 @@ class LatencyModel:
         rate = (self.costs.image_decode_s_per_mpix if spec.kind is Kind.IMAGE
                 else self.costs.video_decode_s_per_mpix)
         return rate * height * width * frames / 1e6
+
+    def dispatch_time(self) -> float:
+        """Fixed engine cost of one quantum (measured by `genserve profile --workers`)."""
+        return self._dispatch
 
     def move_time(self, req: Request, cross_node: bool) -> float:
         """Cost of resuming `req` on a GPU set other than the one holding its state."""

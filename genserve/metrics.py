@@ -27,6 +27,8 @@ def _group(reqs: list[Request]) -> dict:
         "met": met,
         "slo_attainment": round(met / n, 4) if n else None,
         "finished": sum(r.status is Status.FINISHED for r in reqs),
+        "failed": sum(r.status is Status.FAILED for r in reqs),
+        "cancelled": sum(r.status is Status.CANCELLED for r in reqs),
         "p50_norm_latency": _pct(norm, 50),
         "p99_norm_latency": _pct(norm, 99),
     }

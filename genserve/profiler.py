@@ -37,8 +37,10 @@ def size_label(width: int, height: int, frames: int) -> str:
 
 
 def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int = 5,
-            device: str = "cpu", model_path: str | None = None) -> tuple[list, list, dict]:
-    """Measure every preset at its catalog sizes; returns (forward rows, block rows, meta)."""
+            device: str = "cpu", model_path: str | None = None,
+            adapters: dict | None = None) -> tuple[list, list, dict]:
+    """Measure every preset at its catalog sizes; returns (forward rows, block rows, meta).
+    `adapters` (preset -> loaded adapter) skips loading, e.g. inside a worker."""
     import torch
 
     from .models import GenRequest, load_preset
@@ -54,7 +56,7 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
             "median of reps; encode/decode per request", "encode_ms": {}, "decode_ms": {}}
     for name in presets:
         spec = get_model(name)
-        adapter = load_preset(name, model_path, device)
+        adapter = (adapters or {}).get(name) or load_preset(name, model_path, device)
         meta["dtype"] = str(adapter.dtype)
         params = sum(p.numel() for p in adapter.transformer.parameters())
         for (w, h, f) in spec.sizes:
@@ -85,6 +87,44 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
             meta["decode_ms"][f"{name}@{label}"] = round(
                 _median_ms(lambda: adapter.decode([state]), reps, sync), 4)
     return fwd_rows, blk_rows, meta
+
+
+def profile_workers(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int = 5,
+                    workers: int = 1, device: str = "cpu", model_path: str | None = None,
+                    pool=None) -> tuple[list, list, dict]:
+    """`profile` run inside a worker process of the engine's pool (same threads, same process
+    layout as serving), plus the engine's fixed cost per quantum (`dispatch_ms`): a job that steps
+    a resident state zero times, submitted and collected the way the engine does.  Pass `pool` to
+    measure on a running pool."""
+    from .models import GenRequest
+    from .parallel.workers import WorkerPool
+
+    own = pool is None
+    if own:
+        pool = WorkerPool(tuple(presets), workers, model_path, device)
+    try:
+        fwd, blk, meta = pool.wait(pool.submit("profile", (0,), (presets, batches, reps)))
+        spec = get_model(presets[0])
+        w, h, f = spec.sizes[0]
+        req = GenRequest("dispatch-probe", "a fox", h, w, f, steps=1000)
+        pool.wait(pool.submit("run", (0,), {"model": presets[0], "members": [(req.id, req)],
+                                            "n": 1}))
+        probe = {"model": presets[0], "members": [(req.id, None)], "n": 0}
+        times = []
+        for _ in range(max(20, 4 * reps)):
+            t0 = time.perf_counter()
+            job = pool.submit("run", (0,), probe)
+            while job not in pool.finished(timeout_s=0.005):
+                pass
+            pool.result(job)
+            times.append((time.perf_counter() - t0) * 1e3)
+        pool.drop((0,), [req.id])
+        meta["dispatch_ms"] = round(statistics.median(times[2:]), 4)
+        meta["workers"] = pool.n
+        return fwd, blk, meta
+    finally:
+        if own:
+            pool.close()
 
 
 def write_profile(out_dir: str | Path, name: str, fwd_rows: list, blk_rows: list,

@@ -59,3 +59,31 @@ def test_profile_rejects_bad_arguments(tmp_path, capsys):
 
 def test_tiny_presets_stay_out_of_default_mixes():
     assert not any(it.model.startswith("tiny") for it in default_mix(0.5))
+
+
+def test_profile_on_workers_measures_the_dispatch_cost_the_simulator_charges(tmp_path):
+    from genserve.catalog import get_model
+    from genserve.policies import Assignment, Cluster, Plan, Policy
+    from genserve.request import Kind, Request
+    from genserve.sim import Simulator
+
+    assert main(["profile", "--models", "tiny-t2i", "--out", str(tmp_path), "--reps", "1",
+                 "--batches", "2", "--workers", "2"]) == 0
+    meta = json.loads((tmp_path / "local_diffusers_forward.json").read_text())["meta"]
+    assert meta["workers"] == 2 and "1 threads" in meta["device"]
+    assert 0 < meta["dispatch_ms"] < 1000
+    lat = LatencyModel(tmp_path)
+    assert lat.dispatch_time() == pytest.approx(meta["dispatch_ms"] / 1e3)
+
+    class Once(Policy):
+        name = "once"
+
+        def schedule(self, s):
+            return Plan([Assignment((0,), (s.queue[0].id,), 3)])
+
+    r = Request("a", "tiny-t2i", Kind.IMAGE, 64, 64, steps=3)
+    Simulator(Cluster(1), lat, Once()).run([r])
+    tokens = get_model("tiny-t2i").tokens(64, 64, 1)
+    assert r.finish_time == pytest.approx(lat.dispatch_time() + lat.encode_time("tiny-t2i")
+                                          + 3 * lat.step_time("tiny-t2i", tokens)
+                                          + lat.decode_time("tiny-t2i", 64, 64))

@@ -226,7 +226,8 @@ def worker_main(rank: int, world: int, init: str, presets: tuple[str, ...],
                 out = [s.to_bytes() for s in states] if rank == ranks[0] else None
             elif kind == "profile":
                 from ..profiler import profile
-                out = profile(*payload, device=dev)
+                presets_, batches, reps = payload
+                out = profile(presets_, batches, reps, device=dev, adapters=adapters)
             else:
                 raise ValueError(f"unknown job kind {kind!r}")
             if rank == ranks[0]:

@@ -3,8 +3,8 @@
 A heap of (time, kind, seq, payload) events; handlers mutate requests only through their named
 transitions.  At every decision point (arrivals, quanta done, a policy's wake-up) the simulator asks
 the policy for a Plan, validates it, and turns each assignment into a QUANTUM_DONE event whose time
-comes from the latency model: move/re-shard costs + encode (first step) + steps x batched step time
-+ decode (members that finish).  The policy code is the same that drives the real engine.
+comes from the latency model: dispatch + move/re-shard costs + encode (first step) + steps x
+batched step time + decode (members that finish).  The policy code is the same that drives the real engine.
 """
 
 from __future__ import annotations
@@ -216,12 +216,14 @@ class Simulator:
         k = len(a.gpus)
         lat = self.latency
         cross = self.cluster.spans_nodes(a.gpus)
-        setup = 0.0
+        # As the engine does it: one job round trip; new members encoded one by one inside the
+        # job; moved states fetched one by one before it.
+        setup = lat.dispatch_time()
         for r in members:
             if r.steps_done == 0 and r.status is Status.WAITING:
-                setup = max(setup, lat.encode_time(r.model))
+                setup += lat.encode_time(r.model)
             if r.gpus and set(r.gpus) != set(a.gpus):
-                setup = max(setup, lat.move_time(r, self.cluster.spans_nodes(r.gpus + a.gpus)))
+                setup += lat.move_time(r, self.cluster.spans_nodes(r.gpus + a.gpus))
         moved = place_members(members, a.gpus, now, queue)
         free.difference_update(a.gpus)
         dur = setup + a.steps * lat.step_time(lead.model, tokens_of(lead), len(members), k, cross)
