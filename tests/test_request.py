@@ -378,3 +378,44 @@ def test_from_trace_optional_keys(optional):
     d = make().to_trace()
     del d[optional]
     assert Request.from_trace(d).id == "r1"
+
+
+def test_rollback_returns_to_a_checkpoint_and_forgets_the_gpus():
+    r = Request("a", "sd3-medium", Kind.IMAGE, 512, 512, steps=10)
+    r.start(1.0, (0, 1))
+    r.advance(7)
+    r.rollback(2.0, 4)
+    assert (r.status, r.steps_done, r.gpus) == (Status.PREEMPTED, 4, ())
+    assert r.history[-1] == (2.0, Status.PREEMPTED)
+    r.rollback(3.0, 0)  # no checkpoint: start over, from PREEMPTED too
+    assert r.steps_done == 0 and r.remaining_steps == 10
+    r.resume(4.0, (2,))
+    r.advance(10)
+    r.finish(5.0)
+    assert r.status is Status.FINISHED
+
+
+@pytest.mark.parametrize("bad", [-1, 6])
+def test_rollback_cannot_go_forward_or_below_zero(bad):
+    r = Request("a", "sd3-medium", Kind.IMAGE, 512, 512, steps=10)
+    r.start(1.0, (0,))
+    r.advance(5)
+    with pytest.raises(InvalidTransition, match="roll back"):
+        r.rollback(2.0, bad)
+
+
+def test_rollback_and_relocate_refuse_waiting_and_final_requests():
+    r = Request("a", "sd3-medium", Kind.IMAGE, 512, 512, steps=2)
+    with pytest.raises(InvalidTransition):
+        r.rollback(1.0, 0)
+    with pytest.raises(InvalidTransition, match="relocated"):
+        r.relocate((1,))
+    r.start(1.0, (0, 1))
+    r.relocate((1,))  # a worker of its group died: the surviving copy
+    assert r.gpus == (1,)
+    r.advance(2)
+    r.finish(2.0)
+    with pytest.raises(InvalidTransition):
+        r.rollback(3.0, 0)
+    with pytest.raises(InvalidTransition):
+        r.relocate((0,))

@@ -89,7 +89,11 @@ class Engine:
             return (time.monotonic() - t0) * self.time_scale
 
         i = 0
-        while i < len(arrivals) or self.queue or self.inflight:
+        while True:
+            while i < len(arrivals) and arrivals[i].is_final:  # cancelled before it arrived
+                i += 1
+            if not (i < len(arrivals) or self.queue or self.inflight):
+                break
             now = clock()
             changed = wake is not None and now >= wake
             if changed:
@@ -97,7 +101,7 @@ class Engine:
             while i < len(arrivals) and arrivals[i].arrival <= now:
                 r = arrivals[i]
                 i += 1
-                if not r.is_final:  # cancelled before it arrived
+                if not r.is_final:
                     self.queue[r.id] = r
                     changed = True
             while cancels and cancels[0][0] <= now:
@@ -105,7 +109,14 @@ class Engine:
             while not self._cancels.empty():
                 self._cancel(self._cancels.get(), now)
                 changed = True
-            for job in self.pool.finished(timeout_s=0.0 if changed else self.poll_s):
+            wait = 0.0
+            if not changed:  # block on the workers until the next arrival, wake-up or cancel
+                due = [t for t in (wake, arrivals[i].arrival if i < len(arrivals) else None,
+                                   cancels[0][0] if cancels else None) if t is not None]
+                wait = self.poll_s if self.inflight else 0.05
+                if due:
+                    wait = min(wait, max((min(due) - now) / self.time_scale, 0.0))
+            for job in self.pool.finished(timeout_s=wait):
                 self._complete(job, clock())
                 changed = True
             if self._recover(clock()):
@@ -118,11 +129,6 @@ class Engine:
                 if not self.inflight and self.queue and i >= len(arrivals) and wake is None:
                     raise PlanError(f"policy {self.policy.describe()} stalled at t={now:.3f}: "
                                     f"{len(self.queue)} requests wait, nothing runs")
-            if not changed and not self.inflight:  # idle: sleep until the next arrival or wake-up
-                due = [t for t in (wake, arrivals[i].arrival if i < len(arrivals) else None,
-                                   cancels[0][0] if cancels else None) if t is not None]
-                if due:
-                    time.sleep(min(max((min(due) - now) / self.time_scale, 0.0), 0.05))
         res.end_time = clock()
         return res
 
@@ -223,7 +229,9 @@ class Engine:
                 self.res.outputs[rid] = out["outputs"][rid]
                 r.finish(now)
                 self.host.pop(rid, None)
-                self.cancel_pending.discard(rid)  # a cancel that came too late: it finished
+                if rid in self.cancel_pending:  # a cancel that came too late: it finished
+                    self.cancel_pending.discard(rid)
+                    self.pool.drop(a.gpus, [rid])  # clears the worker's cancel mark
             elif rid in self.cancel_pending:
                 self.pool.drop(a.gpus, [rid])
                 self._end(r, now, cancelled=True)
@@ -235,7 +243,9 @@ class Engine:
         if failed is not None:
             r.fail(now, failed)
         elif cancelled:
-            r.cancel(now)
+            r.cancel(max(now, r.arrival))  # cancelled before it arrived: at its arrival
+        if r.id in self.cancel_pending and r.gpus:
+            self.pool.drop(r.gpus, [r.id])  # clears the worker's cancel mark
         self.host.pop(r.id, None)
         self.cancel_pending.discard(r.id)
         self.queue.pop(r.id, None)
@@ -247,7 +257,7 @@ class Engine:
         if any(rid in a.requests for a, _ in self.inflight.values()):
             for a, _ in self.inflight.values():
                 if rid in a.requests:
-                    self.pool.cancel(a.gpus[:1], [rid])  # the group's first rank decides
+                    self.pool.cancel((min(a.gpus),), [rid])  # the first rank decides
             self.cancel_pending.add(rid)
             return
         if r.gpus:

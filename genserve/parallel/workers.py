@@ -122,13 +122,14 @@ class WorkerPool:
     def finished(self, timeout_s: float = 0.0) -> list[int]:
         """Jobs that ended (waiting up to `timeout_s` for the first): a result arrived, or a
         member died (the job is then lost; see `result`)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self._route(self._outbox.get(timeout=max(deadline - time.monotonic(), 0.001)))
-                deadline = time.monotonic()  # drain what is there, wait no more
-            except queue.Empty:
-                break
+        try:
+            first = (self._outbox.get(timeout=timeout_s) if timeout_s > 0
+                     else self._outbox.get_nowait())
+            self._route(first)
+            while True:  # drain what is there, wait no more
+                self._route(self._outbox.get_nowait())
+        except queue.Empty:
+            pass
         for jid, ranks in self._jobs.items():
             if jid in self._results:
                 continue
