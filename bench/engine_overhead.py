@@ -110,13 +110,18 @@ def main() -> int:
             reqs.append(r)
         t0 = time.perf_counter()
         res = Engine(pol, pool, lat).run(reqs)
-        busy = [s for n, s in pol.calls if n >= 0.75 * a.active]
         print(f"{a.active} requests at once on 4 workers: {len(pol.calls)} decisions in "
-              f"{time.perf_counter() - t0:.1f} s; with >= {int(0.75 * a.active)} active: "
-              f"{len(busy)} decisions, p50 {1e3 * statistics.median(busy):.2f} ms, p99 "
-              f"{1e3 * sorted(busy)[int(0.99 * (len(busy) - 1))]:.2f} ms, max "
-              f"{1e3 * max(busy):.2f} ms; finished "
+              f"{time.perf_counter() - t0:.1f} s; finished "
               f"{sum(r.status.value == 'finished' for r in reqs)}/{len(reqs)}")
+        edges = (a.active * 3 // 4, a.active // 2, a.active // 4, 0)
+        hi = a.active + 1
+        for lo in edges:
+            xs = sorted(s for n, s in pol.calls if lo <= n < hi)
+            if xs:
+                print(f"  {lo:4d}-{hi - 1:<4d} active: {len(xs):4d} decisions, p50 "
+                      f"{1e3 * statistics.median(xs):.2f} ms, p99 "
+                      f"{1e3 * xs[int(0.99 * (len(xs) - 1))]:.2f} ms, max {1e3 * xs[-1]:.2f} ms")
+            hi = lo
         del res
     return 0
 

@@ -67,7 +67,8 @@ def main() -> int:
                   f"{mr['slo_attainment']:.3f} (diff {diff:.1f} points); median latency error "
                   f"{100 * statistics.median(errs):.1f}% (signed {100 * bias:+.1f}%) over "
                   f"{len(errs)} requests; preemptions sim {sim.preemptions} real "
-                  f"{real.preemptions}; decisions sim {sim.decisions} real {real.decisions}")
+                  f"{real.preemptions}; decisions sim {sim.decisions} real {real.decisions} "
+                  f"(median policy call {1e3 * statistics.median(real.decision_wall_s):.2f} ms)")
     return 0
 
 

@@ -1,7 +1,8 @@
 """`genserve profile`: measure the step-latency table on the hardware at hand.
 
 Writes the two files `LatencyModel` reads, in the format of the shipped H200 profile:
-`<name>_diffusers_forward.json` (one transformer forward per shape and transformer batch) and
+`<name>_diffusers_forward.json` (one step per shape and transformer batch: the forward plus the
+guidance and scheduler updates the engine runs with it, which matter on small models) and
 `<name>_dit_blocks.json` (the same step at SP 1, so the calibration is 1 by construction; SP rows
 are left to GPU runs).  Text-encode and VAE-decode times, which the shipped profile lacks, are
 measured too and stored in the forward file's meta, where `LatencyModel` prefers them to its
@@ -44,6 +45,7 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
     import torch
 
     from .models import GenRequest, load_preset
+    from .models.base import StepState
 
     def sync():
         if torch.device(device).type == "cuda":
@@ -52,8 +54,9 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
     fwd_rows, blk_rows = [], []
     meta = {"device": device if device != "cpu" else f"cpu ({platform.processor() or 'x86_64'}, "
                                                      f"{torch.get_num_threads()} threads)",
-            "torch": torch.__version__, "note": "genserve profile: one transformer forward, "
-            "median of reps; encode/decode per request", "encode_ms": {}, "decode_ms": {}}
+            "torch": torch.__version__, "note": "genserve profile: one adapter step (transformer "
+            "forward, guidance, scheduler updates) per transformer batch, median of reps; "
+            "encode/decode per request", "encode_ms": {}, "decode_ms": {}}
     for name in presets:
         spec = get_model(name)
         adapter = (adapters or {}).get(name) or load_preset(name, model_path, device)
@@ -67,16 +70,17 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
             meta["encode_ms"][name] = round(_median_ms(lambda: adapter.encode([req]), reps, sync), 4)
             (state,) = adapter.prepare([req], enc)
             emb = adapter._embeds([state])  # [uncond, cond] under CFG: a transformer batch of 2
-            t1 = adapter._live_scheduler(state).timesteps[:1]
             per_request = len(next(iter(emb.values())))  # 2 under CFG
+            blob = state.to_bytes()
             for b in batches:
                 if b % per_request:
                     continue  # a CFG request is a transformer batch of 2: only even batches
-                x = state.latents.repeat(b, *([1] * (state.latents.dim() - 1)))
-                e = {k: v.repeat(b // per_request, *([1] * (v.dim() - 1))) for k, v in emb.items()}
-                t = t1.repeat(b)
-                with torch.no_grad():
-                    ms = _median_ms(lambda: adapter._forward(x, t, e, [state] * b), reps, sync)
+                # The whole step the engine runs (forward, guidance, each request's scheduler
+                # update), not the bare forward: on small models the rest is not negligible.
+                states = [StepState.from_bytes(blob) for _ in range(b // per_request)]
+                for i, st in enumerate(states):
+                    st.request_id = f"profile-{i}"
+                ms = _median_ms(lambda: adapter.step(states), reps, sync)
                 fwd_rows.append({"model": name, "size": label, "batch": b, "forward_ms": ms,
                                  "params": params})
                 blk_rows.append({"model": name, "kind": "t2v" if f > 1 else "t2i",
@@ -92,8 +96,8 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
 def profile_workers(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int = 5,
                     workers: int = 1, device: str = "cpu", model_path: str | None = None,
                     pool=None) -> tuple[list, list, dict]:
-    """`profile` run inside a worker process of the engine's pool (same threads, same process
-    layout as serving), plus the engine's fixed cost per quantum (`dispatch_ms`): a job that steps
+    """`profile` run inside every worker process of the engine's pool at once (same threads, same
+    process layout and load as serving), plus the engine's fixed cost per quantum (`dispatch_ms`): a job that steps
     a resident state zero times, submitted and collected the way the engine does.  Pass `pool` to
     measure on a running pool."""
     from .models import GenRequest
@@ -103,7 +107,19 @@ def profile_workers(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), re
     if own:
         pool = WorkerPool(tuple(presets), workers, model_path, device)
     try:
-        fwd, blk, meta = pool.wait(pool.submit("profile", (0,), (presets, batches, reps)))
+        # Every worker profiles at once, as under load (CPU workers share cores and memory
+        # bandwidth; GPU workers do not notice); the table is the median over workers.
+        jobs = [pool.submit("profile", (r,), (presets, batches, reps)) for r in range(pool.n)]
+        runs = [pool.wait(j) for j in jobs]
+        fwd, blk, meta = runs[0]
+        for i, row in enumerate(fwd):
+            row["forward_ms"] = statistics.median(run[0][i]["forward_ms"] for run in runs)
+        for i, row in enumerate(blk):
+            row["step_ms"] = statistics.median(run[1][i]["step_ms"] for run in runs)
+            row["block_ms"] = row["step_ms"] / row["layers"]
+        for key in ("encode_ms", "decode_ms"):
+            for k in meta[key]:
+                meta[key][k] = round(statistics.median(run[2][key][k] for run in runs), 4)
         spec = get_model(presets[0])
         w, h, f = spec.sizes[0]
         req = GenRequest("dispatch-probe", "a fox", h, w, f, steps=1000)

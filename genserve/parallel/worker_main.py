@@ -34,7 +34,10 @@ class Store:
     host memory when the device runs short (CUDA only: on CPU the device is the host)."""
 
     def __init__(self, device: str, min_free_bytes: int):
+        import torch
+
         self.device, self.min_free_bytes = device, min_free_bytes
+        self._dev = torch.device(device)
         self.states: dict[str, StepState] = {}
         self.lock = threading.Lock()
 
@@ -43,7 +46,9 @@ class Store:
             st = self.states.get(rid)
         if st is None:
             raise KeyError(f"no resident state for request {rid!r}")
-        return st.to(self.device)
+        # Only an offloaded state moves: `to` also drops the live scheduler, which the next step
+        # would rebuild (milliseconds on small models).
+        return st if st.latents.device == self._dev else st.to(self.device)
 
     def put(self, states: list[StepState]) -> None:
         with self.lock:
