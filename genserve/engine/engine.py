@@ -19,6 +19,7 @@ their last host-side checkpoint, or start over; every request ends exactly once.
 
 from __future__ import annotations
 
+import heapq
 import queue as queue_mod
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ from ..latency import LatencyModel
 from ..models.base import GenRequest
 from ..parallel.workers import WorkerError, WorkerLost, WorkerPool
 from ..policies.base import Assignment, Cluster, InFlight, Policy, SchedulerState
-from ..request import Request
+from ..request import Request, Status
 from ..sim.simulator import (PlanError, SimResult, count_reasons, pause_unplanned, place_members,
                              validate_assignment)
 
@@ -48,7 +49,9 @@ class EngineResult(SimResult):
 class Engine:
     def __init__(self, policy: Policy, pool: WorkerPool, latency: LatencyModel,
                  gpus_per_node: int = 8, time_scale: float = 1.0, poll_s: float = 0.005,
-                 checkpoint_every: int = 4):
+                 checkpoint_every: int = 4, on_update=None, idle_poll_s: float = 0.05):
+        """`on_update(request, output)` is called from the engine's thread whenever a request
+        arrives, runs steps, pauses or ends (`output`: the image/video array when it finished)."""
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 steps (0: never), got "
                              f"{checkpoint_every}")
@@ -57,80 +60,121 @@ class Engine:
         self.time_scale = time_scale  # trace seconds per wall second (arrivals only)
         self.poll_s = poll_s
         self.checkpoint_every = checkpoint_every
+        self.on_update, self.idle_poll_s = on_update, idle_poll_s
         self._cancels: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        self._incoming: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        self._t0 = time.monotonic()
 
     def cancel(self, request_id: str) -> None:
         """Cancel a request (thread-safe); it stops at its next step boundary."""
         self._cancels.put(request_id)
 
+    def submit(self, request: Request) -> None:
+        """Add a request while `serve` runs (thread-safe).  Its `arrival` is on the engine clock
+        (`now()`); set it to `now()` for a request arriving now."""
+        self._incoming.put(request)
+
+    def now(self) -> float:
+        return (time.monotonic() - self._t0) * self.time_scale
+
     # ----- the loop -----
     def run(self, requests: list[Request], cancel_at: dict[str, float] | None = None
             ) -> EngineResult:
-        """Serve `requests` (arrival times on the engine clock, seconds from now); `cancel_at`
-        cancels requests at given times, as a client would."""
-        self.by_id = {r.id: r for r in requests}
-        if len(self.by_id) != len(requests):
+        """Serve `requests` (arrival times on the engine clock, seconds from now) and return when
+        all have ended; `cancel_at` cancels requests at given times, as a client would."""
+        if len({r.id for r in requests}) != len(requests):
             raise ValueError("request ids must be unique")
-        arrivals = sorted(requests, key=lambda r: (r.arrival, r.id))
-        cancels = sorted((t, rid) for rid, t in (cancel_at or {}).items())
+        self._reset(requests, keep=True)
+        self._timed_cancels = sorted((t, rid) for rid, t in (cancel_at or {}).items())
+        self._loop(lambda: not (self._arrivals or self.queue or self.inflight))
+        self.res.end_time = self.now()
+        return self.res
+
+    def serve(self, stop) -> EngineResult:
+        """Serve requests given to `submit` until `stop` (a threading.Event) is set and nothing is
+        left to do.  Ended requests are forgotten (after `on_update` saw them)."""
+        self._reset([], keep=False)
+        self._loop(lambda: stop.is_set() and not (self._arrivals or self.queue or self.inflight
+                                                   or not self._incoming.empty()))
+        self.res.end_time = self.now()
+        return self.res
+
+    def _reset(self, requests: list[Request], keep: bool) -> None:
+        self._t0 = time.monotonic()
+        self._keep = keep
+        self.by_id = {r.id: r for r in requests}
+        self._arrivals: list[tuple[float, str]] = sorted((r.arrival, r.id) for r in requests)
+        self._timed_cancels: list[tuple[float, str]] = []
         self.queue: dict[str, Request] = {}
         self.inflight: dict[int, tuple[Assignment, float]] = {}
         self.host: dict[str, tuple[bytes, int]] = {}      # checkpoints: (state, steps done)
         self.cancel_pending: set[str] = set()
         self.free = set(range(self.cluster.num_gpus))
-        res = self.res = EngineResult(requests=list(requests), num_gpus=self.cluster.num_gpus,
-                                      busy_gpu_s=0.0, end_time=0.0, decisions=0, preemptions=0,
-                                      migrations=0, reasons=Counter())
+        self.res = EngineResult(requests=list(requests), num_gpus=self.cluster.num_gpus,
+                                busy_gpu_s=0.0, end_time=0.0, decisions=0, preemptions=0,
+                                migrations=0, reasons=Counter())
         self._last_reason: dict[str, str] = {}
-        wake: float | None = None
-        t0 = time.monotonic()
+        self._wake: float | None = None
 
-        def clock() -> float:
-            return (time.monotonic() - t0) * self.time_scale
-
-        i = 0
+    def _loop(self, done) -> None:
         while True:
-            while i < len(arrivals) and arrivals[i].is_final:  # cancelled before it arrived
-                i += 1
-            if not (i < len(arrivals) or self.queue or self.inflight):
-                break
-            now = clock()
-            changed = wake is not None and now >= wake
+            while not self._incoming.empty():
+                r = self._incoming.get()
+                if r.id in self.by_id:
+                    raise ValueError(f"request id {r.id!r} is already in the engine")
+                self.by_id[r.id] = r
+                heapq.heappush(self._arrivals, (r.arrival, r.id))
+            while self._arrivals and self.by_id[self._arrivals[0][1]].is_final:
+                heapq.heappop(self._arrivals)  # cancelled before it arrived
+            if done():
+                return
+            now = self.now()
+            changed = self._wake is not None and now >= self._wake
             if changed:
-                wake = None
-            while i < len(arrivals) and arrivals[i].arrival <= now:
-                r = arrivals[i]
-                i += 1
+                self._wake = None
+            while self._arrivals and self._arrivals[0][0] <= now:
+                r = self.by_id[heapq.heappop(self._arrivals)[1]]
                 if not r.is_final:
                     self.queue[r.id] = r
+                    self._notify(r)
                     changed = True
-            while cancels and cancels[0][0] <= now:
-                self.cancel(cancels.pop(0)[1])
+            while self._timed_cancels and self._timed_cancels[0][0] <= now:
+                self.cancel(self._timed_cancels.pop(0)[1])
             while not self._cancels.empty():
                 self._cancel(self._cancels.get(), now)
                 changed = True
             wait = 0.0
-            if not changed:  # block on the workers until the next arrival, wake-up or cancel
-                due = [t for t in (wake, arrivals[i].arrival if i < len(arrivals) else None,
-                                   cancels[0][0] if cancels else None) if t is not None]
-                wait = self.poll_s if self.inflight else 0.05
+            if not changed and self._incoming.empty():
+                # Block on the workers until the next arrival, wake-up or timed cancel.
+                due = [t for t in (self._wake,
+                                   self._arrivals[0][0] if self._arrivals else None,
+                                   self._timed_cancels[0][0] if self._timed_cancels else None)
+                       if t is not None]
+                wait = self.poll_s if self.inflight else self.idle_poll_s
                 if due:
                     wait = min(wait, max((min(due) - now) / self.time_scale, 0.0))
             for job in self.pool.finished(timeout_s=wait):
-                self._complete(job, clock())
+                self._complete(job, self.now())
                 changed = True
-            if self._recover(clock()):
+            if self._recover(self.now()):
                 changed = True
             if changed and self.queue and self.free:
-                now = clock()
+                now = self.now()
                 asked = self._decide(now)
-                if asked is not None and asked > now and (wake is None or asked < wake):
-                    wake = asked
-                if not self.inflight and self.queue and i >= len(arrivals) and wake is None:
+                if asked is not None and asked > now and (self._wake is None
+                                                          or asked < self._wake):
+                    self._wake = asked
+                if (not self.inflight and self.queue and not self._arrivals
+                        and self._wake is None):
                     raise PlanError(f"policy {self.policy.describe()} stalled at t={now:.3f}: "
                                     f"{len(self.queue)} requests wait, nothing runs")
-        res.end_time = clock()
-        return res
+
+    def _notify(self, r: Request, output=None) -> None:
+        """Tell the listener (the API layer) that `r` changed: arrived, ran steps, paused, ended."""
+        if self.on_update is not None:
+            self.on_update(r, output)
+        if r.is_final and not self._keep:
+            self.by_id.pop(r.id, None)
 
     # ----- decisions -----
     def _decide(self, now: float) -> float | None:
@@ -158,7 +202,12 @@ class Engine:
                                                    "n": a.steps, "want": want})
             self.inflight[job] = (a, now)
             self.free.difference_update(a.gpus)
+            for m in members:
+                self._notify(m)
+        paused = [r for r in self.queue.values() if r.status is Status.RUNNING]
         self.res.preemptions += pause_unplanned(self.queue, now)
+        for r in paused:
+            self._notify(r)
         return plan.wake_at
 
     def _source(self, r: Request, gpus: tuple[int, ...], now: float):
@@ -213,7 +262,8 @@ class Engine:
             return
         for rid in a.requests:
             r = self.by_id[rid]
-            self.res.timeline.setdefault(rid, []).append((started, now, a.gpus))
+            if self._keep:
+                self.res.timeline.setdefault(rid, []).append((started, now, a.gpus))
             if rid in out["failed"]:
                 self._end(r, now, failed=out["failed"][rid])
                 continue
@@ -226,17 +276,20 @@ class Engine:
             if rid in out["blobs"]:
                 self.host[rid] = (out["blobs"][rid], r.steps_done)
             if r.remaining_steps == 0:
-                self.res.outputs[rid] = out["outputs"][rid]
+                if self._keep:
+                    self.res.outputs[rid] = out["outputs"][rid]
                 r.finish(now)
                 self.host.pop(rid, None)
                 if rid in self.cancel_pending:  # a cancel that came too late: it finished
                     self.cancel_pending.discard(rid)
                     self.pool.drop(a.gpus, [rid])  # clears the worker's cancel mark
+                self._notify(r, out["outputs"][rid])
             elif rid in self.cancel_pending:
                 self.pool.drop(a.gpus, [rid])
                 self._end(r, now, cancelled=True)
             else:
                 self.queue[rid] = r
+                self._notify(r)
 
     def _end(self, r: Request, now: float, failed: str | None = None,
              cancelled: bool = False) -> None:
@@ -249,6 +302,7 @@ class Engine:
         self.host.pop(r.id, None)
         self.cancel_pending.discard(r.id)
         self.queue.pop(r.id, None)
+        self._notify(r)
 
     def _cancel(self, rid: str, now: float) -> None:
         r = self.by_id.get(rid)
@@ -275,6 +329,7 @@ class Engine:
                 continue
             self._roll_back(r, now)
             self.queue[rid] = r
+            self._notify(r)
 
     def _roll_back(self, r: Request, now: float) -> None:
         ck = self.host.get(r.id)
