@@ -296,6 +296,51 @@ def cmd_replay(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    """The HTTP API; on SIGTERM: stop admitting (503), finish running work, then exit."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    from .server import ServeConfig
+    from .server.app import create_app
+
+    cfg = ServeConfig(presets=tuple(m.strip() for m in a.models.split(",") if m.strip()),
+                      workers=a.workers, device=a.device, model_path=a.model_path,
+                      policy=a.policy, profile=a.profile, host=a.host, port=a.port,
+                      max_waiting_images=a.max_waiting_images,
+                      max_waiting_videos=a.max_waiting_videos, slo_scale=a.slo_scale,
+                      infeasible=a.infeasible, api_keys=tuple(a.api_key or ()),
+                      results_dir=a.results_dir, result_ttl_s=a.result_ttl,
+                      drain_timeout_s=a.drain_timeout)
+    cfg.validate()
+    make_policy(cfg.policy)  # a bad policy is a one-line error now
+    app = create_app(cfg)
+    svc = app.state.service
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGTERM and not svc.draining and svc.started:
+                print(f"SIGTERM: draining (up to {cfg.drain_timeout_s:.0f} s); new requests "
+                      f"get 503", file=sys.stderr, flush=True)
+
+                def drain_then_exit():
+                    ended = svc.drain()
+                    print("drained" if ended else "drain timeout: exiting with work left",
+                          file=sys.stderr, flush=True)
+                    self.should_exit = True
+
+                threading.Thread(target=drain_then_exit, daemon=True).start()
+                return
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port,
+                                           log_level=a.log_level, timeout_graceful_shutdown=5))
+    server.run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="genserve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -372,6 +417,34 @@ def build_parser() -> argparse.ArgumentParser:
                          "restart point if its worker dies (0: never, start over)")
     rp.add_argument("--json", help="write results and per-request timelines here")
     rp.set_defaults(func=cmd_replay)
+
+    sv = sub.add_parser("serve", help="the HTTP API (OpenAI-compatible images and videos)")
+    sv.add_argument("--models", default="tiny-t2i,tiny-t2v",
+                    help="presets the workers load (default: the tiny ones, CPU, no weights)")
+    sv.add_argument("--workers", type=int, default=2, help="worker processes (one per device)")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--model-path", help="local checkpoint (a single real preset)")
+    sv.add_argument("--policy", default="genserve", help=pol_help)
+    sv.add_argument("--profile", default="measure",
+                    help="'measure' (profile the workers at start-up), a shipped profile name or "
+                         "a `genserve profile` directory")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-waiting-images", type=int, default=64,
+                    help="image requests not yet started before new ones get 429")
+    sv.add_argument("--max-waiting-videos", type=int, default=16)
+    sv.add_argument("--slo-scale", type=float, default=3.0,
+                    help="default deadline: this many times the request's standalone time")
+    sv.add_argument("--infeasible", choices=("best_effort", "reject"), default="best_effort",
+                    help="a request whose SLO cannot be met even alone")
+    sv.add_argument("--api-key", action="append",
+                    help="accepted API key (repeatable); jobs are visible only to their key")
+    sv.add_argument("--results-dir", default="genserve-results")
+    sv.add_argument("--result-ttl", type=float, default=3600.0,
+                    help="seconds finished results stay readable")
+    sv.add_argument("--drain-timeout", type=float, default=60.0)
+    sv.add_argument("--log-level", default="warning")
+    sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("trace", help="write a workload trace (JSONL) for simulate --trace")
     _add_workload(t, trace_ok=False)

@@ -100,7 +100,8 @@ class Engine:
         return self.res
 
     def _reset(self, requests: list[Request], keep: bool) -> None:
-        self._t0 = time.monotonic()
+        if keep:  # a run's clock starts now; a server's clock started with the engine
+            self._t0 = time.monotonic()
         self._keep = keep
         self.by_id = {r.id: r for r in requests}
         self._arrivals: list[tuple[float, str]] = sorted((r.arrival, r.id) for r in requests)

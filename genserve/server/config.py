@@ -1,0 +1,65 @@
+"""`genserve serve` configuration: one dataclass, one cross-field validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..catalog import MODELS
+
+
+@dataclass
+class ServeConfig:
+    # Presets the workers load (tiny random-weight ones by default: no weights needed).
+    presets: tuple[str, ...] = ("tiny-t2i", "tiny-t2v")
+    workers: int = 2
+    device: str = "cpu"
+    model_path: str | None = None
+    policy: str = "genserve"
+    # Latency profile the policy plans with: "measure" profiles the workers at start-up (seconds
+    # for the tiny presets); otherwise a shipped profile name or a `genserve profile` directory.
+    profile: str = "measure"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Admission: requests not yet started, per kind; beyond them a 429 with Retry-After.
+    max_waiting_images: int = 64
+    max_waiting_videos: int = 16
+    # Deadline when the client gives none: arrival + slo_scale x the request's standalone time.
+    slo_scale: float = 3.0
+    # A request whose deadline cannot be met even alone: "reject" (422, reason) or "best_effort".
+    infeasible: str = "best_effort"
+    api_keys: tuple[str, ...] = ()
+    results_dir: str = "genserve-results"
+    result_ttl_s: float = 3600.0
+    drain_timeout_s: float = 60.0
+    max_prompt_chars: int = 2000
+    max_images: int = 4           # n per image request
+    fps: int = 16                 # frames per second of the videos (Wan2.1: 16)
+    checkpoint_every: int = 4
+    defaults: dict = field(default_factory=dict)  # model -> (height, width, frames, steps)
+
+    def validate(self) -> None:
+        unknown = [p for p in self.presets if p not in MODELS]
+        problems = []
+        if not self.presets or unknown:
+            problems.append(f"presets {list(self.presets)}: unknown {unknown}; known: "
+                            f"{', '.join(MODELS)}")
+        if self.workers < 1:
+            problems.append(f"workers={self.workers}: must be >= 1")
+        if not 0 < self.port < 65536:
+            problems.append(f"port={self.port}: must be in 1..65535")
+        if self.max_waiting_images < 1 or self.max_waiting_videos < 1:
+            problems.append("max waiting images/videos must be >= 1")
+        if self.slo_scale <= 0:
+            problems.append(f"slo_scale={self.slo_scale}: must be > 0")
+        if self.infeasible not in ("reject", "best_effort"):
+            problems.append(f"infeasible={self.infeasible!r}: 'reject' or 'best_effort'")
+        if self.result_ttl_s <= 0 or self.drain_timeout_s < 0:
+            problems.append("result_ttl_s must be > 0 and drain_timeout_s >= 0")
+        if self.max_prompt_chars < 1 or self.max_images < 1 or self.fps < 1:
+            problems.append("max_prompt_chars, max_images and fps must be >= 1")
+        if self.checkpoint_every < 0:
+            problems.append(f"checkpoint_every={self.checkpoint_every}: must be >= 0")
+        if any(not k for k in self.api_keys):
+            problems.append("api keys must be non-empty")
+        if problems:
+            raise ValueError("serve config: " + "; ".join(problems))

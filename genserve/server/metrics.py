@@ -1,0 +1,82 @@
+"""Prometheus metrics of a serving process (one registry per service, so tests stay apart).
+
+Counts add up: every request submitted ends in exactly one outcome of
+`genserve_requests_ended_total` (finished / failed / cancelled); requests refused at admission are
+counted in `genserve_rejections_total` by reason and never reach the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+
+disable_created_metrics()  # the *_created series only double the output
+
+from ..request import Request, Status
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
+
+
+class ServeMetrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.state = Gauge("genserve_requests", "Requests in the engine by state",
+                           ["state"], registry=r)
+        self.submitted_total = Counter("genserve_requests_submitted_total",
+                                       "Requests admitted to the engine", ["kind"], registry=r)
+        self.ended_total = Counter("genserve_requests_ended_total",
+                                   "Requests that ended, by outcome", ["kind", "outcome"],
+                                   registry=r)
+        self.preemptions_total = Counter("genserve_preemptions_total",
+                                         "Times a running request was paused", registry=r)
+        self.slo_total = Counter("genserve_slo_total", "Finished requests by SLO outcome",
+                                 ["model", "outcome"], registry=r)
+        self.rejections_total = Counter("genserve_rejections_total",
+                                        "Requests refused at admission, by reason",
+                                        ["reason", "kind"], registry=r)
+        self.queue_time = Histogram("genserve_queue_time_seconds",
+                                    "Arrival to first step", ["kind"],
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("genserve_e2e_latency_seconds",
+                                 "Arrival to finished (outputs written excluded)", ["kind"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        for s in ("waiting", "running", "preempted"):
+            self.state.labels(s).set(0)
+        self._last: dict[str, Status] = {}
+        self._lock = threading.Lock()
+
+    def submitted(self, kind: str) -> None:
+        self.submitted_total.labels(kind).inc()
+
+    def rejected(self, reason: str, kind: str) -> None:
+        self.rejections_total.labels(reason, kind).inc()
+
+    def observe(self, r: Request) -> None:
+        """Called on every change the engine reports for `r`."""
+        with self._lock:
+            before = self._last.get(r.id)
+            now = r.status
+            if before is now:
+                return
+            if before is not None and not before.is_final:
+                self.state.labels(before.value).dec()
+            if now.is_final:
+                self._last.pop(r.id, None)
+            else:
+                self._last[r.id] = now
+                self.state.labels(now.value).inc()
+        kind = r.kind.value
+        if before is Status.RUNNING and now is Status.PREEMPTED:
+            self.preemptions_total.inc()
+        if now is Status.RUNNING and before is Status.WAITING:
+            self.queue_time.labels(kind).observe(max(r.history[-1][0] - r.arrival, 0.0))
+        if now.is_final:
+            self.ended_total.labels(kind, now.value).inc()
+        if now is Status.FINISHED:
+            self.latency.labels(kind).observe(r.latency)
+            self.slo_total.labels(r.model, "met" if r.met_deadline else "missed").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

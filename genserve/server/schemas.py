@@ -1,0 +1,140 @@
+"""Request bodies of the HTTP API and their validation into a `JobSpec`.
+
+Every bad field becomes an `ApiError(400)` naming the field and the allowed range; nothing a client
+sends can raise anything else.  Unknown fields are ignored, as OpenAI's API does.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..catalog import MODELS, ShapeError
+from ..request import Kind
+from .service import ApiError, JobSpec
+
+MAX_SEED = 2**31 - 1
+PRIORITY_SCALE = {"high": 0.5, "normal": 1.0, "low": 4.0}  # x the default SLO
+# Fallback shape and steps per preset when the client gives none.
+DEFAULTS = {"tiny-t2i": (64, 64, 1, 8), "tiny-flux": (64, 64, 1, 8), "tiny-t2v": (32, 32, 9, 8),
+            "sd3-medium": (1024, 1024, 1, 28), "flux-dev": (1024, 1024, 1, 28),
+            "wan2.1-1.3b": (480, 832, 81, 50), "wan2.1-14b": (480, 832, 81, 50)}
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, max_length=200)
+    prompt: str = Field(..., min_length=1)
+    size: str | None = Field(None, max_length=20)
+    steps: int | None = Field(None, ge=1, le=1000)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    guidance: float | None = Field(None, ge=0.0, le=50.0, allow_inf_nan=False)
+    slo_ms: float | None = Field(None, gt=0, le=86_400_000, allow_inf_nan=False)
+    priority: Literal["high", "normal", "low"] | None = None
+
+
+class ImageBody(_Common):
+    n: int | None = Field(1, ge=1)
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+
+
+class VideoBody(_Common):
+    seconds: str | int | float | None = None
+    frames: int | None = Field(None, ge=1, le=10_000)
+
+
+def parse(cls, data, max_prompt_chars: int):
+    """Validate a decoded body (dict) into `cls`, or raise ApiError naming the field."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", "invalid_request_error")
+    try:
+        body = cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "body"
+        raise ApiError(400, f"{field}: {err['msg']}", "invalid_request_error",
+                       field) from None
+    if len(body.prompt) > max_prompt_chars:
+        raise ApiError(400, f"prompt: {len(body.prompt)} characters; at most {max_prompt_chars}",
+                       "invalid_request_error", "prompt")
+    return body
+
+
+def _size(raw: str | None, default: tuple[int, int]) -> tuple[int, int]:
+    """'WxH' -> (height, width)."""
+    if raw is None or raw == "auto":
+        return default
+    w, sep, h = raw.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        raise ApiError(400, f"size={raw!r}: must look like WIDTHxHEIGHT, e.g. 1024x1024",
+                       "invalid_request_error", "size")
+    return int(h), int(w)
+
+
+def _model(name: str | None, kind: Kind, served: tuple[str, ...]) -> str:
+    of_kind = [m for m in served if MODELS[m].kind is kind]
+    if name is None:
+        if not of_kind:
+            raise ApiError(400, f"no {kind.value} model is served here", "model_not_found",
+                           "model")
+        return of_kind[0]
+    if name not in of_kind:
+        raise ApiError(400, f"model={name!r}: not a {kind.value} model served here; served: "
+                            f"{', '.join(of_kind) or 'none'}", "model_not_found", "model")
+    return name
+
+
+def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
+            fps: int) -> tuple[JobSpec, float]:
+    """The job to run and its SLO factor (priority); raises ApiError naming a bad field."""
+    model = _model(body.model, kind, served)
+    spec = MODELS[model]
+    dh, dw, df, dsteps = DEFAULTS.get(model, (spec.sizes[0][1], spec.sizes[0][0],
+                                              spec.sizes[0][2], spec.steps))
+    height, width = _size(body.size, (dh, dw))
+    frames, n, seconds = 1, 1, None
+    if kind is Kind.IMAGE:
+        n = body.n
+        if n > max_images:
+            raise ApiError(400, f"n={n}: at most {max_images} images per request",
+                           "invalid_request_error", "n")
+        if body.response_format != "b64_json":
+            raise ApiError(400, "response_format: only 'b64_json' is supported",
+                           "invalid_request_error", "response_format")
+    else:
+        if body.frames is not None and body.seconds is not None:
+            raise ApiError(400, "give seconds or frames, not both", "invalid_request_error",
+                           "seconds")
+        frames = body.frames or df
+        if body.seconds is not None:
+            try:
+                sec = float(body.seconds)
+            except ValueError:
+                sec = float("nan")
+            if not 0 < sec <= 3600:
+                raise ApiError(400, f"seconds={body.seconds!r}: must be a number in (0, 3600]",
+                               "invalid_request_error", "seconds")
+            t = spec.vae_temporal
+            frames = max(1, t * round(sec * fps / t) + 1)
+        seconds = f"{(frames - 1) / fps:g}" if frames > 1 else "0"
+    steps = body.steps or dsteps
+    try:
+        spec.validate_shape(height, width, frames, steps)
+    except ShapeError as e:
+        msg = str(e)
+        param = msg.split("=", 1)[0]
+        if param in ("height", "width"):
+            param = "size"
+        elif param == "frames" and body.seconds is not None:
+            param, msg = "seconds", f"seconds={body.seconds!r} -> {msg}"
+        raise ApiError(400, msg, "invalid_request_error", param) from None
+    guidance = body.guidance if body.guidance is not None else (3.5 if not spec.cfg else 5.0)
+    slo_ms = body.slo_ms
+    return JobSpec(kind=kind, model=model, prompt=body.prompt, height=height, width=width,
+                   frames=frames, steps=steps, guidance=guidance,
+                   seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED),
+                   n=n, slo_ms=slo_ms,
+                   seconds=seconds), PRIORITY_SCALE[body.priority or "normal"]
