@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel this machine has locally; only installed when torch is not importable.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo simulate test bench clean
 
 # --system-site-packages: a torch already installed for the system (e.g. a CUDA build) is used.
 $(BIN)/python:
@@ -18,7 +18,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test,models,serve]'
 	touch $(STAMP)
 
+# The server on tiny random-weight presets (CPU workers), a short mixed load over HTTP.
 demo: $(STAMP)
+	$(BIN)/genserve demo --out demo-output
+
+# All policies on a simulated 8-GPU cluster with the shipped H200 profile.
+simulate: $(STAMP)
 	$(BIN)/genserve simulate --gpus 8 --rate 0.08 --duration 3600 --video-share 0.2 \
 		--slo-scale 2 --arrival gamma --cv 2 --seed 0 \
 		--policy fcfs,sjf,edf,static,tetriserve,genserve

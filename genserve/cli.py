@@ -1,4 +1,4 @@
-"""Command line: `genserve simulate | sweep | trace | replay | generate | profile`.
+"""Command line: `genserve simulate | sweep | trace | replay | generate | profile | serve | demo`.
 
 Bad options: one line on stderr, exit 2.
 """
@@ -341,6 +341,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .server.demo import run_demo
+
+    if a.workers < 1 or a.images < 0 or a.videos < 0 or a.duration <= 0:
+        raise ValueError("--workers must be >= 1, --images/--videos >= 0, --duration > 0")
+    return run_demo(a.out, a.workers, a.images, a.videos, a.duration)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="genserve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -445,6 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drain-timeout", type=float, default=60.0)
     sv.add_argument("--log-level", default="warning")
     sv.set_defaults(func=cmd_serve)
+
+    dm = sub.add_parser("demo", help="start the server on tiny presets, send a mixed load over "
+                                     "HTTP, print SLO attainment per kind")
+    dm.add_argument("--out", default="demo-output", help="where outputs and samples go")
+    dm.add_argument("--workers", type=int, default=2)
+    dm.add_argument("--images", type=int, default=24)
+    dm.add_argument("--videos", type=int, default=6)
+    dm.add_argument("--duration", type=float, default=12.0, help="seconds of arrivals")
+    dm.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("trace", help="write a workload trace (JSONL) for simulate --trace")
     _add_workload(t, trace_ok=False)
