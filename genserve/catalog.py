@@ -102,7 +102,8 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     # The tiny presets of genserve.models.presets (same geometry; steps as `generate` uses them).
     ModelSpec("tiny-t2i", Kind.IMAGE, steps=8, cfg=True, heads=4, hidden=32, layers=2,
               sizes=((64, 64, 1),), vae_spatial=2, latent_channels=4, text_tokens=109,
-              text_dim=32, min_side=16, max_side=512, tiny=True),
+              # The tiny SD3 transformer's position embedding covers 96 patches: 384 px.
+              text_dim=32, min_side=16, max_side=384, tiny=True),
     ModelSpec("tiny-flux", Kind.IMAGE, steps=8, cfg=False, heads=2, hidden=32, layers=2,
               sizes=((64, 64, 1),), vae_spatial=2, latent_channels=4, text_tokens=32,
               text_dim=32, min_side=16, max_side=512, tiny=True),

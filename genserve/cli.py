@@ -300,6 +300,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     """The HTTP API; on SIGTERM: stop admitting (503), finish running work, then exit."""
     import signal
     import threading
+    import time
 
     import uvicorn
 
@@ -326,9 +327,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
                       f"get 503", file=sys.stderr, flush=True)
 
                 def drain_then_exit():
+                    t0 = time.monotonic()
                     ended = svc.drain()
                     print("drained" if ended else "drain timeout: exiting with work left",
                           file=sys.stderr, flush=True)
+                    # Results stay readable a little longer for clients that poll.
+                    time.sleep(max(0.0, min(a.drain_linger,
+                                            cfg.drain_timeout_s - (time.monotonic() - t0))))
                     self.should_exit = True
 
                 threading.Thread(target=drain_then_exit, daemon=True).start()
@@ -450,7 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--results-dir", default="genserve-results")
     sv.add_argument("--result-ttl", type=float, default=3600.0,
                     help="seconds finished results stay readable")
-    sv.add_argument("--drain-timeout", type=float, default=60.0)
+    sv.add_argument("--drain-timeout", type=float, default=60.0,
+                    help="on SIGTERM: seconds to finish running work (new requests get 503)")
+    sv.add_argument("--drain-linger", type=float, default=5.0,
+                    help="after the drain, seconds results stay readable before exit (within "
+                         "the drain timeout)")
     sv.add_argument("--log-level", default="warning")
     sv.set_defaults(func=cmd_serve)
 

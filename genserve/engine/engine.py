@@ -64,6 +64,7 @@ class Engine:
         self._cancels: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self._incoming: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self._t0 = time.monotonic()
+        self._halt = False
 
     def cancel(self, request_id: str) -> None:
         """Cancel a request (thread-safe); it stops at its next step boundary."""
@@ -73,6 +74,10 @@ class Engine:
         """Add a request while `serve` runs (thread-safe).  Its `arrival` is on the engine clock
         (`now()`); set it to `now()` for a request arriving now."""
         self._incoming.put(request)
+
+    def halt(self) -> None:
+        """Make `serve` return at its next iteration, even with work left (shutdown)."""
+        self._halt = True
 
     def now(self) -> float:
         return (time.monotonic() - self._t0) * self.time_scale
@@ -127,7 +132,7 @@ class Engine:
                 heapq.heappush(self._arrivals, (r.arrival, r.id))
             while self._arrivals and self.by_id[self._arrivals[0][1]].is_final:
                 heapq.heappop(self._arrivals)  # cancelled before it arrived
-            if done():
+            if done() or self._halt:
                 return
             now = self.now()
             changed = self._wake is not None and now >= self._wake

@@ -255,6 +255,8 @@ class WorkerPool:
         return not self._starting
 
     def close(self) -> None:
+        for q in [*self._inboxes, *self._ctls, self._outbox]:
+            q.cancel_join_thread()  # never block the interpreter's exit on a dead reader
         for r, p in enumerate(self.procs):
             if p is not None and p.is_alive():
                 self._inboxes[r].put(None)

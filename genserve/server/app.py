@@ -39,7 +39,10 @@ class _Waiters:
         self.loop, self.events = loop, {}
 
     def __call__(self, job: Job) -> None:  # any thread
-        self.loop.call_soon_threadsafe(self._fire, job.id)
+        try:
+            self.loop.call_soon_threadsafe(self._fire, job.id)
+        except RuntimeError:  # the loop is closed (shutting down): nobody waits any more
+            pass
 
     def _fire(self, job_id: str) -> None:
         ev = self.events.pop(job_id, None)
@@ -133,7 +136,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         raw = await request.body()
         try:
             return json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(400, f"malformed JSON body: {e}", "invalid_request_error") from None
 
     @app.post("/v1/images/generations")
@@ -167,12 +170,27 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         return video_object(svc, svc.submit(spec, who, factor))
 
     @app.get("/v1/videos")
-    async def list_videos(request: Request, limit: int = 100):
-        jobs = svc.list(owner(request), Kind.VIDEO)[-max(1, min(limit, 1000)):]
-        data = [video_object(svc, j) for j in jobs]
+    async def list_videos(request: Request, limit: int = 20, after: str | None = None,
+                          order: str = "desc"):
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"order={order!r}: 'asc' or 'desc'", "invalid_request_error",
+                           "order")
+        if not 1 <= limit <= 100:
+            raise ApiError(400, f"limit={limit}: must be in [1, 100]", "invalid_request_error",
+                           "limit")
+        jobs = svc.list(owner(request), Kind.VIDEO)
+        if order == "desc":
+            jobs.reverse()
+        if after is not None:
+            ids = [j.id for j in jobs]
+            if after not in ids:
+                raise ApiError(400, f"after={after!r}: no such video in this list",
+                               "invalid_request_error", "after")
+            jobs = jobs[ids.index(after) + 1:]
+        data = [video_object(svc, j) for j in jobs[:limit]]
         return {"object": "list", "data": data,
                 "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": False}
+                "last_id": data[-1]["id"] if data else None, "has_more": len(jobs) > limit}
 
     def video_job(request: Request, video_id: str) -> tuple[Job, str | None]:
         who = owner(request)
@@ -199,7 +217,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(request: Request, video_id: str):
         job, who = video_job(request, video_id)
-        svc.cancel(job.id, who)
+        svc.delete(job.id, who)  # a running video is cancelled (and stays visible, failed)
         return {"id": job.id, "object": "video.deleted", "deleted": True}
 
     @app.get("/v1/jobs/{job_id}")
@@ -215,13 +233,14 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         job = svc.get(job_id, owner(request))
 
         async def stream():
-            seen = -1
+            last = None
             while True:
                 version = job.version
-                if version != seen:
-                    seen = version
-                    yield f"data: {json.dumps(job_object(svc, job))}\n\n"
-                if job.final or await request.is_disconnected():
+                obj = job_object(svc, job)  # one snapshot decides both what is sent and the end
+                if obj != last:
+                    last = obj
+                    yield f"data: {json.dumps(obj)}\n\n"
+                if obj["status"] in ("completed", "failed") or await request.is_disconnected():
                     return
                 await app.state.waiters.wait(job, version, 15.0)
                 if job.version == version:

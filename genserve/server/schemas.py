@@ -6,6 +6,7 @@ sends can raise anything else.  Unknown fields are ignored, as OpenAI's API does
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Literal
 
@@ -37,7 +38,7 @@ class _Common(BaseModel):
 
 
 class ImageBody(_Common):
-    n: int | None = Field(1, ge=1)
+    n: int = Field(1, ge=1)
     response_format: Literal["b64_json", "url"] | None = "b64_json"
 
 
@@ -54,7 +55,8 @@ def parse(cls, data, max_prompt_chars: int):
         body = cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "body"
+        # The top-level field (deeper parts of loc name union members, not fields).
+        field = str(err["loc"][0]) if err["loc"] else "body"
         raise ApiError(400, f"{field}: {err['msg']}", "invalid_request_error",
                        field) from None
     if len(body.prompt) > max_prompt_chars:
@@ -67,11 +69,11 @@ def _size(raw: str | None, default: tuple[int, int]) -> tuple[int, int]:
     """'WxH' -> (height, width)."""
     if raw is None or raw == "auto":
         return default
-    w, sep, h = raw.lower().partition("x")
-    if not sep or not w.isdigit() or not h.isdigit():
+    m = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", raw.strip().lower())
+    if m is None:
         raise ApiError(400, f"size={raw!r}: must look like WIDTHxHEIGHT, e.g. 1024x1024",
                        "invalid_request_error", "size")
-    return int(h), int(w)
+    return int(m.group(2)), int(m.group(1))
 
 
 def _model(name: str | None, kind: Kind, served: tuple[str, ...]) -> str:
@@ -101,7 +103,7 @@ def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
         if n > max_images:
             raise ApiError(400, f"n={n}: at most {max_images} images per request",
                            "invalid_request_error", "n")
-        if body.response_format != "b64_json":
+        if body.response_format not in (None, "b64_json"):
             raise ApiError(400, "response_format: only 'b64_json' is supported",
                            "invalid_request_error", "response_format")
     else:
@@ -112,7 +114,7 @@ def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
         if body.seconds is not None:
             try:
                 sec = float(body.seconds)
-            except ValueError:
+            except (ValueError, OverflowError, TypeError):
                 sec = float("nan")
             if not 0 < sec <= 3600:
                 raise ApiError(400, f"seconds={body.seconds!r}: must be a number in (0, 3600]",

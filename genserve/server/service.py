@@ -148,11 +148,20 @@ class Service:
                         self._fail(job, "engine_error", self.engine_error)
 
     def stop(self) -> None:
+        """Shut down: requests still running end failed (`server_shutdown`); then the engine
+        thread, the workers and the writer stop."""
         if self.started:
-            self._stop.set()
-            self._thread.join(timeout=10)
-            self.pool.close()
             self.started = False
+            self._stop.set()
+            with self._lock:
+                for job in self.jobs.values():
+                    if not job.final:
+                        self._fail(job, "server_shutdown", "the server stopped before this "
+                                   "job finished")
+                        self._changed(job)
+            self.engine.halt()
+            self._thread.join(timeout=30)
+            self.pool.close()
         self._writer.shutdown(wait=True)
 
     def drain(self, timeout_s: float | None = None) -> bool:
@@ -244,6 +253,18 @@ class Service:
                 job.cancelled = True
                 for rid in job.request_ids:
                     self.engine.cancel(rid)
+        return job
+
+    def delete(self, job_id: str, owner: str | None) -> Job:
+        """Cancel a job that has not ended; forget an ended one (record and files)."""
+        job = self.get(job_id, owner)
+        with self._lock:
+            if not job.final:
+                return self.cancel(job_id, owner)
+            self.jobs.pop(job.id, None)
+            for rid in job.request_ids:
+                self._by_request.pop(rid, None)
+        shutil.rmtree(self.results / job.id, ignore_errors=True)
         return job
 
     def queue_position(self, job: Job) -> int | None:
