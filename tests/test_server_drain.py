@@ -1,5 +1,6 @@
 """`genserve serve` as a process: SIGTERM drains it.  New requests get 503 (draining), work that
-runs goes on and can be read while it runs, and the process exits with code 0 once it ended.
+runs goes on and can be read while it runs and for a while after it ended (--drain-linger), and the
+process exits with code 0; past the drain timeout it exits anyway.
 """
 
 from __future__ import annotations
@@ -121,42 +122,33 @@ def test_sigterm_drains_running_work_then_exits(serve):
     health = http.get("/health")
     assert health.status_code == 503 and health.json()["error"]["code"] == "draining"
 
-    # a client that watches closely sees it progress and complete, and downloads it at once --
-    # when it wins the race with the exit (test_result_stays_fetchable_... pins that bug)
-    seen, content, gone = [], None, None
+    # a client that watches sees it progress and complete, then downloads it
+    seen = []
     deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            got = http.get(f"/v1/videos/{vid}")
-            assert got.status_code == 200, got.text
-            seen.append(got.json())
-            if seen[-1]["status"] in FINAL:
-                content = http.get(f"/v1/videos/{vid}/content")
-                break
-            time.sleep(0.01)
-    except httpx.TransportError as e:
-        gone = e  # the server exited right after the video ended
+    while time.monotonic() < deadline:
+        got = http.get(f"/v1/videos/{vid}")
+        assert got.status_code == 200, got.text
+        seen.append(got.json())
+        if seen[-1]["status"] in FINAL:
+            break
+        time.sleep(0.02)
     progress = [x["progress"] for x in seen]
     assert progress == sorted(progress) and len(set(progress)) >= 3, progress
-    assert all(x["status"] in ("in_progress", "completed") for x in seen), seen[-1]
-    if gone is None:
-        assert seen[-1]["status"] == "completed" and seen[-1]["progress"] == 100, seen[-1]
-        assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
-        assert mp4_frames(content.content) == [(128, 128)] * 33
+    assert seen[-1]["status"] == "completed" and seen[-1]["progress"] == 100, seen[-1]
+    content = http.get(f"/v1/videos/{vid}/content")
+    assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
+    assert mp4_frames(content.content) == [(128, 128)] * 33
 
     # then it exits, cleanly, on its own
     rc = s.proc.wait(60)
     assert rc == 0, s.output()
     out = s.output()
     assert "SIGTERM: draining" in out and "drained" in out and "Traceback" not in out, out
-    print(f"exit {time.monotonic() - t_term:.1f} s after SIGTERM; downloaded while draining: "
-          f"{gone is None}")
+    print(f"exit {time.monotonic() - t_term:.1f} s after SIGTERM")
 
     # the video was completed and stays on disk for the next server
     mp4 = (s.results / vid / "video.mp4").read_bytes()
-    assert mp4_frames(mp4) == [(128, 128)] * 33
-    if content is not None:
-        assert mp4 == content.content
+    assert mp4 == content.content
     again = TestClient(create_app(ServeConfig(results_dir=str(s.results))))  # no workers needed
     v = again.get(f"/v1/videos/{vid}").json()
     assert (v["status"], v["progress"], v["size"]) == ("completed", 100, "128x128")
@@ -164,6 +156,11 @@ def test_sigterm_drains_running_work_then_exits(serve):
 
 
 def test_drain_timeout_exits_with_work_left(serve):
+    """Regression (4e6bc0b): with a request still running past the drain timeout (or on SIGINT)
+    the process never exited: Service.stop joined the engine thread for 10 s, then closed the
+    pool under it; the engine took the closed workers for lost and respawned them, died on
+    'Event loop is closed' in the listener, and the interpreter hung at exit joining a
+    multiprocessing queue feeder thread."""
     s = serve("--drain-timeout", "1")
     r = s.http.post("/v1/videos", json={"prompt": "endless", "steps": 1000, "size": "256x256",
                                          "frames": 33})  # minutes of work
@@ -171,7 +168,7 @@ def test_drain_timeout_exits_with_work_left(serve):
     time.sleep(1.0)
     s.proc.send_signal(signal.SIGTERM)
     try:
-        rc = s.proc.wait(20)  # drain timeout 1 s + the engine's 10 s join + slack
+        rc = s.proc.wait(20)  # drain timeout 1 s + shutdown
     except subprocess.TimeoutExpired:
         raise AssertionError(f"still running 20 s after SIGTERM:\n{s.output()[-2000:]}")
     assert rc == 0, s.output()
@@ -180,16 +177,16 @@ def test_drain_timeout_exits_with_work_left(serve):
 
 
 def test_result_stays_fetchable_for_a_polling_client_during_drain(serve):
+    """Regression (4e6bc0b): the drain exited as soon as every job was final (polled every
+    50 ms), so a client polling like openai's videos.poll (every 1 s) found the server gone
+    before it could retrieve or download the video the drain had waited for."""
     s = serve("--drain-timeout", "60")
     vid = start_video(s.http, steps=120)["id"]
     s.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 60
-    try:  # watch closely until the video is completed...
-        while s.http.get(f"/v1/videos/{vid}").json()["status"] not in FINAL:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-    except httpx.TransportError:
-        pass  # ...or the server went away first (the same bug, caught earlier)
+    while s.http.get(f"/v1/videos/{vid}").json()["status"] not in FINAL:  # watch closely...
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     time.sleep(1.0)  # ...then come back like a polling client would, 1 s later
     try:
         with httpx.Client(base_url=s.url, timeout=10) as c:

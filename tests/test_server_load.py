@@ -161,7 +161,14 @@ def test_burst_of_mixed_requests_all_answered_and_counted(server):
         for job_id in ids:
             got = http.get(f"/v1/jobs/{job_id}")
             assert got.status_code == 200 and got.json()["status"] == "completed", got.text
-        listed = {v["id"] for v in http.get("/v1/videos", params={"limit": 1000}).json()["data"]}
+        listed, after = set(), None
+        while True:  # page through the list
+            page = http.get("/v1/videos", params={"limit": 100, **({"after": after} if after
+                                                                   else {})}).json()
+            listed |= {v["id"] for v in page["data"]}
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
         assert {r["body"]["id"] for r in videos} <= listed
 
         wait_all_final(svc, 30)
