@@ -146,6 +146,17 @@ def assert_error(r, status: int, param: str | None = "<any>", code: str | None =
     return err
 
 
+def all_video_ids(client, **kw) -> list[str]:
+    """Every video id GET /v1/videos lists, page by page."""
+    ids, params = [], {"limit": 100}
+    while True:
+        page = client.get("/v1/videos", params=params, **kw).json()
+        ids += [v["id"] for v in page["data"]]
+        if not page["has_more"]:
+            return ids
+        params["after"] = page["last_id"]
+
+
 def png_size(raw: bytes) -> tuple[int, int]:
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(io.BytesIO(raw)) as im:
@@ -857,8 +868,8 @@ def test_api_keys_isolate_jobs(keyed):
     assert_error(keyed.get(f"/v1/jobs/{img.json()['id']}", headers=auth("k1")), 404)
 
     v2 = keyed.post(VID, json={"prompt": "theirs", "steps": 2}, headers=auth("k2")).json()["id"]
-    mine = [v["id"] for v in keyed.get("/v1/videos", headers=auth("k1")).json()["data"]]
-    theirs = [v["id"] for v in keyed.get("/v1/videos", headers=auth("k2")).json()["data"]]
+    mine = all_video_ids(keyed, headers=auth("k1"))
+    theirs = all_video_ids(keyed, headers=auth("k2"))
     assert vid in mine and v2 not in mine
     assert v2 in theirs and vid not in theirs
     wait_final(getter(keyed, headers=auth("k2")), v2)
@@ -898,7 +909,7 @@ def test_results_survive_a_restart(aux, finished_video):
     content = aux.get(f"/v1/videos/{vid}/content")
     assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
     assert content.content == finished_video["content"]
-    assert vid in [x["id"] for x in aux.get("/v1/videos").json()["data"]]
+    assert vid in all_video_ids(aux)
 
 
 def test_admission_queue_full_is_429_with_retry_after(aux):
@@ -975,7 +986,7 @@ def test_results_expire_after_their_ttl(aux):
     svc.expire()  # the janitor may have been first; either way it is gone now
     assert_error(aux.get(f"/v1/videos/{vid}"), 404, code="not_found")
     assert_error(aux.get(f"/v1/videos/{vid}/content"), 404)
-    assert vid not in [x["id"] for x in aux.get("/v1/videos").json()["data"]]
+    assert vid not in all_video_ids(aux)
     assert not folder.exists()
 
 
