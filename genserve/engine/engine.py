@@ -124,12 +124,7 @@ class Engine:
 
     def _loop(self, done) -> None:
         while True:
-            while not self._incoming.empty():
-                r = self._incoming.get()
-                if r.id in self.by_id:
-                    raise ValueError(f"request id {r.id!r} is already in the engine")
-                self.by_id[r.id] = r
-                heapq.heappush(self._arrivals, (r.arrival, r.id))
+            self._take_incoming()
             while self._arrivals and self.by_id[self._arrivals[0][1]].is_final:
                 heapq.heappop(self._arrivals)  # cancelled before it arrived
             if done() or self._halt:
@@ -146,6 +141,9 @@ class Engine:
                     changed = True
             while self._timed_cancels and self._timed_cancels[0][0] <= now:
                 self.cancel(self._timed_cancels.pop(0)[1])
+            if not self._cancels.empty():
+                # A cancel is put after its submit: whatever it names is in _incoming by now.
+                self._take_incoming()
             while not self._cancels.empty():
                 self._cancel(self._cancels.get(), now)
                 changed = True
@@ -174,6 +172,14 @@ class Engine:
                         and self._wake is None):
                     raise PlanError(f"policy {self.policy.describe()} stalled at t={now:.3f}: "
                                     f"{len(self.queue)} requests wait, nothing runs")
+
+    def _take_incoming(self) -> None:
+        while not self._incoming.empty():
+            r = self._incoming.get()
+            if r.id in self.by_id:
+                raise ValueError(f"request id {r.id!r} is already in the engine")
+            self.by_id[r.id] = r
+            heapq.heappush(self._arrivals, (r.arrival, r.id))
 
     def _notify(self, r: Request, output=None) -> None:
         """Tell the listener (the API layer) that `r` changed: arrived, ran steps, paused, ended."""

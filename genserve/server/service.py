@@ -341,9 +341,11 @@ class Service:
     def _fail(self, job: Job, code: str, message: str) -> None:
         if job.final:
             return
-        job.status, job.completed_at = "failed", time.time()
-        job.expires_at = job.completed_at + self.cfg.result_ttl_s
+        # Error first: readers that do not take the lock must never see "failed" without it.
         job.error = {"code": code, "message": message}
+        job.completed_at = time.time()
+        job.expires_at = job.completed_at + self.cfg.result_ttl_s
+        job.status = "failed"
         for rid in job.request_ids:  # the rest of an image batch is not worth finishing
             if rid not in job.ended:
                 self.engine.cancel(rid)
