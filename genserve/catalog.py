@@ -118,3 +118,11 @@ def get_model(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise ShapeError(f"model={name!r}: unknown; served models are {', '.join(MODELS)}") from None
+
+
+# Shape and steps a request gets when it names none: (height, width, frames, steps) per preset
+# (`genserve generate`, the HTTP API).
+GENERATE_DEFAULTS = {"tiny-t2i": (64, 64, 1, 8), "tiny-flux": (64, 64, 1, 8),
+                     "tiny-t2v": (32, 32, 9, 8),
+                     "sd3-medium": (1024, 1024, 1, 28), "flux-dev": (1024, 1024, 1, 28),
+                     "wan2.1-1.3b": (480, 832, 81, 50), "wan2.1-14b": (480, 832, 81, 50)}

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from .catalog import GENERATE_DEFAULTS
 from .experiment import (ABLATIONS, DEFAULT_POLICIES, RunSpec, plot_sweep, requests_for,
                          run_many, sweep)
 from .policies import make_policy, policy_names
@@ -150,13 +151,6 @@ def cmd_trace(a: argparse.Namespace) -> int:
     kinds = {k: sum(r.kind.value == k for r in reqs) for k in ("image", "video")}
     print(f"wrote {a.out}: {len(reqs)} requests ({kinds['image']} images, {kinds['video']} videos)")
     return 0
-
-
-# Per-preset defaults: (height, width, frames, steps).
-GENERATE_DEFAULTS = {"tiny-t2i": (64, 64, 1, 8), "tiny-flux": (64, 64, 1, 8),
-                     "tiny-t2v": (32, 32, 9, 8),
-                     "sd3-medium": (1024, 1024, 1, 28), "flux-dev": (1024, 1024, 1, 28),
-                     "wan2.1-1.3b": (480, 832, 81, 50), "wan2.1-14b": (480, 832, 81, 50)}
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

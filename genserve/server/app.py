@@ -139,13 +139,16 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(400, f"malformed JSON body: {e}", "invalid_request_error") from None
 
+    async def admit(request: Request, schema, kind: Kind) -> tuple[Job, str | None]:
+        """Authenticate, validate and submit a generation request."""
+        who = owner(request)
+        body = parse(schema, await body_of(request), svc.cfg.max_prompt_chars)
+        spec, factor = to_spec(body, kind, svc.cfg.presets, svc.cfg.max_images, svc.cfg.fps)
+        return svc.submit(spec, who, factor), who
+
     @app.post("/v1/images/generations")
     async def images(request: Request):
-        who = owner(request)
-        body = parse(ImageBody, await body_of(request), svc.cfg.max_prompt_chars)
-        spec, factor = to_spec(body, Kind.IMAGE, svc.cfg.presets, svc.cfg.max_images,
-                               svc.cfg.fps)
-        job = svc.submit(spec, who, factor)
+        job, who = await admit(request, ImageBody, Kind.IMAGE)
         while not job.final:
             if await request.is_disconnected():
                 svc.cancel(job.id, who)  # nobody will read it
@@ -163,11 +166,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
 
     @app.post("/v1/videos")
     async def create_video(request: Request):
-        who = owner(request)
-        body = parse(VideoBody, await body_of(request), svc.cfg.max_prompt_chars)
-        spec, factor = to_spec(body, Kind.VIDEO, svc.cfg.presets, svc.cfg.max_images,
-                               svc.cfg.fps)
-        return video_object(svc, svc.submit(spec, who, factor))
+        return video_object(svc, (await admit(request, VideoBody, Kind.VIDEO))[0])
 
     @app.get("/v1/videos")
     async def list_videos(request: Request, limit: int = 20, after: str | None = None,

@@ -12,17 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..catalog import MODELS, ShapeError
+from ..catalog import GENERATE_DEFAULTS, MODELS, ShapeError
 from ..request import Kind
 from .service import ApiError, JobSpec
 
 MAX_SEED = 2**31 - 1
 PRIORITY_SCALE = {"high": 0.5, "normal": 1.0, "low": 4.0}  # x the default SLO
-# Fallback shape and steps per preset when the client gives none.
-DEFAULTS = {"tiny-t2i": (64, 64, 1, 8), "tiny-flux": (64, 64, 1, 8), "tiny-t2v": (32, 32, 9, 8),
-            "sd3-medium": (1024, 1024, 1, 28), "flux-dev": (1024, 1024, 1, 28),
-            "wan2.1-1.3b": (480, 832, 81, 50), "wan2.1-14b": (480, 832, 81, 50)}
-
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -94,7 +89,7 @@ def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
     """The job to run and its SLO factor (priority); raises ApiError naming a bad field."""
     model = _model(body.model, kind, served)
     spec = MODELS[model]
-    dh, dw, df, dsteps = DEFAULTS.get(model, (spec.sizes[0][1], spec.sizes[0][0],
+    dh, dw, df, dsteps = GENERATE_DEFAULTS.get(model, (spec.sizes[0][1], spec.sizes[0][0],
                                               spec.sizes[0][2], spec.steps))
     height, width = _size(body.size, (dh, dw))
     frames, n, seconds = 1, 1, None

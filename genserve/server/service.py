@@ -98,7 +98,6 @@ class Service:
         self.cfg = cfg
         self.metrics = ServeMetrics()
         self.jobs: dict[str, Job] = {}
-        self._by_request: dict[str, str] = {}
         self._lock = threading.RLock()
         self._listeners: list = []  # callables(job) run on every change, from any thread
         self.draining = False
@@ -223,7 +222,6 @@ class Service:
                 rid = f"{job.id}-{i}"
                 job.request_ids.append(rid)
                 job.steps_done[rid] = 0
-                self._by_request[rid] = job.id
             self.jobs[job.id] = job
             for i, rid in enumerate(job.request_ids):
                 self.metrics.submitted(spec.kind.value)
@@ -262,8 +260,6 @@ class Service:
             if not job.final:
                 return self.cancel(job_id, owner)
             self.jobs.pop(job.id, None)
-            for rid in job.request_ids:
-                self._by_request.pop(rid, None)
         shutil.rmtree(self.results / job.id, ignore_errors=True)
         return job
 
@@ -296,7 +292,7 @@ class Service:
     def _on_update(self, r: Request, output) -> None:
         self.metrics.observe(r)
         with self._lock:
-            job = self.jobs.get(self._by_request.get(r.id, ""))
+            job = self.jobs.get(_job_of(r.id))
             if job is None:
                 return
             job.steps_done[r.id] = r.steps_done
@@ -384,11 +380,14 @@ class Service:
                     if j.final and j.expires_at is not None and j.expires_at <= now]
             for j in gone:
                 del self.jobs[j.id]
-                for rid in j.request_ids:
-                    self._by_request.pop(rid, None)
         for j in gone:
             shutil.rmtree(self.results / j.id, ignore_errors=True)
         return len(gone)
+
+
+def _job_of(request_id: str) -> str:
+    """Request ids are "<job id>-<i>" (job ids hold no '-')."""
+    return request_id.rpartition("-")[0]
 
 
 def _job_record(job: Job) -> dict:
