@@ -15,7 +15,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e '.[test,models,serve]'
+	$(BIN)/pip install -q -e '.[test,models,serve,ray]'
 	touch $(STAMP)
 
 # The server on tiny random-weight presets (CPU workers), a short mixed load over HTTP.

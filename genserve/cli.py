@@ -302,7 +302,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .server.app import create_app
 
     cfg = ServeConfig(presets=tuple(m.strip() for m in a.models.split(",") if m.strip()),
-                      workers=a.workers, device=a.device, model_path=a.model_path,
+                      workers=(a.workers if a.workers is not None else 0 if a.ray else 2),
+                      device=a.device, model_path=a.model_path, ray=a.ray,
+                      ray_cpus_per_worker=a.ray_cpus_per_worker,
                       policy=a.policy, profile=a.profile, host=a.host, port=a.port,
                       max_waiting_images=a.max_waiting_images,
                       max_waiting_videos=a.max_waiting_videos, slo_scale=a.slo_scale,
@@ -334,9 +336,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 return
             super().handle_exit(sig, frame)
 
+    ray = None
+    if cfg.ray:
+        # Join the Ray cluster here, in the main thread, before the server installs its signal
+        # handlers: those then replace the ones Ray's core worker installs (whose SIGTERM handling
+        # aborted the process a few seconds into a drain).
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--ray needs Ray: pip install 'genserve[ray]'") from None
+        ray.init(address=cfg.ray, log_to_driver=False)
     server = DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port,
                                            log_level=a.log_level, timeout_graceful_shutdown=5))
-    server.run()
+    try:
+        server.run()
+    finally:
+        if ray is not None:
+            ray.shutdown()
     return 0
 
 
@@ -428,8 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="the HTTP API (OpenAI-compatible images and videos)")
     sv.add_argument("--models", default="tiny-t2i,tiny-t2v",
                     help="presets the workers load (default: the tiny ones, CPU, no weights)")
-    sv.add_argument("--workers", type=int, default=2, help="worker processes (one per device)")
+    sv.add_argument("--workers", type=int, default=None,
+                    help="workers, one per device (default: 2; with --ray: every GPU of the "
+                         "Ray cluster)")
     sv.add_argument("--device", default="cpu")
+    sv.add_argument("--ray", metavar="ADDRESS",
+                    help="run the workers as actors of a Ray cluster ('auto': the cluster "
+                         "`ray start` made on this node; or host:port); see docs/ray.md")
+    sv.add_argument("--ray-cpus-per-worker", type=float, default=1.0,
+                    help="CPUs each worker actor reserves besides its GPU")
     sv.add_argument("--model-path", help="local checkpoint (a single real preset)")
     sv.add_argument("--policy", default="genserve", help=pol_help)
     sv.add_argument("--profile", default="measure",

@@ -49,4 +49,11 @@ def summarize(result) -> dict:
     out["migrations"] = result.migrations
     out["decisions"] = result.decisions
     out["defer_reasons"] = dict(sorted(result.reasons.items()))
+    cross = getattr(result, "cross_node_gpu_s", None)
+    if cross is not None:  # counted by the simulator only
+        # Share of busy GPU-seconds, and of quanta, whose GPUs spanned nodes.
+        out["cross_node_gpu_share"] = (round(cross / result.busy_gpu_s, 4)
+                                       if result.busy_gpu_s > 0 else 0.0)
+        out["cross_node_quanta_share"] = (round(result.cross_node_quanta / result.quanta, 4)
+                                          if result.quanta else 0.0)
     return out

@@ -26,7 +26,10 @@ def _worker(rank, world, init, preset, schedules, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        groups = GroupCache(world, sizes=(2, 4))
+        groups = GroupCache(range(world))
+        for k in (2, 4):  # every rank, in one order: new_group is collective
+            for base in range(0, world - k + 1, k):
+                groups.make(range(base, base + k))
         ad = load_preset(preset)
         sp = install(ad.transformer)
         results = []

@@ -19,7 +19,9 @@ def _worker(rank: int, world: int, init: str, cases, out) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        groups = GroupCache(world, sizes=(2, 4))
+        groups = GroupCache(range(world))
+        for ranks, *_ in cases:  # every rank, in one order: new_group is collective
+            groups.make(ranks)
         results = []
         for ranks, b, h, n, d in cases:
             g = torch.Generator().manual_seed(1000 * n + h)
@@ -28,7 +30,7 @@ def _worker(rank: int, world: int, init: str, cases, out) -> None:
             if rank not in ranks:
                 results.append(None)
                 continue
-            group = groups.get(ranks) if len(ranks) < world else dist.group.WORLD
+            group = groups.get(ranks)
             local = ranks.index(rank)
             shards = [shard(x, 2, local, len(ranks)) for x in (q, k, v)]
             o = ulysses_attention(*shards, n_valid=n, group=group)
@@ -72,7 +74,9 @@ def test_four_ranks_and_cached_subgroups(tmp_path):
 def test_unknown_rank_set_is_a_clear_error():
     from genserve.parallel import GroupCache
 
-    cache = GroupCache.__new__(GroupCache)
-    cache.groups = {(0, 1): object()}
-    with pytest.raises(ValueError, match=r"no process group for ranks \(1, 2\)"):
-        cache.get((2, 1))
+    cache = GroupCache((0, 1, 3))  # rank 2 was lost; the world was re-formed without it
+    assert cache.world_rank(3) == 2
+    with pytest.raises(ValueError, match=r"no process group for ranks \(1, 2\): \[2\] not in"):
+        cache.make((2, 1))
+    with pytest.raises(ValueError, match=r"no process group for ranks \(0, 3\) in the world"):
+        cache.get((3, 0))

@@ -13,8 +13,10 @@ the job, so the driver loop never waits for a text encoder.  Every `checkpoint_e
 job also returns the state to host memory: the restart point if its worker dies.
 
 Failures: a request whose prepare or step raises (bad input, out of memory) fails alone with the
-reason; a worker that dies is replaced (`WorkerPool.replace`) and the requests it held resume from
-their last host-side checkpoint, or start over; every request ends exactly once.
+reason; a worker that dies is replaced (`replace` of the pool) and the requests it held resume from
+their last host-side checkpoint, or start over; every request ends exactly once.  A replacement the
+pool cannot place yet (a Ray node gone and no room elsewhere) is `down`: plans leave it out until
+it is back, and the others carry the load meanwhile.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 
 from ..latency import LatencyModel
 from ..models.base import GenRequest
-from ..parallel.workers import WorkerError, WorkerLost, WorkerPool
+from ..parallel.workers import PoolBase, WorkerError, WorkerLost
 from ..policies.base import Assignment, Cluster, InFlight, Policy, SchedulerState
 from ..request import Request, Status
 from ..sim.simulator import (PlanError, SimResult, count_reasons, pause_unplanned, place_members,
@@ -47,7 +49,7 @@ class EngineResult(SimResult):
 
 
 class Engine:
-    def __init__(self, policy: Policy, pool: WorkerPool, latency: LatencyModel,
+    def __init__(self, policy: Policy, pool: PoolBase, latency: LatencyModel,
                  gpus_per_node: int = 8, time_scale: float = 1.0, poll_s: float = 0.005,
                  checkpoint_every: int = 4, on_update=None, idle_poll_s: float = 0.05):
         """`on_update(request, output)` is called from the engine's thread whenever a request
@@ -56,7 +58,9 @@ class Engine:
             raise ValueError(f"checkpoint_every must be >= 0 steps (0: never), got "
                              f"{checkpoint_every}")
         self.policy, self.pool, self.latency = policy, pool, latency
-        self.cluster = Cluster(pool.n, min(gpus_per_node, pool.n))
+        self._gpus_per_node = gpus_per_node
+        self.cluster = self._cluster()
+        self._down: tuple[int, ...] = ()
         self.time_scale = time_scale  # trace seconds per wall second (arrivals only)
         self.poll_s = poll_s
         self.checkpoint_every = checkpoint_every
@@ -65,6 +69,11 @@ class Engine:
         self._incoming: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self._t0 = time.monotonic()
         self._halt = False
+
+    def _cluster(self) -> Cluster:
+        """The pool's real layout when it knows one (Ray: which GPUs share a node), else the
+        uniform `gpus_per_node` (one machine, or a simulated layout for experiments)."""
+        return Cluster(self.pool.n, min(self._gpus_per_node, self.pool.n), self.pool.nodes)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a request (thread-safe); it stops at its next step boundary."""
@@ -169,7 +178,7 @@ class Engine:
                                                           or asked < self._wake):
                     self._wake = asked
                 if (not self.inflight and self.queue and not self._arrivals
-                        and self._wake is None):
+                        and self._wake is None and not self._down):
                     raise PlanError(f"policy {self.policy.describe()} stalled at t={now:.3f}: "
                                     f"{len(self.queue)} requests wait, nothing runs")
 
@@ -192,8 +201,9 @@ class Engine:
     def _decide(self, now: float) -> float | None:
         """Plan and dispatch; returns the policy's wake-up time, if any."""
         running = [self.by_id[rid] for a, _ in self.inflight.values() for rid in a.requests]
+        free = self.free.difference(self._down)  # workers Ray has not placed again yet
         state = SchedulerState(
-            now=now, cluster=self.cluster, free_gpus=tuple(sorted(self.free)),
+            now=now, cluster=self.cluster, free_gpus=tuple(sorted(free)),
             queue=list(self.queue.values()),
             inflight=[InFlight(a.gpus, a.requests, self._estimated_end(a, t))
                       for a, t in self.inflight.values()],
@@ -204,7 +214,7 @@ class Engine:
         self.res.decisions += 1
         count_reasons(plan, self._last_reason, self.res.reasons, now)
         for a in plan.assignments:
-            members = validate_assignment(a, self.free, self.queue, self.latency)
+            members = validate_assignment(a, free, self.queue, self.latency)
             srcs = [(m.id, self._source(m, a.gpus, now)) for m in members]
             every = self.checkpoint_every
             want = [m.id for m in members if every and m.remaining_steps > a.steps
@@ -214,6 +224,7 @@ class Engine:
                                                    "n": a.steps, "want": want})
             self.inflight[job] = (a, now)
             self.free.difference_update(a.gpus)
+            free.difference_update(a.gpus)
             for m in members:
                 self._notify(m)
         paused = [r for r in self.queue.values() if r.status is Status.RUNNING]
@@ -228,7 +239,8 @@ class Engine:
         if r.gpus and set(r.gpus) == set(gpus):
             return None
         if r.gpus:
-            holder = next((g for g in r.gpus if g not in self.pool.dead()), None)
+            alive = self.pool.alive()
+            holder = next((g for g in r.gpus if g in alive), None)
             blob = None
             if holder is not None:
                 try:
@@ -352,10 +364,18 @@ class Engine:
 
     def _recover(self, now: float) -> bool:
         """Replace newly dead workers; paused requests they held move to surviving copies or go
-        back to their checkpoints."""
+        back to their checkpoints.  Also notices workers coming back (a Ray pool re-placing
+        them, possibly on another node).  Returns whether anything changed."""
+        changed = False
+        down = tuple(self.pool.down())
+        if down != self._down:
+            self._down, changed = down, True
+            cluster = self._cluster()
+            if cluster != self.cluster:
+                self.cluster = cluster
         dead = set(self.pool.dead())
         if not dead:
-            return False
+            return changed
         busy = {rid for a, _ in self.inflight.values() for rid in a.requests}
         for r in list(self.queue.values()):
             if r.id in busy or not set(r.gpus) & dead:
@@ -367,4 +387,5 @@ class Engine:
                 self._roll_back(r, now)
         self.pool.replace(sorted(dead))
         self.res.restarts += len(dead)
+        self._down = tuple(self.pool.down())
         return True

@@ -12,13 +12,13 @@ charges.
   all-gathers K and V along the sequence and each rank attends with its own query shard (correct,
   more bytes).  gloo (CPU) and NCCL both support `all_to_all_single` and `all_gather`.
 - The group is always passed in: no module-level process groups, so the same process can serve
-  different degrees step by step (groups are created once at start-up, see `GroupCache`).
+  different degrees step by step (groups are made by their members on first use, see `GroupCache`).
 """
 
 from __future__ import annotations
 
 import math
-from itertools import combinations
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -149,26 +149,54 @@ def _allgather_kv_attention(q, k, v, mask, group, scale):
 
 
 class GroupCache:
-    """Process groups for every GPU set the scheduler may use, created once at start-up.
+    """Process groups of GPU sets, keyed by global rank tuples, made when a set is first used.
 
-    `new_group` is collective (every rank must call it, in the same order) and slow (GF-DiT measured
-    778 ms per set-up), so all groups of contiguous, aligned rank sets of each allowed size are
-    made up front, and looked up by their rank tuple at run time.
+    Making every set the scheduler might use up front is slow (255 sets for 8 GPUs, far more on a
+    cluster of several nodes) and would be redone each time the world is re-formed after a loss.
+    So the driver asks for a set just before its first job (`WorkerPool` sends a "group" job to
+    every member of the world, in one order): `new_group` must be called by all world ranks in the
+    same order, but non-members return at once and only the members connect.  (Member-only
+    creation, `use_local_synchronization`, names a group after how many groups each process made
+    before, which differs between members that served different sets: they would never meet.)
+
+    `members` are the global ranks (GPU indices) of the current world in world-rank order: after a
+    node is lost the world is re-formed from the survivors, whose world ranks shift while their
+    global ranks, which jobs and the scheduler use, stay.
     """
 
-    def __init__(self, world: int, sizes: tuple[int, ...] = (1, 2, 4, 8),
-                 contiguous_only: bool = True, backend: str | None = None):
+    def __init__(self, members: Iterable[int], backend: str | None = None):
+        self.members = tuple(members)
+        self._world_rank = {g: i for i, g in enumerate(self.members)}
+        self.backend = backend
         self.groups: dict[tuple[int, ...], object] = {}
-        for size in sorted(s for s in sizes if 1 < s <= world):
-            sets = ([tuple(range(i, i + size)) for i in range(0, world - size + 1, size)]
-                    if contiguous_only else list(combinations(range(world), size)))
-            for ranks in sets:
-                self.groups[ranks] = dist.new_group(list(ranks), backend=backend)
 
-    def get(self, ranks: tuple[int, ...]):
+    def world_rank(self, rank: int) -> int:
+        try:
+            return self._world_rank[rank]
+        except KeyError:
+            raise ValueError(f"rank {rank} is not in the current world {self.members}") from None
+
+    def make(self, ranks: Iterable[int]) -> None:
+        """Collective over the world: every member calls it for the same sets in the same order."""
+        ranks = tuple(sorted(ranks))
+        if ranks in self.groups:
+            return
+        missing = [g for g in ranks if g not in self._world_rank]
+        if missing:
+            raise ValueError(f"no process group for ranks {ranks}: {missing} not in the "
+                             f"current world {self.members}")
+        if len(ranks) == len(self.members):
+            self.groups[ranks] = dist.group.WORLD
+        else:
+            self.groups[ranks] = dist.new_group([self._world_rank[g] for g in ranks],
+                                                backend=self.backend)
+
+    def get(self, ranks: Iterable[int]):
         ranks = tuple(sorted(ranks))
         try:
             return self.groups[ranks]
         except KeyError:
-            raise ValueError(f"no process group for ranks {ranks}; made at start-up: "
-                             f"{sorted(self.groups)}") from None
+            if len(ranks) == len(self.members) and set(ranks) == set(self.members):
+                return dist.group.WORLD
+            raise ValueError(f"no process group for ranks {ranks} in the world {self.members}; "
+                             f"made so far: {sorted(self.groups)}") from None

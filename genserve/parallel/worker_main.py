@@ -20,13 +20,44 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import traceback
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ..models.base import StepState
 
 RESTART = "__restart__"  # inbox job kind: leave the old process group, join a new world
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker of a pool loads and how it behaves; plain data, sent to each process.
+
+    `faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit", "step": k, "rank": r}}.
+    `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory."""
+
+    presets: tuple[str, ...]
+    model_path: str | None = None
+    device: str = "cpu"
+    timeout_s: float = 60.0
+    faults: dict = field(default_factory=dict)
+    min_free_bytes: int = 2 << 30
+
+
+def rendezvous(init, rank: int, members: tuple[int, ...], backend: str, timeout_s: float) -> None:
+    """Join the world of `members` (global ranks, in world-rank order).  `init` is a URL
+    (file:// on one machine) or ("store", host, port, prefix): a TCPStore the driver hosts, with a
+    fresh prefix for each world, so a re-formed world never sees the old one's keys."""
+    import torch.distributed as dist
+
+    kw = dict(rank=members.index(rank), world_size=len(members),
+              timeout=timedelta(seconds=timeout_s))
+    if isinstance(init, str):
+        dist.init_process_group(backend, init_method=init, **kw)
+        return
+    _, host, port, prefix = init
+    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), **kw)
 
 
 class Store:
@@ -121,9 +152,10 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def worker_main(rank: int, world: int, init: str, presets: tuple[str, ...],
-                model_path: str | None, device: str, timeout_s: float, faults: dict,
-                min_free_bytes: int, inbox, ctl, outbox) -> None:
+def worker_main(rank: int, spec: WorkerSpec, init, members: tuple[int, ...], inbox, ctl, outbox,
+                device_index: int | None = None) -> None:
+    """Serve jobs as global rank `rank` of the world `members`.  `device_index`: the CUDA device
+    to use (default: `rank`, one machine; Ray gives each actor one visible GPU, index 0)."""
     import torch
     import torch.distributed as dist
 
@@ -132,32 +164,34 @@ def worker_main(rank: int, world: int, init: str, presets: tuple[str, ...],
     from .ulysses import GroupCache
 
     torch.set_num_threads(int(os.environ.get("GENSERVE_WORKER_THREADS", "1")))
-    dev = device if device == "cpu" else f"{device}:{rank}"
-    backend = "gloo" if device == "cpu" else "nccl"
+    faults = spec.faults
+    dev = "cpu" if spec.device == "cpu" else \
+        f"{spec.device}:{rank if device_index is None else device_index}"
+    backend = "gloo" if spec.device == "cpu" else "nccl"
 
-    def join(init_method: str) -> GroupCache:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
-        # Every subset up to one 8-GPU node (the scheduler may pick any free GPUs of a node);
-        # beyond that only aligned contiguous sets, to bound start-up.
-        return GroupCache(world, contiguous_only=world > 8)
+    def join(init_, members_) -> GroupCache:
+        rendezvous(init_, rank, tuple(members_), backend, spec.timeout_s)
+        return GroupCache(members_)
 
     try:
-        groups = join(init)
-        adapters = {p: load_preset(p, model_path, dev) for p in presets}
+        groups = join(init, members)
+    except Exception:  # noqa: BLE001 - a member never came: die, the pool replaces this worker
+        traceback.print_exc()
+        os._exit(3)
+    try:
+        adapters = {p: load_preset(p, spec.model_path, dev) for p in spec.presets}
         sps = {p: install(ad.transformer) for p, ad in adapters.items()}
     except Exception as e:  # e.g. a bad checkpoint path: tell the driver, then exit
         outbox.put(("failed", rank, f"worker {rank} could not start: {e}"))
         return
-    store = Store(dev, min_free_bytes)
+    store = Store(dev, spec.min_free_bytes)
     cancelled: set[str] = set()
     threading.Thread(target=_control_loop, args=(ctl, outbox, store, cancelled, rank),
                      daemon=True).start()
     outbox.put(("ready", rank, None))
 
     def group_of(ranks):
-        return (None if len(ranks) == 1 else dist.group.WORLD if len(ranks) == world
-                else groups.get(ranks))
+        return None if len(ranks) == 1 else groups.get(ranks)
 
     def run(ranks, p) -> dict:
         """The engine's job: prepare new requests, take the others from the payload or the store,
@@ -178,7 +212,8 @@ def worker_main(rank: int, world: int, init: str, presets: tuple[str, ...],
         group = group_of(ranks)
         with sps[adapter.name].use(group):
             for _ in range(p["n"]):
-                states = _drop_cancelled(states, cancelled, ranks, group, out, dist, torch)
+                states = _drop_cancelled(states, cancelled, groups.world_rank(ranks[0]), group,
+                                         out, dist, torch)
                 if not states:
                     break
                 states = _step(adapter, states, faults, rank, len(ranks), out, torch)
@@ -207,9 +242,16 @@ def worker_main(rank: int, world: int, init: str, presets: tuple[str, ...],
             break
         job_id, kind, ranks, payload = job
         try:
-            if kind == RESTART:  # a member died: every survivor joins the replacement's world
+            if kind == RESTART:  # a member was lost: every survivor joins the new world
                 dist.destroy_process_group()
-                groups = join(payload)
+                try:
+                    groups = join(*payload)
+                except Exception:  # noqa: BLE001 - as at start: die and be replaced
+                    traceback.print_exc()
+                    os._exit(3)
+                continue
+            if kind == "group":  # every member of the world, in one order (see GroupCache)
+                groups.make(payload)
                 continue
             if kind == "run":
                 out = run(ranks, payload)
@@ -246,13 +288,14 @@ def worker_main(rank: int, world: int, init: str, presets: tuple[str, ...],
     dist.destroy_process_group()
 
 
-def _drop_cancelled(states, cancelled, ranks, group, out, dist, torch):
+def _drop_cancelled(states, cancelled, src: int, group, out, dist, torch):
+    """`src`: the world rank of the job's first member, whose view wins."""
     if not cancelled and group is None:
         return states
     flags = [s.request_id in cancelled for s in states]
     if group is not None:  # the first rank's view wins, so every member drops the same requests
         t = torch.tensor(flags, dtype=torch.uint8)
-        dist.broadcast(t, src=ranks[0], group=group)
+        dist.broadcast(t, src=src, group=group)
         flags = [bool(x) for x in t.tolist()]
     keep = []
     for s, f in zip(states, flags):

@@ -1,4 +1,4 @@
-"""Worker processes: one per device, one torch.distributed world, groups made once at start-up.
+"""Worker processes: one per device, one torch.distributed world, groups made on first use.
 
 The driver (the engine, or `genserve generate --sp K`) never loads a model: it sends jobs to the
 workers (`worker_main.py`) and receives results.  A job names its ranks (the GPU set; SP degree = its
@@ -14,6 +14,9 @@ noticed within `poll_s`: its pending jobs end as lost (`WorkerLost` from `wait`,
 `result`), the other workers stay usable for groups that do not include it, and `replace(rank)`
 starts a new process in its place; the survivors join the new world between two of their jobs,
 keeping their models and resident states.
+
+`PoolBase` holds what does not depend on where the workers run; `WorkerPool` runs them as processes
+of this machine, `genserve.cluster.RayWorkerPool` as Ray actors across nodes.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import tempfile
 import time
 
 from ..models.base import GenRequest, StepState
-from .worker_main import RESTART, worker_main
+from .worker_main import RESTART, WorkerSpec, worker_main
 
 
 class WorkerError(RuntimeError):
@@ -37,63 +40,55 @@ class WorkerLost(RuntimeError):
     """A worker process died while the driver waited for it."""
 
 
-class WorkerPool:
-    """`n` worker processes serving one or more presets; jobs run on any subset of them."""
+class PoolBase:
+    """Job bookkeeping shared by the process pool (one machine) and the Ray pool (a cluster).
 
-    def __init__(self, preset: str | tuple[str, ...], n: int, model_path: str | None = None,
-                 device: str = "cpu", collective_timeout_s: float = 60.0,
-                 start_timeout_s: float = 300.0, poll_s: float = 0.2,
-                 faults: dict | None = None, min_free_bytes: int = 2 << 30):
-        """`faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit", "step": k,
-        "rank": r (optional)}} makes the workers fail that request at that step.
-        `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory."""
-        if n < 1:
-            raise ValueError(f"workers must be >= 1, got {n}")
-        self.n, self.poll_s = n, poll_s
-        self.presets = (preset,) if isinstance(preset, str) else tuple(preset)
-        self._cfg = (model_path, device, collective_timeout_s, min_free_bytes)
-        self._ctx = mp.get_context("spawn")
-        self._dir = tempfile.TemporaryDirectory(prefix="genserve-rdzv-")
-        self._generation = 0
-        self._inboxes = [self._ctx.Queue() for _ in range(n)]
-        self._ctls = [self._ctx.Queue() for _ in range(n)]
-        self._outbox = self._ctx.Queue()
-        self.procs: list = [None] * n
+    A transport gives each worker an inbox (jobs, run in order), a control queue (served while
+    the worker computes) and one shared outbox back to the driver; subclasses provide them
+    (`_send`, `_send_ctl`, `_recv`), liveness (`_alive`, `_death`) and the life cycle.
+    """
+
+    n: int
+    presets: tuple[str, ...]
+    poll_s: float
+    restarts: int = 0
+
+    def _init_books(self) -> None:
         self._ids = itertools.count()
         self._results: dict[int, tuple[str, object]] = {}
         self._jobs: dict[int, tuple[int, ...]] = {}
         self._ctl_results: dict[int, object] = {}
         self._starting: dict[int, float] = {}
-        init = self._init_path()
-        for r in range(n):
-            self._spawn(r, init, faults or {})
-        self._await_ready(start_timeout_s)
-        self.restarts = 0
+        self._members: tuple[int, ...] = tuple(range(self.n))  # the current world
+        self._made: set[tuple[int, ...]] = set()  # its process groups
 
-    def _init_path(self) -> str:
-        self._generation += 1
-        return f"file://{os.path.join(self._dir.name, f'rdzv{self._generation}')}"
+    # ----- transport (subclasses) -----
+    def _send(self, rank: int, msg) -> None:
+        raise NotImplementedError
 
-    def _spawn(self, rank: int, init: str, faults: dict) -> None:
-        model_path, device, timeout_s, min_free = self._cfg
-        p = self._ctx.Process(target=worker_main, daemon=True,
-                              args=(rank, self.n, init, self.presets, model_path, device,
-                                    timeout_s, faults, min_free, self._inboxes[rank],
-                                    self._ctls[rank], self._outbox))
-        p.start()
-        self.procs[rank] = p
-        self._starting[rank] = time.monotonic()
+    def _send_ctl(self, rank: int, msg) -> None:
+        raise NotImplementedError
 
-    def _await_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self._starting:
-            if time.monotonic() > deadline:
-                self.close()
-                raise WorkerLost(f"workers did not start within {timeout_s:.0f} s")
-            try:
-                self._route(self._outbox.get(timeout=self.poll_s))
-            except queue.Empty:
-                self._check_alive(list(self._starting), "start-up")
+    def _recv(self, timeout_s: float):
+        """One message from the outbox; raises queue.Empty (timeout_s 0: do not wait)."""
+        raise NotImplementedError
+
+    def _alive(self, rank: int) -> bool:
+        raise NotImplementedError
+
+    def _death(self, rank: int) -> str:
+        """How worker `rank` died, for messages."""
+        raise NotImplementedError
+
+    def down(self) -> list[int]:
+        """Workers that are being replaced and take no jobs yet (none on one machine: there a
+        replacement starts at once and jobs queue behind its start-up)."""
+        return []
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        """The node of each worker, as small integers; empty: all on this machine."""
+        return ()
 
     def _route(self, msg) -> None:
         tag, key, out = msg
@@ -107,36 +102,50 @@ class WorkerPool:
         elif key in self._jobs and key not in self._results:  # late results of lost jobs: dropped
             self._results[key] = (tag, out)
 
+    def _await_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._starting:
+            if time.monotonic() > deadline:
+                self.close()
+                raise WorkerLost(f"workers {sorted(self._starting)} did not start within "
+                                 f"{timeout_s:.0f} s")
+            try:
+                self._route(self._recv(self.poll_s))
+            except queue.Empty:
+                self._check_alive(list(self._starting), "start-up")
+
     # ----- jobs -----
     def submit(self, kind: str, ranks: tuple[int, ...], payload) -> int:
         ranks = tuple(sorted(ranks))
         if not ranks or ranks[0] < 0 or ranks[-1] >= self.n or len(set(ranks)) != len(ranks):
             raise ValueError(f"ranks {ranks} are not distinct workers of 0..{self.n - 1}")
         self._check_alive(ranks, "submit")
+        if len(ranks) > 1 and ranks not in self._made:
+            # First job of this set in this world: every member makes its group, in one order.
+            for r in self._members:
+                self._send(r, (None, "group", (r,), ranks))
+            self._made.add(ranks)
         job_id = next(self._ids)
         self._jobs[job_id] = ranks
         for r in ranks:
-            self._inboxes[r].put((job_id, kind, ranks, payload))
+            self._send(r, (job_id, kind, ranks, payload))
         return job_id
 
     def finished(self, timeout_s: float = 0.0) -> list[int]:
         """Jobs that ended (waiting up to `timeout_s` for the first): a result arrived, or a
         member died (the job is then lost; see `result`)."""
         try:
-            first = (self._outbox.get(timeout=timeout_s) if timeout_s > 0
-                     else self._outbox.get_nowait())
-            self._route(first)
+            self._route(self._recv(timeout_s))
             while True:  # drain what is there, wait no more
-                self._route(self._outbox.get_nowait())
+                self._route(self._recv(0.0))
         except queue.Empty:
             pass
         for jid, ranks in self._jobs.items():
             if jid in self._results:
                 continue
-            dead = [r for r in ranks if not self.procs[r].is_alive()]
+            dead = [r for r in ranks if not self._alive(r)]
             if dead:
-                self._results[jid] = ("lost", f"worker {dead[0]} died (exit code "
-                                              f"{self.procs[dead[0]].exitcode}) during job {jid}")
+                self._results[jid] = ("lost", f"{self._death(dead[0])} during job {jid}")
         return [j for j in self._results if j in self._jobs]
 
     def result(self, job_id: int) -> tuple[str, object]:
@@ -146,9 +155,9 @@ class WorkerPool:
         ranks = self._jobs.pop(job_id)
         if tag == "error" and len(ranks) > 1:
             time.sleep(self.poll_s)  # the survivors' error can beat the death notice
-            dead = [r for r in ranks if not self.procs[r].is_alive()]
+            dead = [r for r in ranks if not self._alive(r)]
             if dead:
-                return "lost", f"worker {dead[0]} died (exit code {self.procs[dead[0]].exitcode})"
+                return "lost", self._death(dead[0])
         return tag, out
 
     def wait(self, job_id: int, timeout_s: float | None = None):
@@ -168,14 +177,14 @@ class WorkerPool:
     def fetch(self, rank: int, rids: list[str], timeout_s: float = 60.0) -> dict[str, bytes]:
         """Take the resident states of `rids` off worker `rank` (they leave it)."""
         req = next(self._ids)
-        self._ctls[rank].put(("fetch", req, list(rids)))
+        self._send_ctl(rank, ("fetch", req, list(rids)))
         deadline = time.monotonic() + timeout_s
         while req not in self._ctl_results:
             self._check_alive((rank,), "fetch")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"fetch from worker {rank} took over {timeout_s} s")
             try:
-                self._route(self._outbox.get(timeout=self.poll_s))
+                self._route(self._recv(self.poll_s))
             except queue.Empty:
                 continue
         out = self._ctl_results.pop(req)
@@ -186,14 +195,14 @@ class WorkerPool:
     def drop(self, ranks, rids: list[str]) -> None:
         """Forget resident states (a request moved, finished elsewhere, failed or was cancelled)."""
         for r in ranks:
-            if self.procs[r].is_alive():
-                self._ctls[r].put(("drop", None, list(rids)))
+            if self._alive(r):
+                self._send_ctl(r, ("drop", None, list(rids)))
 
     def cancel(self, ranks, rids: list[str]) -> None:
         """Stop stepping `rids` at the next step boundary of the job that holds them."""
         for r in ranks:
-            if self.procs[r].is_alive():
-                self._ctls[r].put(("cancel", None, list(rids)))
+            if self._alive(r):
+                self._send_ctl(r, ("cancel", None, list(rids)))
 
     # ----- the simple API: states travel with every call -----
     def prepare(self, reqs: list[GenRequest], rank: int = 0, model: str | None = None
@@ -212,18 +221,99 @@ class WorkerPool:
     def decode(self, states: list[StepState], rank: int = 0):
         return self.wait(self.submit("decode", (rank,), [s.to_bytes() for s in states]))
 
-    # ----- lifecycle -----
+    # ----- liveness -----
     def _check_alive(self, ranks, what: str) -> None:
         for r in ranks:
-            p = self.procs[r]
-            if not p.is_alive():
-                raise WorkerLost(f"worker {r} died (exit code {p.exitcode}) during {what}")
+            if not self._alive(r):
+                raise WorkerLost(f"{self._death(r)} during {what}")
 
     def alive(self) -> list[int]:
-        return [r for r, p in enumerate(self.procs) if p.is_alive()]
+        return [r for r in range(self.n) if self._alive(r)]
 
     def dead(self) -> list[int]:
-        return [r for r, p in enumerate(self.procs) if not p.is_alive()]
+        """Workers that died and are not yet being replaced (see `replace`)."""
+        down = set(self.down())
+        return [r for r in range(self.n) if not self._alive(r) and r not in down]
+
+    def _lose_jobs_of(self, ranks) -> None:
+        for jid, members in self._jobs.items():  # their results can no longer come
+            if jid not in self._results and set(members) & set(ranks):
+                self._results[jid] = ("lost", f"worker(s) {sorted(ranks)} died during job {jid}")
+
+    def ready(self) -> bool:
+        """Whether every replacement worker has started (without blocking)."""
+        self.finished(timeout_s=0.0)
+        for r in list(self._starting):
+            if not self._alive(r):
+                raise WorkerLost(f"replacement {self._death(r)} during start-up")
+        return not self._starting
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WorkerPool(PoolBase):
+    """`n` worker processes on this machine serving one or more presets; jobs run on any subset."""
+
+    def __init__(self, preset: str | tuple[str, ...], n: int, model_path: str | None = None,
+                 device: str = "cpu", collective_timeout_s: float = 60.0,
+                 start_timeout_s: float = 300.0, poll_s: float = 0.2,
+                 faults: dict | None = None, min_free_bytes: int = 2 << 30):
+        """`faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit", "step": k,
+        "rank": r (optional)}} makes the workers fail that request at that step.
+        `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory."""
+        if n < 1:
+            raise ValueError(f"workers must be >= 1, got {n}")
+        self.n, self.poll_s = n, poll_s
+        self.presets = (preset,) if isinstance(preset, str) else tuple(preset)
+        self.spec = WorkerSpec(self.presets, model_path, device, collective_timeout_s,
+                               dict(faults or {}), min_free_bytes)
+        self._ctx = mp.get_context("spawn")
+        self._dir = tempfile.TemporaryDirectory(prefix="genserve-rdzv-")
+        self._generation = 0
+        self._inboxes = [self._ctx.Queue() for _ in range(n)]
+        self._ctls = [self._ctx.Queue() for _ in range(n)]
+        self._outbox = self._ctx.Queue()
+        self.procs: list = [None] * n
+        self._init_books()
+        init = self._init_path()
+        for r in range(n):
+            self._spawn(r, init, self.spec)
+        self._await_ready(start_timeout_s)
+        self.restarts = 0
+
+    def _init_path(self) -> str:
+        self._generation += 1
+        return f"file://{os.path.join(self._dir.name, f'rdzv{self._generation}')}"
+
+    def _spawn(self, rank: int, init: str, spec: WorkerSpec) -> None:
+        p = self._ctx.Process(target=worker_main, daemon=True,
+                              args=(rank, spec, init, tuple(range(self.n)), self._inboxes[rank],
+                                    self._ctls[rank], self._outbox))
+        p.start()
+        self.procs[rank] = p
+        self._starting[rank] = time.monotonic()
+
+    def _send(self, rank: int, msg) -> None:
+        self._inboxes[rank].put(msg)
+
+    def _send_ctl(self, rank: int, msg) -> None:
+        self._ctls[rank].put(msg)
+
+    def _recv(self, timeout_s: float):
+        return self._outbox.get(timeout=timeout_s) if timeout_s > 0 else self._outbox.get_nowait()
+
+    def _alive(self, rank: int) -> bool:
+        return self.procs[rank].is_alive()
+
+    def _death(self, rank: int) -> str:
+        return f"worker {rank} died (exit code {self.procs[rank].exitcode})"
 
     def replace(self, ranks: list[int]) -> None:
         """Start new processes for dead workers `ranks`; the survivors leave the old world after
@@ -232,27 +322,20 @@ class WorkerPool:
         ranks = sorted(set(ranks))
         if any(self.procs[r].is_alive() for r in ranks):
             raise ValueError(f"replace: worker(s) {ranks} are not all dead")
-        for jid, members in self._jobs.items():  # their results can no longer come
-            if jid not in self._results and set(members) & set(ranks):
-                self._results[jid] = ("lost", f"worker(s) {ranks} died during job {jid}")
+        self._lose_jobs_of(ranks)
         init = self._init_path()
+        # Injected faults do not follow a worker into its successor.
+        spec = WorkerSpec(self.spec.presets, self.spec.model_path, self.spec.device,
+                          self.spec.timeout_s, {}, self.spec.min_free_bytes)
         for r in ranks:
             # A new queue: the dead process may have died holding the old ones' locks.
             self._inboxes[r], self._ctls[r] = self._ctx.Queue(), self._ctx.Queue()
-            self._spawn(r, init, {})  # injected faults do not follow a worker into its successor
+            self._spawn(r, init, spec)
+        self._made = set()
         for r in range(self.n):
             if r not in ranks:
-                self._inboxes[r].put((None, RESTART, (r,), init))
+                self._inboxes[r].put((None, RESTART, (r,), (init, self._members)))
         self.restarts += len(ranks)
-
-    def ready(self) -> bool:
-        """Whether every replacement worker has started (without blocking)."""
-        self.finished(timeout_s=0.0)
-        for r in list(self._starting):
-            if not self.procs[r].is_alive():
-                raise WorkerLost(f"replacement worker {r} died during start-up (exit code "
-                                 f"{self.procs[r].exitcode})")
-        return not self._starting
 
     def close(self) -> None:
         for q in [*self._inboxes, *self._ctls, self._outbox]:
@@ -267,9 +350,3 @@ class WorkerPool:
             if p.is_alive():
                 p.kill()
         self._dir.cleanup()
-
-    def __enter__(self) -> "WorkerPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -18,19 +18,32 @@ from ..request import Request
 
 @dataclass(frozen=True)
 class Cluster:
+    """GPUs 0..num_gpus-1 and the node each sits on: `nodes[g]` when given (a Ray cluster's real
+    layout, nodes of any size), else `g // gpus_per_node` (a uniform simulated cluster)."""
+
     num_gpus: int
     gpus_per_node: int = 8
+    nodes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_gpus < 1 or self.gpus_per_node < 1:
             raise ValueError(f"cluster needs >= 1 GPU and >= 1 GPU per node, got "
                              f"{self.num_gpus} GPUs, {self.gpus_per_node} per node")
+        if self.nodes and len(self.nodes) != self.num_gpus:
+            raise ValueError(f"cluster: nodes names {len(self.nodes)} GPUs' nodes, but there are "
+                             f"{self.num_gpus} GPUs")
 
     def node(self, gpu: int) -> int:
-        return gpu // self.gpus_per_node
+        return self.nodes[gpu] if self.nodes else gpu // self.gpus_per_node
 
     def spans_nodes(self, gpus: tuple[int, ...]) -> bool:
-        return len({g // self.gpus_per_node for g in gpus}) > 1
+        return len({self.node(g) for g in gpus}) > 1
+
+    def node_sizes(self) -> dict[int, int]:
+        sizes: dict[int, int] = {}
+        for g in range(self.num_gpus):
+            sizes[self.node(g)] = sizes.get(self.node(g), 0) + 1
+        return sizes
 
 
 @dataclass(frozen=True)

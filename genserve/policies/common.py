@@ -16,10 +16,16 @@ class GpuPool:
     Placement rules, in order: reuse the GPUs that already hold the request's state (no move);
     stay inside one node (NVLink), best fit so big groups keep whole nodes; span nodes only when no
     node has room (the latency model then charges cross-node bandwidth).
+
+    `aware=False` is the topology-blind placement a scheduler that does not know the nodes would
+    make (the baseline of the topology experiment): it still reuses the request's GPUs when they
+    are all free (state locality, not topology), else takes the lowest-index free GPUs, whatever
+    nodes they are on; `allow_span` means nothing to it.
     """
 
-    def __init__(self, free: Iterable[int], cluster: Cluster):
+    def __init__(self, free: Iterable[int], cluster: Cluster, aware: bool = True):
         self.cluster = cluster
+        self.aware = aware
         self.by_node: dict[int, list[int]] = {}
         self.count = 0
         for g in sorted(free):
@@ -36,6 +42,8 @@ class GpuPool:
              ) -> tuple[int, ...] | None:
         if k < 1 or len(self) < k:
             return None
+        if not self.aware:
+            return self._take_blind(k, prefer)
         if prefer:
             mine = [g for g in prefer if g in self.by_node.get(self.cluster.node(g), ())]
             if len(mine) >= k and not self.cluster.spans_nodes(tuple(mine[:k])):
@@ -60,6 +68,13 @@ class GpuPool:
             if len(picked) == k:
                 break
         return self._remove(picked)
+
+    def _take_blind(self, k: int, prefer: tuple[int, ...]) -> tuple[int, ...]:
+        free = sorted(g for v in self.by_node.values() for g in v)
+        keep: list[int] = []
+        if prefer and set(prefer) <= set(free):
+            keep = sorted(prefer)[:k]  # the request's own GPUs (growing keeps them all)
+        return self._remove(keep + [g for g in free if g not in keep][: k - len(keep)])
 
     def take_exact(self, gpus: tuple[int, ...]) -> tuple[int, ...]:
         return self._remove(list(gpus))

@@ -27,8 +27,15 @@ At every decision point (arrival, a quantum done, a wake-up) the whole queue is 
    linearly, so this is nearly free in GPU time and buys slack for later preemptions), then
    best-effort work runs on what is left beyond the reserve.
 
+7. Topology (clusters of several nodes).  GPUs are placed inside one node (NVLink) when one has
+   room.  When the degree a request wants fits in no node, SP spans nodes only if it pays: the
+   cross-node step time at that degree (all-to-all over the slow link) must be strictly below the
+   intra-node step time of the largest allowed degree that fits in one node, else that smaller
+   degree is taken inside one node (fewer GPUs and at least as fast).
+
 Mechanisms switch off for ablation: preempt (started videos always continue), elastic_sp (videos
-keep their default degree), batch, reserve, peak, admission (deadline order instead), hold.
+keep their default degree), batch, reserve, peak, admission (deadline order instead), hold,
+topology (topology-blind placement: lowest-index free GPUs, wherever they are).
 """
 
 from __future__ import annotations
@@ -66,15 +73,16 @@ class _Batch:
 @register("genserve-nopreempt", preempt=False)
 @register("genserve-nosp", elastic_sp=False)
 @register("genserve-nobatch", batch=False)
+@register("genserve-blind", topology=False)
 class GenServe(Policy):
     params = {"preempt": bool, "elastic_sp": bool, "batch": bool, "reserve": bool,
               "admission": bool, "hold": bool, "peak": bool, "window_s": float,
               "headroom": float, "min_reserve": int, "boost_efficiency": float, "max_batch": int,
-              "be_step_s": float}
+              "be_step_s": float, "topology": bool}
     defaults = {"preempt": True, "elastic_sp": True, "batch": True, "reserve": True,
                 "admission": True, "window_s": 120.0, "headroom": 2.0, "min_reserve": 1,
                 "hold": True, "peak": True, "boost_efficiency": 0.75, "max_batch": 8,
-                "be_step_s": 2.0}
+                "be_step_s": 2.0, "topology": True}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -179,7 +187,7 @@ class GenServe(Policy):
         self._observe(s)
         now = s.now
         plan = Plan()
-        pool = GpuPool(s.free_gpus, s.cluster)
+        pool = GpuPool(s.free_gpus, s.cluster, aware=self.config["topology"])
         images, videos, hopeless = [], [], []
         pinned_ok = not self.config["preempt"]
         for r in s.queue:
@@ -215,7 +223,8 @@ class GenServe(Policy):
             videos = [v for v in videos if v[0].status is not Status.RUNNING]
             for r, inf, k in started:
                 k = max(k, len(r.gpus)) if self.config["elastic_sp"] else len(r.gpus)
-                gpus = pool.take(k, prefer=r.gpus) or pool.take(len(r.gpus), prefer=r.gpus)
+                gpus = (self._take(r, inf, k, pool, s)
+                        or self._take(r, inf, len(r.gpus), pool, s))
                 if gpus is not None:
                     budget -= len(gpus)
                     planned.append((r, inf, Assignment(gpus, (r.id,), 1)))
@@ -262,7 +271,7 @@ class GenServe(Policy):
             fits = not is_fresh or committed + k <= (s.cluster.num_gpus if privileged
                                                      else video_share)
             if fits:
-                gpus = pool.take(k, prefer=r.gpus)
+                gpus = self._take(r, inf, k, pool, s)
             if gpus is None:
                 if not is_fresh:
                     plan.reasons[r.id] = (PREEMPTED_FOR_URGENT if r.status is Status.RUNNING
@@ -292,6 +301,24 @@ class GenServe(Policy):
         if wake:
             plan.wake_at = min(wake)
         return plan
+
+    def _take(self, r: Request, inf: _Info, k: int, pool: GpuPool, s: SchedulerState
+              ) -> tuple[int, ...] | None:
+        """Take `k` GPUs for `r`, spanning nodes only if it pays.
+
+        The pool stays inside one node whenever one has `k` free.  When none has, `k` GPUs over
+        several nodes pay all-to-all over the slow link every step; the largest allowed degree that
+        fits in one node is the alternative.  Span only if the spanning step is strictly faster:
+        otherwise the smaller degree is at least as fast on fewer GPUs, and the rest stay free for
+        others.  (Batch of 1: placement starts an assignment alone, images join it later.)
+        """
+        if not self.config["topology"] or len(pool) < k or pool.max_in_node() >= k:
+            return pool.take(k, prefer=r.gpus)  # blind, no room at all, or fits in one node
+        inside = [d for d in self._options(r, inf) if d <= pool.max_in_node()]
+        if inside and not (s.latency.step_time(r.model, inf.tokens, 1, k, cross_node=True)
+                           < inf.step[inside[-1]]):
+            return pool.take(inside[-1], prefer=r.gpus)
+        return pool.take(k, prefer=r.gpus)  # spanning is faster (or the only degree allowed)
 
     def _start_time(self, r: Request, inf: _Info, pool: GpuPool, planned, s: SchedulerState
                     ) -> float | None:
@@ -337,7 +364,7 @@ class GenServe(Policy):
         for r, inf, k in images:
             if self.config["batch"] and self._join(r, inf, batches.get(r.shape, ()), pool, s):
                 continue
-            gpus = pool.take(k, prefer=r.gpus)
+            gpus = self._take(r, inf, k, pool, s)
             if gpus is None:  # waits for the next GPUs to free up
                 plan.reasons[r.id] = NO_GPU
                 continue
@@ -353,9 +380,9 @@ class GenServe(Policy):
             n = len(b.members) + 1
             if n > self.config["max_batch"]:
                 continue
-            k = len(b.gpus)
-            t_new = lat.step_time(r.model, b.tokens, n, k)
-            t_cur = lat.step_time(r.model, b.tokens, n - 1, k)
+            k, cross = len(b.gpus), s.cluster.spans_nodes(b.gpus)  # a spanning batch pays more
+            t_new = lat.step_time(r.model, b.tokens, n, k, cross)
+            t_cur = lat.step_time(r.model, b.tokens, n - 1, k, cross)
             cheap = (t_new - t_cur) <= 0.25 * inf.step.get(k, t_new)
             if not cheap and len(pool) > 0:
                 continue
@@ -409,7 +436,7 @@ class GenServe(Policy):
                 continue
             # Short steps keep best-effort work preemptible; images just run to completion.
             k = next((d for d in opts if inf.step[d] <= self.config["be_step_s"]), opts[-1])
-            gpus = pool.take(k, prefer=r.gpus)
+            gpus = self._take(r, inf, k, pool, s)
             if gpus is None:
                 continue
             steps = r.remaining_steps if r.kind is Kind.IMAGE else 1

@@ -11,8 +11,12 @@ from ..catalog import MODELS
 class ServeConfig:
     # Presets the workers load (tiny random-weight ones by default: no weights needed).
     presets: tuple[str, ...] = ("tiny-t2i", "tiny-t2v")
-    workers: int = 2
+    workers: int = 2              # with ray: 0 = one per GPU of the Ray cluster
     device: str = "cpu"
+    # A Ray cluster to run the workers on ("auto": the one `ray start` made here; an address
+    # host:port otherwise); None: worker processes on this machine.
+    ray: str | None = None
+    ray_cpus_per_worker: float = 1.0
     model_path: str | None = None
     policy: str = "genserve"
     # Latency profile the policy plans with: "measure" profiles the workers at start-up (seconds
@@ -43,8 +47,13 @@ class ServeConfig:
         if not self.presets or unknown:
             problems.append(f"presets {list(self.presets)}: unknown {unknown}; known: "
                             f"{', '.join(MODELS)}")
-        if self.workers < 1:
-            problems.append(f"workers={self.workers}: must be >= 1")
+        if self.workers < (0 if self.ray and self.device != "cpu" else 1):
+            problems.append(f"workers={self.workers}: must be >= 1"
+                            + (" (0: every GPU of the Ray cluster)" if self.ray else ""))
+        if self.ray is not None and not self.ray.strip():
+            problems.append("ray: an address (host:port) or 'auto'")
+        if self.ray_cpus_per_worker <= 0:
+            problems.append(f"ray_cpus_per_worker={self.ray_cpus_per_worker}: must be > 0")
         if not 0 < self.port < 65536:
             problems.append(f"port={self.port}: must be in 1..65535")
         if self.max_waiting_images < 1 or self.max_waiting_videos < 1:

@@ -114,8 +114,13 @@ class Service:
         from ..profiler import profile_workers, write_profile
 
         cfg = self.cfg
-        self.pool = WorkerPool(cfg.presets, cfg.workers, cfg.model_path,
-                               "cpu" if cfg.device == "cpu" else "cuda")
+        device = "cpu" if cfg.device == "cpu" else "cuda"
+        if cfg.ray:
+            from ..cluster import RayWorkerPool
+            self.pool = RayWorkerPool(cfg.presets, cfg.workers or None, cfg.model_path, device,
+                                      address=cfg.ray, cpus_per_worker=cfg.ray_cpus_per_worker)
+        else:
+            self.pool = WorkerPool(cfg.presets, cfg.workers, cfg.model_path, device)
         if cfg.profile == "measure":
             prof_dir = self.results / ".profile"
             write_profile(prof_dir, "local", *profile_workers(list(cfg.presets), (1, 2, 4),

@@ -119,6 +119,11 @@ class SimResult:
     migrations: int
     reasons: Counter = field(default_factory=Counter)
     decision_wall_s: list[float] = field(default_factory=list)
+    # Quanta started, and those (and their GPU-seconds) whose GPUs span nodes.  None where the
+    # executor does not count them (the real engine).
+    quanta: int | None = None
+    cross_node_quanta: int | None = None
+    cross_node_gpu_s: float | None = None
 
 
 class Simulator:
@@ -141,8 +146,8 @@ class Simulator:
         free = set(range(self.cluster.num_gpus))
         queue: dict[str, Request] = {}          # active, not in flight
         inflight: dict[int, InFlight] = {}      # keyed by event seq
-        busy = 0.0
-        decisions = preemptions = migrations = 0
+        busy = cross_busy = 0.0
+        decisions = preemptions = migrations = quanta = cross_quanta = 0
         reasons: Counter = Counter()
         walls: list[float] = []
         now = 0.0
@@ -190,6 +195,10 @@ class Simulator:
                 dur, moved = self._start(a, now, free, queue, by_id)
                 migrations += moved
                 busy += dur * len(a.gpus)
+                quanta += 1
+                if self.cluster.spans_nodes(a.gpus):
+                    cross_quanta += 1
+                    cross_busy += dur * len(a.gpus)
                 inflight[seq] = InFlight(a.gpus, a.requests, now + dur)
                 heapq.heappush(heap, (now + dur, QUANTUM_DONE, seq, a.steps))
                 seq += 1
@@ -204,9 +213,12 @@ class Simulator:
                                 f"{len(queue)} requests wait, {len(free)} GPUs idle, nothing runs")
         for job in inflight.values():  # horizon cut: count the part that ran
             busy -= (job.end - now) * len(job.gpus)
+            if self.cluster.spans_nodes(job.gpus):
+                cross_busy -= (job.end - now) * len(job.gpus)
         return SimResult(requests=list(requests), num_gpus=self.cluster.num_gpus, busy_gpu_s=busy,
                          end_time=now, decisions=decisions, preemptions=preemptions,
-                         migrations=migrations, reasons=reasons, decision_wall_s=walls)
+                         migrations=migrations, reasons=reasons, decision_wall_s=walls,
+                         quanta=quanta, cross_node_quanta=cross_quanta, cross_node_gpu_s=cross_busy)
 
     def _start(self, a: Assignment, now: float, free: set[int], queue: dict[str, Request],
                by_id: dict[str, Request]) -> tuple[float, int]:
