@@ -77,7 +77,7 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
                     continue  # a CFG request is a transformer batch of 2: only even batches
                 # The whole step the engine runs (forward, guidance, each request's scheduler
                 # update), not the bare forward: on small models the rest is not negligible.
-                states = [StepState.from_bytes(blob) for _ in range(b // per_request)]
+                states = [StepState.from_bytes(blob).to(device) for _ in range(b // per_request)]
                 for i, st in enumerate(states):
                     st.request_id = f"profile-{i}"
                 ms = _median_ms(lambda: adapter.step(states), reps, sync)

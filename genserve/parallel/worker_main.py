@@ -186,8 +186,9 @@ def worker_main(rank: int, spec: WorkerSpec, init, members: tuple[int, ...], inb
         return
     store = Store(dev, spec.min_free_bytes)
     cancelled: set[str] = set()
-    threading.Thread(target=_control_loop, args=(ctl, outbox, store, cancelled, rank),
-                     daemon=True).start()
+    ctl_thread = threading.Thread(target=_control_loop, daemon=True,
+                                  args=(ctl, outbox, store, cancelled, rank))
+    ctl_thread.start()
     outbox.put(("ready", rank, None))
 
     def group_of(ranks):
@@ -285,6 +286,9 @@ def worker_main(rank: int, spec: WorkerSpec, init, members: tuple[int, ...], inb
             outbox.put(("error", job_id, f"worker {rank}: {type(e).__name__}: {e}\n"
                                          f"{traceback.format_exc(limit=3)}"))
     ctl.put(None)
+    # Let the control thread take its None and end: a daemon thread still reading its queue
+    # while the interpreter shuts down prints a traceback.
+    ctl_thread.join(timeout=5)
     dist.destroy_process_group()
 
 
