@@ -200,3 +200,25 @@ def test_sweep_without_tune_reports_plain_names(tmp_path, capsys):
 ])
 def test_split_policies(text, expected):
     assert split_policies(text) == expected
+
+
+# ----- serve --ray: bad settings are one-line errors before anything starts -----
+
+@pytest.mark.parametrize("args, needle", [
+    (["--ray", "auto"], "workers=0: must be >= 1"),            # CPU workers need a count
+    (["--ray", " ", "--workers", "2"], "ray: an address"),
+    (["--ray", "auto", "--workers", "2", "--ray-cpus-per-worker", "0"], "ray_cpus_per_worker"),
+    (["--workers", "0"], "workers=0: must be >= 1"),
+])
+def test_serve_ray_settings_are_checked_first(args, needle, capsys):
+    rc, out, err = _run(["serve", *args], capsys)
+    _assert_one_line_error(rc, err)
+    assert needle in err
+
+
+def test_serve_config_ray_defaults_to_every_gpu():
+    from genserve.server.config import ServeConfig
+
+    ServeConfig(ray="auto", device="cuda", workers=0).validate()  # 0: every GPU of the cluster
+    with pytest.raises(ValueError, match="workers=-1"):
+        ServeConfig(ray="auto", device="cuda", workers=-1).validate()
