@@ -86,6 +86,8 @@ def test_serve_with_ray_answers_images_and_videos(cluster, tmp_path):
         assert v["status"] == "completed", v
         mp4 = srv.http.get(f"/v1/videos/{v['id']}/content")
         assert mp4.status_code == 200 and len(mp4.content) > 100
+        metrics = srv.http.get("/metrics").text
+        assert "genserve_workers_down 0.0" in metrics and "genserve_worker_restarts 0.0" in metrics
     finally:
         # SIGTERM: drain, then the server closes its pool (actors and placement group go).
         srv.proc.send_signal(signal.SIGTERM)

@@ -88,6 +88,11 @@ class Engine:
         """Make `serve` return at its next iteration, even with work left (shutdown)."""
         self._halt = True
 
+    @property
+    def down_workers(self) -> tuple[int, ...]:
+        """Workers the pool is still replacing, as of the loop's last look (thread-safe read)."""
+        return self._down
+
     def now(self) -> float:
         return (time.monotonic() - self._t0) * self.time_scale
 

@@ -42,10 +42,22 @@ class ServeMetrics:
         self.latency = Histogram("genserve_e2e_latency_seconds",
                                  "Arrival to finished (outputs written excluded)", ["kind"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
+        # Workers lost and not yet placed again (Ray: a node gone and no room elsewhere), and
+        # workers replaced since start: read from the engine at scrape time.
+        self.workers_down = Gauge("genserve_workers_down",
+                                  "Workers lost and not yet back; plans leave them out",
+                                  registry=r)
+        self.worker_restarts = Gauge("genserve_worker_restarts",
+                                     "Workers replaced since the server started", registry=r)
         for s in ("waiting", "running", "preempted"):
             self.state.labels(s).set(0)
         self._last: dict[str, Status] = {}
         self._lock = threading.Lock()
+
+    def watch_engine(self, engine) -> None:
+        self.workers_down.set_function(lambda: len(engine.down_workers))
+        self.worker_restarts.set_function(lambda: engine.res.restarts
+                                          if hasattr(engine, "res") else 0)
 
     def submitted(self, kind: str) -> None:
         self.submitted_total.labels(kind).inc()

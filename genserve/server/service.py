@@ -132,6 +132,7 @@ class Service:
             self.latency.profile_of(p)  # a clear error now, not inside the policy
         self.engine = Engine(make_policy(cfg.policy), self.pool, self.latency,
                              checkpoint_every=cfg.checkpoint_every, on_update=self._on_update)
+        self.metrics.watch_engine(self.engine)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run_engine, name="genserve-engine",
                                         daemon=True)
