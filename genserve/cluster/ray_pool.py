@@ -23,6 +23,7 @@ Ray places and supervises the processes; everything else is the process pool's: 
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -89,15 +90,12 @@ class RayWorkerPool(PoolBase):
             if not gpu:
                 raise ValueError("RayWorkerPool on CPU: give the number of workers")
             n = int(ray.cluster_resources().get("GPU", 0))
-        if n < 1:
-            raise ValueError(f"workers must be >= 1, got {n} (GPUs in the Ray cluster: "
-                             f"{ray.cluster_resources().get('GPU', 0):.0f})")
-        self.n, self.poll_s = n, poll_s
-        self.presets = (preset,) if isinstance(preset, str) else tuple(preset)
-        self.spec = WorkerSpec(self.presets, model_path, device, collective_timeout_s,
-                               dict(faults or {}), min_free_bytes)
+            if n < 1:
+                raise ValueError("the Ray cluster has no GPU: start its nodes with GPUs, or "
+                                 "give the number of workers")
+        self._setup(preset, n, poll_s, model_path, device, collective_timeout_s, faults,
+                    min_free_bytes)
         self._bundle_res = {"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}
-        self._init_books()
         self._actors: list = [None] * n
         self._loops: list = [None] * n
         self._seq = [0] * n
@@ -105,7 +103,6 @@ class RayWorkerPool(PoolBase):
         self._pending: dict[int, object] = {}  # rank -> ObjectRef of the new actor's `where`
         self._checked = 0.0
         self._generation = 0
-        self.restarts = 0
         self._pg = placement_group([dict(self._bundle_res)] * n, strategy="PACK")
         try:
             ray.get(self._pg.ready(), timeout=start_timeout_s)
@@ -241,9 +238,7 @@ class RayWorkerPool(PoolBase):
             self._loops[r] = None
             self._actors[r] = self._new_actor(r)
             self._pending[r] = self._actors[r].where.remote()
-        # Injected faults do not follow a worker into its successor.
-        self.spec = WorkerSpec(self.spec.presets, self.spec.model_path, self.spec.device,
-                               self.spec.timeout_s, {}, self.spec.min_free_bytes)
+        self.spec = dataclasses.replace(self.spec, faults={})  # faults do not follow
         self.restarts += len(ranks)
         self._reform([])
 

@@ -374,10 +374,8 @@ class Engine:
         changed = False
         down = tuple(self.pool.down())
         if down != self._down:
-            self._down, changed = down, True
-            cluster = self._cluster()
-            if cluster != self.cluster:
-                self.cluster = cluster
+            # A worker placed again may sit on another node.
+            self._down, changed, self.cluster = down, True, self._cluster()
         dead = set(self.pool.dead())
         if not dead:
             return changed

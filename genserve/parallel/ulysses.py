@@ -196,7 +196,5 @@ class GroupCache:
         try:
             return self.groups[ranks]
         except KeyError:
-            if len(ranks) == len(self.members) and set(ranks) == set(self.members):
-                return dist.group.WORLD
             raise ValueError(f"no process group for ranks {ranks} in the world {self.members}; "
                              f"made so far: {sorted(self.groups)}") from None

@@ -170,14 +170,14 @@ def worker_main(rank: int, spec: WorkerSpec, init, members: tuple[int, ...], inb
     backend = "gloo" if spec.device == "cpu" else "nccl"
 
     def join(init_, members_) -> GroupCache:
-        rendezvous(init_, rank, tuple(members_), backend, spec.timeout_s)
+        try:
+            rendezvous(init_, rank, tuple(members_), backend, spec.timeout_s)
+        except Exception:  # noqa: BLE001 - a member never came: die, the pool replaces this one
+            traceback.print_exc()
+            os._exit(3)
         return GroupCache(members_)
 
-    try:
-        groups = join(init, members)
-    except Exception:  # noqa: BLE001 - a member never came: die, the pool replaces this worker
-        traceback.print_exc()
-        os._exit(3)
+    groups = join(init, members)
     try:
         adapters = {p: load_preset(p, spec.model_path, dev) for p in spec.presets}
         sps = {p: install(ad.transformer) for p, ad in adapters.items()}
@@ -245,11 +245,7 @@ def worker_main(rank: int, spec: WorkerSpec, init, members: tuple[int, ...], inb
         try:
             if kind == RESTART:  # a member was lost: every survivor joins the new world
                 dist.destroy_process_group()
-                try:
-                    groups = join(*payload)
-                except Exception:  # noqa: BLE001 - as at start: die and be replaced
-                    traceback.print_exc()
-                    os._exit(3)
+                groups = join(*payload)
                 continue
             if kind == "group":  # every member of the world, in one order (see GroupCache)
                 groups.make(payload)

@@ -21,6 +21,7 @@ of this machine, `genserve.cluster.RayWorkerPool` as Ray actors across nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing as mp
 import os
@@ -53,7 +54,17 @@ class PoolBase:
     poll_s: float
     restarts: int = 0
 
-    def _init_books(self) -> None:
+    def _setup(self, preset: str | tuple[str, ...], n: int, poll_s: float,
+               model_path: str | None, device: str, timeout_s: float, faults: dict | None,
+               min_free_bytes: int) -> None:
+        """What every pool knows: its workers' spec and the job books."""
+        if n < 1:
+            raise ValueError(f"workers must be >= 1, got {n}")
+        self.n, self.poll_s = n, poll_s
+        self.presets = (preset,) if isinstance(preset, str) else tuple(preset)
+        self.spec = WorkerSpec(self.presets, model_path, device, timeout_s, dict(faults or {}),
+                               min_free_bytes)
+        self.restarts = 0
         self._ids = itertools.count()
         self._results: dict[int, tuple[str, object]] = {}
         self._jobs: dict[int, tuple[int, ...]] = {}
@@ -268,12 +279,8 @@ class WorkerPool(PoolBase):
         """`faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit", "step": k,
         "rank": r (optional)}} makes the workers fail that request at that step.
         `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory."""
-        if n < 1:
-            raise ValueError(f"workers must be >= 1, got {n}")
-        self.n, self.poll_s = n, poll_s
-        self.presets = (preset,) if isinstance(preset, str) else tuple(preset)
-        self.spec = WorkerSpec(self.presets, model_path, device, collective_timeout_s,
-                               dict(faults or {}), min_free_bytes)
+        self._setup(preset, n, poll_s, model_path, device, collective_timeout_s, faults,
+                     min_free_bytes)
         self._ctx = mp.get_context("spawn")
         self._dir = tempfile.TemporaryDirectory(prefix="genserve-rdzv-")
         self._generation = 0
@@ -281,12 +288,10 @@ class WorkerPool(PoolBase):
         self._ctls = [self._ctx.Queue() for _ in range(n)]
         self._outbox = self._ctx.Queue()
         self.procs: list = [None] * n
-        self._init_books()
         init = self._init_path()
         for r in range(n):
             self._spawn(r, init, self.spec)
         self._await_ready(start_timeout_s)
-        self.restarts = 0
 
     def _init_path(self) -> str:
         self._generation += 1
@@ -294,7 +299,7 @@ class WorkerPool(PoolBase):
 
     def _spawn(self, rank: int, init: str, spec: WorkerSpec) -> None:
         p = self._ctx.Process(target=worker_main, daemon=True,
-                              args=(rank, spec, init, tuple(range(self.n)), self._inboxes[rank],
+                              args=(rank, spec, init, self._members, self._inboxes[rank],
                                     self._ctls[rank], self._outbox))
         p.start()
         self.procs[rank] = p
@@ -324,9 +329,7 @@ class WorkerPool(PoolBase):
             raise ValueError(f"replace: worker(s) {ranks} are not all dead")
         self._lose_jobs_of(ranks)
         init = self._init_path()
-        # Injected faults do not follow a worker into its successor.
-        spec = WorkerSpec(self.spec.presets, self.spec.model_path, self.spec.device,
-                          self.spec.timeout_s, {}, self.spec.min_free_bytes)
+        spec = dataclasses.replace(self.spec, faults={})  # faults do not follow into successors
         for r in ranks:
             # A new queue: the dead process may have died holding the old ones' locks.
             self._inboxes[r], self._ctls[r] = self._ctx.Queue(), self._ctx.Queue()
