@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from genserve.engine import Engine  # noqa: E402
 from genserve.latency import LatencyModel  # noqa: E402
 from genserve.models import GenRequest, load_preset  # noqa: E402
-from genserve.parallel.workers import WorkerPool  # noqa: E402
+from genserve.parallel.workers import WorkerLost, WorkerPool  # noqa: E402
 from genserve.policies import Plan, Policy, make_policy  # noqa: E402
 from genserve.policies.base import Assignment  # noqa: E402
 from genserve.profiler import profile_workers, write_profile  # noqa: E402
@@ -234,6 +234,39 @@ def test_worker_killed_while_holding_a_paused_video(pool, latency):
     assert res.timeline[img.id][0][2] == (0,)  # the lost job is not in the timeline
     assert len(res.timeline[img.id]) == 1
 
+
+
+class DeathAtSubmit:
+    """The real pool, except that the `nth` submit naming `rid` finds a member dead: a death the
+    engine notices after it planned, e.g. while it fetched a moving state for the job."""
+
+    def __init__(self, pool, rid: str, nth: int):
+        self._pool, self.rid, self.nth, self.seen = pool, rid, nth, 0
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
+
+    def submit(self, kind, ranks, payload):
+        if any(m == self.rid for m, _ in payload["members"]):
+            self.seen += 1
+            if self.seen == self.nth:
+                raise WorkerLost(f"worker {ranks[0]} was lost during submit")
+        return self._pool.submit(kind, ranks, payload)
+
+
+def test_a_death_noticed_at_submit_rolls_that_assignment_back(pool, latency):
+    """The video runs 4 steps (checkpointed), pauses; its resume's submit finds a worker dead.
+    The assignment goes back like a lost job: to the step-4 checkpoint, then it is planned again;
+    nothing is lost and the output is exact."""
+    vid = video("submit-death", steps=12)
+    wrapped = DeathAtSubmit(pool, vid.id, nth=2)
+    res = Engine(StopAndGo(first=4, resume_at=0.3), wrapped, latency, checkpoint_every=4).run(
+        [vid])
+    assert wrapped.seen == 3
+    assert_ended_once(vid, Status.FINISHED)
+    assert res.recovered == 1 and res.restarts == 0
+    assert [q[2] for q in res.timeline[vid.id]] == [(0,), (0,)]  # 4 steps, then the 8 left
+    assert_alone(res, vid)
 
 # ----- 2. cancellation -----
 

@@ -3,7 +3,8 @@
 - Ranks are numbered node by node and the engine sees that layout (`Cluster.nodes`).
 - An SP-2 group inside a node and one spanning the two nodes give the output of one device.
 - `genserve serve --ray ADDRESS` answers an image and a video over HTTP with workers on the cluster.
-- A killed actor is replaced in its bundle, joins a re-formed world and takes jobs again.
+- A killed actor is replaced in its bundle, joins a re-formed world and takes jobs again; a
+  replacement that dies before it starts is asked for again without counting a second loss.
 - The acceptance run: the `genserve` policy serves a mixed workload; one node is removed (its
   raylet and actors die) while it holds running videos.  No request is lost: every request ends
   finished, those of the lost node resume from their host checkpoints on the surviving node, and
@@ -179,6 +180,32 @@ def test_a_killed_actor_is_replaced_and_joins_a_new_world(pool, latency):
     (s,) = pool.steps((killed[0], 3 - killed[0]), [s], 2)  # with a worker of the other node
     assert s.done
     _check_outputs(reqs, res)
+
+
+def test_a_replacement_that_dies_while_starting_is_asked_for_again(pool, caplog):
+    # What Ray does when a node dies: it may place the new actor on that node before the node's
+    # heartbeats have run out, and the actor dies at once.  Same loss: no new restart, still down.
+    r = 1
+    ray.kill(pool._actors[r], no_restart=True)
+    deadline = time.monotonic() + 30
+    while pool.dead() != [r]:
+        assert time.monotonic() < deadline, "the kill was never noticed"
+        time.sleep(0.05)
+    before = pool.restarts
+    pool.replace([r])
+    ray.kill(pool._actors[r], no_restart=True)  # the replacement, before it could start
+    deadline = time.monotonic() + 120
+    while pool.down() or not pool.ready():
+        assert time.monotonic() < deadline, "the second replacement never came up"
+        assert pool.dead() == []  # down, not dead: the engine would not replace it again
+        time.sleep(0.05)
+    assert pool.restarts == before + 1
+    assert any("died while starting" in m for m in caplog.messages), caplog.messages
+    assert pool.alive() == [0, 1, 2, 3] and pool.nodes == (0, 0, 1, 1)
+    g = GenRequest("again2", "a fox", steps=2, seed=4, height=32, width=48, frames=9)
+    (s,) = pool.prepare([g], rank=0, model="tiny-t2v")
+    (s,) = pool.steps((0, 1, 2), [s], 2)  # the new actor in a group across both nodes
+    assert s.done
 
 
 def test_losing_a_node_mid_run_loses_no_request(cluster, pool, latency):

@@ -24,12 +24,15 @@ Ray places and supervises the processes; everything else is the process pool's: 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import threading
 import time
 
-from ..parallel.worker_main import RESTART, WorkerSpec, worker_main
+from ..parallel.worker_main import RESTART, WorkerSpec, abandon, worker_main
 from ..parallel.workers import PoolBase, WorkerLost
+
+log = logging.getLogger("genserve.ray")
 
 
 class _RayWorker:
@@ -100,7 +103,10 @@ class RayWorkerPool(PoolBase):
         self._loops: list = [None] * n
         self._seq = [0] * n
         self._gone: dict[int, str] = {}       # rank -> why its actor ended
-        self._pending: dict[int, object] = {}  # rank -> ObjectRef of the new actor's `where`
+        # rank -> ObjectRef of the new actor's `where` (None: waiting for `_retry_at`)
+        self._pending: dict[int, object] = {}
+        self._retry_at: dict[int, float] = {}
+        self._tries: dict[int, int] = {}
         self._checked = 0.0
         self._generation = 0
         self._pg = placement_group([dict(self._bundle_res)] * n, strategy="PACK")
@@ -141,9 +147,12 @@ class RayWorkerPool(PoolBase):
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self._pg, placement_group_bundle_index=self._bundle[rank])).remote()
 
+    def _prefix(self) -> str:
+        return f"world{self._generation}/"
+
     def _next_world(self):
         self._generation += 1
-        return ("store", self._host, self._store.port, f"world{self._generation}/")
+        return ("store", self._host, self._store.port, self._prefix())
 
     def _start_loop(self, rank: int, init, members: tuple[int, ...]) -> None:
         self._loops[rank] = self._actors[rank].loop.remote(rank, self.spec, init, members,
@@ -186,18 +195,34 @@ class RayWorkerPool(PoolBase):
                 except Exception as e:  # noqa: BLE001 - RayActorError, node died, ...
                     why = type(e).__name__
                 self._gone[loops[ref]] = why
-        if self._pending:
-            refs = {ref: r for r, ref in self._pending.items()}
+                log.warning("worker %d on node %s ended: %s", loops[ref],
+                            self._node_ids[loops[ref]][:8], why)
+        for r, due in list(self._retry_at.items()):
+            if now >= due:
+                del self._retry_at[r]
+                self._ask(r)
+        refs = {ref: r for r, ref in self._pending.items() if ref is not None}
+        if refs:
             placed, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
             joined = []
             for ref in placed:
                 r = refs[ref]
-                del self._pending[r]
                 try:
                     self._node_ids[r] = ray.get(ref)
-                    joined.append(r)
-                except Exception:  # noqa: BLE001 - died while starting: try again
-                    self._gone[r] = "died while starting"
+                except Exception as e:  # noqa: BLE001 - see below
+                    # Ray can place the new actor on the very node that just died, before its
+                    # heartbeats have run out; that is the same loss, not a new one: ask again,
+                    # backing off, and stay down meanwhile.
+                    tries = self._tries[r] = self._tries.get(r, 0) + 1
+                    wait = min(30.0, 0.5 * 2 ** (tries - 1))
+                    self._pending[r] = None
+                    self._retry_at[r] = now + wait
+                    log.warning("replacement for worker %d died while starting (%s); asking Ray "
+                                "again in %.1f s", r, type(e).__name__, wait)
+                    continue
+                del self._pending[r]
+                self._tries.pop(r, None)
+                joined.append(r)
             if joined:
                 self._reform(joined)
 
@@ -230,17 +255,21 @@ class RayWorkerPool(PoolBase):
             raise ValueError(f"replace: worker(s) {ranks} are not all dead")
         self._lose_jobs_of(ranks)
         for r in ranks:
-            try:
-                self._ray.kill(self._actors[r], no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone with its node
-                pass
             self._starting.pop(r, None)
             self._loops[r] = None
-            self._actors[r] = self._new_actor(r)
-            self._pending[r] = self._actors[r].where.remote()
+            self._ask(r)
         self.spec = dataclasses.replace(self.spec, faults={})  # faults do not follow
         self.restarts += len(ranks)
         self._reform([])
+
+    def _ask(self, rank: int) -> None:
+        """A new actor for `rank` in its bundle; `down` until Ray has placed it."""
+        try:
+            self._ray.kill(self._actors[rank], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            pass
+        self._actors[rank] = self._new_actor(rank)
+        self._pending[rank] = self._actors[rank].where.remote()
 
     def _reform(self, joining: list[int]) -> None:
         """A new world: the live workers (after their queued jobs) plus the `joining` ones."""
@@ -248,7 +277,11 @@ class RayWorkerPool(PoolBase):
         members = tuple(sorted(survivors + list(joining)))
         if not members:
             return
+        # A world not formed yet waits for a member that is gone now: let its members go.
+        abandon(self._store, self._prefix())
         init = self._next_world()
+        log.info("world %d: workers %s%s", self._generation, list(members),
+                 f" ({list(joining)} joining)" if joining else "")
         self._members, self._made = members, set()
         for r in survivors:
             self._send(r, (None, RESTART, (r,), (init, members)))

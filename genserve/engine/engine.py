@@ -135,6 +135,7 @@ class Engine:
                                 migrations=0, reasons=Counter())
         self._last_reason: dict[str, str] = {}
         self._wake: float | None = None
+        self._replan = False  # an assignment was dropped at dispatch: plan again next turn
 
     def _loop(self, done) -> None:
         while True:
@@ -147,6 +148,8 @@ class Engine:
             changed = self._wake is not None and now >= self._wake
             if changed:
                 self._wake = None
+            if self._replan:
+                changed, self._replan = True, False
             while self._arrivals and self._arrivals[0][0] <= now:
                 r = self.by_id[heapq.heappop(self._arrivals)[1]]
                 if not r.is_final:
@@ -183,7 +186,7 @@ class Engine:
                                                           or asked < self._wake):
                     self._wake = asked
                 if (not self.inflight and self.queue and not self._arrivals
-                        and self._wake is None and not self._down):
+                        and self._wake is None and not self._down and not self._replan):
                     raise PlanError(f"policy {self.policy.describe()} stalled at t={now:.3f}: "
                                     f"{len(self.queue)} requests wait, nothing runs")
 
@@ -204,7 +207,9 @@ class Engine:
 
     # ----- decisions -----
     def _decide(self, now: float) -> float | None:
-        """Plan and dispatch; returns the policy's wake-up time, if any."""
+        """Plan and dispatch; returns the policy's wake-up time, if any.  An assignment whose
+        worker is found dead before its job is sent is dropped (or rolled back, if its requests
+        were placed already) and `_replan` asks the loop to plan again."""
         running = [self.by_id[rid] for a, _ in self.inflight.values() for rid in a.requests]
         free = self.free.difference(self._down)  # workers Ray has not placed again yet
         state = SchedulerState(
@@ -220,13 +225,22 @@ class Engine:
         count_reasons(plan, self._last_reason, self.res.reasons, now)
         for a in plan.assignments:
             members = validate_assignment(a, free, self.queue, self.latency)
+            if set(a.gpus) & set(self.pool.dead()):
+                self._replan = True  # a death noticed since the plan began: recover, re-plan
+                continue
             srcs = [(m.id, self._source(m, a.gpus, now)) for m in members]
             every = self.checkpoint_every
             want = [m.id for m in members if every and m.remaining_steps > a.steps
                     and (m.steps_done + a.steps) // every > m.steps_done // every]
             self.res.migrations += place_members(members, a.gpus, now, self.queue)
-            job = self.pool.submit("run", a.gpus, {"model": members[0].model, "members": srcs,
-                                                   "n": a.steps, "want": want})
+            try:
+                job = self.pool.submit("run", a.gpus, {"model": members[0].model,
+                                                       "members": srcs, "n": a.steps,
+                                                       "want": want})
+            except WorkerLost:  # noticed while the states were being fetched: as a lost job
+                self._lose(a, now)
+                self._replan = True
+                continue
             self.inflight[job] = (a, now)
             self.free.difference_update(a.gpus)
             free.difference_update(a.gpus)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -44,10 +45,20 @@ class WorkerSpec:
     min_free_bytes: int = 2 << 30
 
 
+class Abandoned(Exception):
+    """The driver gave this world up before it formed: a member died before coming."""
+
+
 def rendezvous(init, rank: int, members: tuple[int, ...], backend: str, timeout_s: float) -> None:
     """Join the world of `members` (global ranks, in world-rank order).  `init` is a URL
     (file:// on one machine) or ("store", host, port, prefix): a TCPStore the driver hosts, with a
-    fresh prefix for each world, so a re-formed world never sees the old one's keys."""
+    fresh prefix for each world, so a re-formed world never sees the old one's keys.
+
+    With a store the members meet first, and the world forms only if the store's one `decision`
+    key says "formed" (set by whoever sees every member arrived).  The driver sets it to
+    "abandoned" when it re-forms again before that (a second member died meanwhile); the members
+    then raise `Abandoned` and wait for the next world, instead of waiting for the dead one until
+    the timeout (and then dying too).  The compare-and-set makes every member take the same side."""
     import torch.distributed as dist
 
     kw = dict(rank=members.index(rank), world_size=len(members),
@@ -57,7 +68,31 @@ def rendezvous(init, rank: int, members: tuple[int, ...], backend: str, timeout_
         return
     _, host, port, prefix = init
     store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), **kw)
+    world = dist.PrefixStore(prefix, store)
+    world.set(f"arrived/{rank}", "1")
+    everyone = [f"arrived/{m}" for m in members]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if world.check(everyone):
+            world.compare_set("decision", "", "formed")
+        if world.check(["decision"]):
+            if world.get("decision") != b"formed":
+                raise Abandoned(prefix)
+            break
+        if time.monotonic() > deadline:
+            missing = [m for m in members if not world.check([f"arrived/{m}"])]
+            raise TimeoutError(f"worker(s) {missing} never came to world {prefix!r}")
+        time.sleep(0.02)
+    dist.init_process_group(backend, store=dist.PrefixStore("pg/", world), **kw)
+
+
+def abandon(store, prefix: str) -> bool:
+    """The driver's side of `rendezvous`: give up the world of `prefix` unless it formed already.
+    Returns whether it was abandoned."""
+    import torch.distributed as dist
+
+    world = dist.PrefixStore(prefix, store)
+    return world.compare_set("decision", "", "abandoned") == b"abandoned"
 
 
 class Store:
@@ -169,9 +204,12 @@ def worker_main(rank: int, spec: WorkerSpec, init, members: tuple[int, ...], inb
         f"{spec.device}:{rank if device_index is None else device_index}"
     backend = "gloo" if spec.device == "cpu" else "nccl"
 
-    def join(init_, members_) -> GroupCache:
+    def join(init_, members_) -> GroupCache | None:
+        """The new world's groups; None: it was abandoned, a newer one is on its way."""
         try:
             rendezvous(init_, rank, tuple(members_), backend, spec.timeout_s)
+        except Abandoned:
+            return None
         except Exception:  # noqa: BLE001 - a member never came: die, the pool replaces this one
             traceback.print_exc()
             os._exit(3)
@@ -211,10 +249,10 @@ def worker_main(rank: int, spec: WorkerSpec, init, members: tuple[int, ...], inb
                     out["failed"][rid] = _reason(e)
         adapter = _adapter(adapters, p["model"])
         group = group_of(ranks)
+        src = 0 if group is None else groups.world_rank(ranks[0])  # no world needed alone
         with sps[adapter.name].use(group):
             for _ in range(p["n"]):
-                states = _drop_cancelled(states, cancelled, groups.world_rank(ranks[0]), group,
-                                         out, dist, torch)
+                states = _drop_cancelled(states, cancelled, src, group, out, dist, torch)
                 if not states:
                     break
                 states = _step(adapter, states, faults, rank, len(ranks), out, torch)
@@ -244,8 +282,16 @@ def worker_main(rank: int, spec: WorkerSpec, init, members: tuple[int, ...], inb
         job_id, kind, ranks, payload = job
         try:
             if kind == RESTART:  # a member was lost: every survivor joins the new world
-                dist.destroy_process_group()
+                if dist.is_initialized():
+                    dist.destroy_process_group()
                 groups = join(*payload)
+                continue
+            if groups is None and (kind == "group" or len(ranks) > 1):
+                # Sent to a world that never formed: no group to run it on.  Every member is in
+                # the same case (the decision is shared); the first one answers for the job.
+                if kind != "group" and rank == ranks[0]:
+                    outbox.put(("lost", job_id, f"worker {rank}: its world was abandoned "
+                                                "before it formed (a member died)"))
                 continue
             if kind == "group":  # every member of the world, in one order (see GroupCache)
                 groups.make(payload)
@@ -285,7 +331,8 @@ def worker_main(rank: int, spec: WorkerSpec, init, members: tuple[int, ...], inb
     # Let the control thread take its None and end: a daemon thread still reading its queue
     # while the interpreter shuts down prints a traceback.
     ctl_thread.join(timeout=5)
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _drop_cancelled(states, cancelled, src: int, group, out, dist, torch):
