@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from .catalog import GENERATE_DEFAULTS
@@ -336,6 +337,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 return
             super().handle_exit(sig, frame)
 
+    # genserve's own loggers (genserve.server, genserve.ray) print beside uvicorn's, at its level.
+    own = logging.getLogger("genserve")
+    if not any(getattr(h, "genserve", False) for h in own.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.genserve = True
+        own.addHandler(handler)
+    own.setLevel(logging.DEBUG if a.log_level == "trace" else a.log_level.upper())
+    own.propagate = False
     ray = None
     if cfg.ray:
         # Join the Ray cluster here, in the main thread, before the server installs its signal
@@ -477,7 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drain-linger", type=float, default=5.0,
                     help="after the drain, seconds results stay readable before exit (within "
                          "the drain timeout)")
-    sv.add_argument("--log-level", default="warning")
+    sv.add_argument("--log-level", default="warning",
+                    choices=("critical", "error", "warning", "info", "debug", "trace"),
+                    help="for the HTTP server's log and genserve's own (worker losses, Ray "
+                         "worlds, ...)")
     sv.set_defaults(func=cmd_serve)
 
     dm = sub.add_parser("demo", help="start the server on tiny presets, send a mixed load over "

@@ -69,9 +69,10 @@ def test_serve_with_ray_answers_images_and_videos(cluster, tmp_path):
     from test_server_drain import ServeProcess
 
     c, _ = cluster
-    srv = ServeProcess(tmp_path, "--ray", c.address)  # 2 workers, tiny presets, CPU
+    srv = ServeProcess(tmp_path, "--ray", c.address, "--log-level", "info")  # 2 CPU workers
     try:
         assert "Traceback" not in srv.output()
+        assert "INFO genserve.ray: world 1: workers [0, 1] on nodes [0, 0]" in srv.output()
         img = srv.http.post("/v1/images/generations",
                             json={"model": "tiny-t2i", "prompt": "a fox", "size": "64x64"})
         assert img.status_code == 200, img.text

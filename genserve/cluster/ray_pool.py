@@ -132,6 +132,8 @@ class RayWorkerPool(PoolBase):
         for r in range(n):
             self._actors[r] = self._new_actor(r)
         init, members = self._next_world(), tuple(range(n))
+        log.info("world %d: workers %s on nodes %s (%s)", self._generation, list(members),
+                 list(self.nodes), ", ".join(i[:8] for i in dict.fromkeys(self._node_ids)))
         for r in range(n):
             self._start_loop(r, init, members)
         self._await_ready(start_timeout_s)
