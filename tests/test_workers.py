@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from genserve.models import GenRequest, load_preset  # noqa: E402
+from genserve.models.base import StepState  # noqa: E402
 from genserve.parallel.workers import WorkerError, WorkerLost, WorkerPool  # noqa: E402
 
 SHAPE = dict(height=32, width=48, frames=9)  # 18 tokens: padding at degree 4
@@ -71,6 +72,39 @@ def test_killing_a_worker_mid_step_is_reported_quickly_and_others_stay_usable():
         with pytest.raises(WorkerLost):
             p.steps((3,), [s], 1)
 
+
+def _kill(p: WorkerPool, rank: int) -> None:
+    os.kill(p.procs[rank].pid, signal.SIGKILL)
+    p.procs[rank].join(10)
+    assert not p.procs[rank].is_alive()
+
+
+def test_a_second_death_while_the_world_re_forms_does_not_take_the_survivors_down():
+    """Worker 2 dies and is replaced: 0, 1 and the new 2 meet in a new world, but 3, busy with a
+    long job, has not come yet when it dies too.  That world can never form: it is abandoned when
+    3 is replaced, and all four meet in the next one, instead of the survivors waiting for 3 until
+    the collective timeout (300 s here) and dying in turn."""
+    with WorkerPool("tiny-t2v", 4, collective_timeout_s=300) as p:
+        (s,) = p.prepare([GenRequest("r", "a fox", steps=6, seed=4, **SHAPE)])
+        (long,) = p.prepare([GenRequest("long", "a river", steps=3000, seed=4, height=128,
+                                        width=128, frames=17)])
+        busy = p.submit("steps", (3,), ([long.to_bytes()], 3000))  # about 15 s: 3 comes late
+        time.sleep(0.5)
+        _kill(p, 2)
+        p.replace([2])
+        time.sleep(1.0)
+        _kill(p, 3)
+        with pytest.raises(WorkerLost, match="worker 3 died"):
+            p.wait(busy, timeout_s=30)
+        p.replace([3])
+        deadline = time.monotonic() + 120
+        while not p.ready():
+            assert time.monotonic() < deadline, "the replacements did not start"
+            time.sleep(0.1)
+        job = p.submit("steps", (0, 1, 2, 3), ([s.to_bytes()], 2))  # the whole world again
+        (out,) = p.wait(job, timeout_s=120)
+        assert StepState.from_bytes(out).step_index == 2
+        assert p.restarts == 2 and p.alive() == [0, 1, 2, 3]
 
 def test_generate_cli_with_sp_matches_sp1(tmp_path, capsys):
     import numpy as np

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 
-from ..parallel.worker_main import RESTART, WorkerSpec, abandon, worker_main
+from ..parallel.worker_main import RESTART, WorkerSpec, worker_main
 from ..parallel.workers import PoolBase, WorkerLost
 
 log = logging.getLogger("genserve.ray")
@@ -79,7 +79,6 @@ class RayWorkerPool(PoolBase):
             import ray
         except ImportError:
             raise ValueError("--ray needs Ray: pip install 'genserve[ray]'") from None
-        import torch.distributed as dist
         from ray.util.placement_group import placement_group, placement_group_table
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -108,7 +107,6 @@ class RayWorkerPool(PoolBase):
         self._retry_at: dict[int, float] = {}
         self._tries: dict[int, int] = {}
         self._checked = 0.0
-        self._generation = 0
         self._pg = placement_group([dict(self._bundle_res)] * n, strategy="PACK")
         try:
             ray.get(self._pg.ready(), timeout=start_timeout_s)
@@ -123,8 +121,7 @@ class RayWorkerPool(PoolBase):
         self._bundle = sorted(range(n), key=lambda b: (order.index(where[b]), b))
         self._node_ids = [where[b] for b in self._bundle]
         here = ray.get_runtime_context().get_node_id()
-        self._host = ray.util.get_node_ip_address()
-        self._store = dist.TCPStore(self._host, 0, is_master=True, wait_for_workers=False)
+        self._open_store(ray.util.get_node_ip_address())
         self._outbox = Queue(actor_options={
             "num_cpus": 0,
             "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)})
@@ -148,13 +145,6 @@ class RayWorkerPool(PoolBase):
             max_concurrency=4, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self._pg, placement_group_bundle_index=self._bundle[rank])).remote()
-
-    def _prefix(self) -> str:
-        return f"world{self._generation}/"
-
-    def _next_world(self):
-        self._generation += 1
-        return ("store", self._host, self._store.port, self._prefix())
 
     def _start_loop(self, rank: int, init, members: tuple[int, ...]) -> None:
         self._loops[rank] = self._actors[rank].loop.remote(rank, self.spec, init, members,
@@ -279,8 +269,6 @@ class RayWorkerPool(PoolBase):
         members = tuple(sorted(survivors + list(joining)))
         if not members:
             return
-        # A world not formed yet waits for a member that is gone now: let its members go.
-        abandon(self._store, self._prefix())
         init = self._next_world()
         log.info("world %d: workers %s%s", self._generation, list(members),
                  f" ({list(joining)} joining)" if joining else "")

@@ -50,9 +50,9 @@ class Abandoned(Exception):
 
 
 def rendezvous(init, rank: int, members: tuple[int, ...], backend: str, timeout_s: float) -> None:
-    """Join the world of `members` (global ranks, in world-rank order).  `init` is a URL
-    (file:// on one machine) or ("store", host, port, prefix): a TCPStore the driver hosts, with a
-    fresh prefix for each world, so a re-formed world never sees the old one's keys.
+    """Join the world of `members` (global ranks, in world-rank order).  `init` is what both
+    pools use, ("store", host, port, prefix): a TCPStore the driver hosts, with a fresh prefix for
+    each world, so a re-formed world never sees the old one's keys; or an init URL (file://).
 
     With a store the members meet first, and the world forms only if the store's one `decision`
     key says "formed" (set by whoever sees every member arrived).  The driver sets it to

@@ -24,13 +24,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import multiprocessing as mp
-import os
 import queue
-import tempfile
 import time
 
 from ..models.base import GenRequest, StepState
-from .worker_main import RESTART, WorkerSpec, worker_main
+from .worker_main import RESTART, WorkerSpec, abandon, worker_main
 
 
 class WorkerError(RuntimeError):
@@ -72,6 +70,22 @@ class PoolBase:
         self._starting: dict[int, float] = {}
         self._members: tuple[int, ...] = tuple(range(self.n))  # the current world
         self._made: set[tuple[int, ...]] = set()  # its process groups
+        self._generation = 0  # the current world's number
+
+    def _open_store(self, host: str) -> None:
+        """The driver-hosted TCPStore every world meets in (see `worker_main.rendezvous`)."""
+        import torch.distributed as dist
+
+        self._host = host
+        self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+
+    def _next_world(self):
+        """The rendezvous of a new world.  It supersedes the current one: if that has not formed,
+        its members are waiting for one that is gone now, so they are let go (abandoned)."""
+        if self._generation:
+            abandon(self._store, f"world{self._generation}/")
+        self._generation += 1
+        return ("store", self._host, self._store.port, f"world{self._generation}/")
 
     # ----- transport (subclasses) -----
     def _send(self, rank: int, msg) -> None:
@@ -282,22 +296,17 @@ class WorkerPool(PoolBase):
         self._setup(preset, n, poll_s, model_path, device, collective_timeout_s, faults,
                      min_free_bytes)
         self._ctx = mp.get_context("spawn")
-        self._dir = tempfile.TemporaryDirectory(prefix="genserve-rdzv-")
-        self._generation = 0
+        self._open_store("127.0.0.1")
         self._inboxes = [self._ctx.Queue() for _ in range(n)]
         self._ctls = [self._ctx.Queue() for _ in range(n)]
         self._outbox = self._ctx.Queue()
         self.procs: list = [None] * n
-        init = self._init_path()
+        init = self._next_world()
         for r in range(n):
             self._spawn(r, init, self.spec)
         self._await_ready(start_timeout_s)
 
-    def _init_path(self) -> str:
-        self._generation += 1
-        return f"file://{os.path.join(self._dir.name, f'rdzv{self._generation}')}"
-
-    def _spawn(self, rank: int, init: str, spec: WorkerSpec) -> None:
+    def _spawn(self, rank: int, init, spec: WorkerSpec) -> None:
         p = self._ctx.Process(target=worker_main, daemon=True,
                               args=(rank, spec, init, self._members, self._inboxes[rank],
                                     self._ctls[rank], self._outbox))
@@ -328,7 +337,7 @@ class WorkerPool(PoolBase):
         if any(self.procs[r].is_alive() for r in ranks):
             raise ValueError(f"replace: worker(s) {ranks} are not all dead")
         self._lose_jobs_of(ranks)
-        init = self._init_path()
+        init = self._next_world()
         spec = dataclasses.replace(self.spec, faults={})  # faults do not follow into successors
         for r in ranks:
             # A new queue: the dead process may have died holding the old ones' locks.
@@ -352,4 +361,3 @@ class WorkerPool(PoolBase):
             p.join(5)
             if p.is_alive():
                 p.kill()
-        self._dir.cleanup()
