@@ -128,7 +128,8 @@ class RayWorkerPool(PoolBase):
         self._actor_cls = ray.remote(_RayWorker)
         for r in range(n):
             self._actors[r] = self._new_actor(r)
-        init, members = self._next_world(), tuple(range(n))
+        members = tuple(range(n))
+        init = self._next_world(members)
         log.info("world %d: workers %s on nodes %s (%s)", self._generation, list(members),
                  list(self.nodes), ", ".join(i[:8] for i in dict.fromkeys(self._node_ids)))
         for r in range(n):
@@ -269,10 +270,9 @@ class RayWorkerPool(PoolBase):
         members = tuple(sorted(survivors + list(joining)))
         if not members:
             return
-        init = self._next_world()
+        init = self._next_world(members)
         log.info("world %d: workers %s%s", self._generation, list(members),
                  f" ({list(joining)} joining)" if joining else "")
-        self._members, self._made = members, set()
         for r in survivors:
             self._send(r, (None, RESTART, (r,), (init, members)))
         for r in joining:

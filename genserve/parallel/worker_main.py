@@ -50,11 +50,11 @@ class Abandoned(Exception):
 
 
 def rendezvous(init, rank: int, members: tuple[int, ...], backend: str, timeout_s: float) -> None:
-    """Join the world of `members` (global ranks, in world-rank order).  `init` is what both
-    pools use, ("store", host, port, prefix): a TCPStore the driver hosts, with a fresh prefix for
-    each world, so a re-formed world never sees the old one's keys; or an init URL (file://).
+    """Join the world of `members` (global ranks, in world-rank order).  `init` is
+    ("store", host, port, prefix): a TCPStore the driver hosts, with a fresh prefix for each
+    world, so a re-formed world never sees the old one's keys.
 
-    With a store the members meet first, and the world forms only if the store's one `decision`
+    The members meet first, and the world forms only if the store's one `decision`
     key says "formed" (set by whoever sees every member arrived).  The driver sets it to
     "abandoned" when it re-forms again before that (a second member died meanwhile); the members
     then raise `Abandoned` and wait for the next world, instead of waiting for the dead one until
@@ -63,9 +63,6 @@ def rendezvous(init, rank: int, members: tuple[int, ...], backend: str, timeout_
 
     kw = dict(rank=members.index(rank), world_size=len(members),
               timeout=timedelta(seconds=timeout_s))
-    if isinstance(init, str):
-        dist.init_process_group(backend, init_method=init, **kw)
-        return
     _, host, port, prefix = init
     store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
     world = dist.PrefixStore(prefix, store)

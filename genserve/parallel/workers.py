@@ -68,9 +68,9 @@ class PoolBase:
         self._jobs: dict[int, tuple[int, ...]] = {}
         self._ctl_results: dict[int, object] = {}
         self._starting: dict[int, float] = {}
-        self._members: tuple[int, ...] = tuple(range(self.n))  # the current world
+        self._members: tuple[int, ...] = ()  # the current world (see `_next_world`)
         self._made: set[tuple[int, ...]] = set()  # its process groups
-        self._generation = 0  # the current world's number
+        self._generation = 0  # its number
 
     def _open_store(self, host: str) -> None:
         """The driver-hosted TCPStore every world meets in (see `worker_main.rendezvous`)."""
@@ -79,12 +79,14 @@ class PoolBase:
         self._host = host
         self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
 
-    def _next_world(self):
-        """The rendezvous of a new world.  It supersedes the current one: if that has not formed,
-        its members are waiting for one that is gone now, so they are let go (abandoned)."""
+    def _next_world(self, members: tuple[int, ...]):
+        """Make the world of `members` current (no groups made in it yet) and return its
+        rendezvous.  It supersedes the current one: if that has not formed, its members are
+        waiting for one that is gone now, so they are let go (abandoned)."""
         if self._generation:
             abandon(self._store, f"world{self._generation}/")
         self._generation += 1
+        self._members, self._made = tuple(members), set()
         return ("store", self._host, self._store.port, f"world{self._generation}/")
 
     # ----- transport (subclasses) -----
@@ -301,7 +303,7 @@ class WorkerPool(PoolBase):
         self._ctls = [self._ctx.Queue() for _ in range(n)]
         self._outbox = self._ctx.Queue()
         self.procs: list = [None] * n
-        init = self._next_world()
+        init = self._next_world(tuple(range(n)))
         for r in range(n):
             self._spawn(r, init, self.spec)
         self._await_ready(start_timeout_s)
@@ -337,13 +339,12 @@ class WorkerPool(PoolBase):
         if any(self.procs[r].is_alive() for r in ranks):
             raise ValueError(f"replace: worker(s) {ranks} are not all dead")
         self._lose_jobs_of(ranks)
-        init = self._next_world()
+        init = self._next_world(self._members)  # the same ranks, a new world
         spec = dataclasses.replace(self.spec, faults={})  # faults do not follow into successors
         for r in ranks:
             # A new queue: the dead process may have died holding the old ones' locks.
             self._inboxes[r], self._ctls[r] = self._ctx.Queue(), self._ctx.Queue()
             self._spawn(r, init, spec)
-        self._made = set()
         for r in range(self.n):
             if r not in ranks:
                 self._inboxes[r].put((None, RESTART, (r,), (init, self._members)))

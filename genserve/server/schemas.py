@@ -90,7 +90,7 @@ def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
     model = _model(body.model, kind, served)
     spec = MODELS[model]
     dh, dw, df, dsteps = GENERATE_DEFAULTS.get(model, (spec.sizes[0][1], spec.sizes[0][0],
-                                              spec.sizes[0][2], spec.steps))
+                                                       spec.sizes[0][2], spec.steps))
     height, width = _size(body.size, (dh, dw))
     frames, n, seconds = 1, 1, None
     if kind is Kind.IMAGE:
