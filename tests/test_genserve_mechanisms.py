@@ -80,7 +80,7 @@ def test_hold_blocks_long_videos_but_backfills_short_ones():
     pol, plan, started = plan_for("genserve:admission=false")
     assert started == {"short"}
     assert plan.reasons["long"] == HELD_FOR_EARLIER
-    assert pol._held == "big"
+    assert pol.memory.held == "big"
     # Without the hold, the long video takes free GPUs.
     _, _, started = plan_for("genserve:admission=false,hold=false")
     assert "long" in started

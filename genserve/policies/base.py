@@ -1,16 +1,19 @@
-"""The policy interface: a pure function from scheduler state to a Plan, chosen by name.
+"""The policy interface: scheduler state in, a Plan out, chosen by name.
 
 A policy never touches torch, files or clocks: the engine (simulated or real) builds a
-`SchedulerState`, calls `schedule`, validates the returned `Plan` and carries it out.  Policies may
-keep small memories between calls (e.g. a window of recent arrivals), but everything they know comes
-through the state, so the same policy object drives the simulator and the real engine.
+`SchedulerState` (plain data), calls `schedule`, validates the returned `Plan` and carries it out.
+A policy is not a pure function, though: it may remember things between calls (a window of recent
+arrivals, which videos it admitted), so the same state can get a different plan from a policy that
+has seen a different past.  Such memory lives in one explicit object on the policy (e.g.
+`GenServe.memory`) and is fed only by the states it is called with, so the same policy drives the
+simulator and the real engine; use a fresh policy object per run.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, ClassVar, get_type_hints
 
 from ..latency import LatencyModel
 from ..request import Request
@@ -113,7 +116,7 @@ class Policy(ABC):
 
     @abstractmethod
     def schedule(self, state: SchedulerState) -> Plan:
-        """Return the assignments to start now on free GPUs."""
+        """Return the assignments to start now on free GPUs (and may update the policy's memory)."""
 
     def describe(self) -> str:
         ps = {k: v for k, v in self.config.items() if self.defaults.get(k, object()) != v}
@@ -133,6 +136,15 @@ def register(name: str, **preset: Any) -> Callable[[type[Policy]], type[Policy]]
         return cls
 
     return deco
+
+
+def typed_params(params_cls: type) -> tuple[dict[str, type], dict[str, Any]]:
+    """`Policy.params` and `Policy.defaults` read off a dataclass of parameters, so a policy can
+    keep its parameters typed (one field each, with its default) and still be built from
+    `NAME:key=value` strings."""
+    hints = get_type_hints(params_cls)
+    fs = fields(params_cls)
+    return {f.name: hints[f.name] for f in fs}, {f.name: f.default for f in fs}
 
 
 def policy_names() -> list[str]:
