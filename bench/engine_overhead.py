@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from genserve.engine import Engine  # noqa: E402
 from genserve.latency import LatencyModel  # noqa: E402
 from genserve.models import GenRequest  # noqa: E402
+from genserve.parallel.protocol import New, Resident, Run  # noqa: E402
 from genserve.parallel.workers import WorkerPool  # noqa: E402
 from genserve.policies import Policy, make_policy  # noqa: E402
 from genserve.profiler import profile_workers, write_profile  # noqa: E402
@@ -33,12 +34,11 @@ from genserve.request import Kind, Request  # noqa: E402
 def direct(pool: WorkerPool, req: GenRequest, per_job: int) -> float:
     """The video through bare `run` jobs of `per_job` steps; returns wall seconds."""
     t0 = time.perf_counter()
-    src, done = req, 0
+    src, done = New(req.id, req), 0
     while done < req.steps:
         n = min(per_job, req.steps - done)
-        out = pool.wait(pool.submit("run", (0,), {"model": "tiny-t2v", "members": [(req.id, src)],
-                                                  "n": n}))
-        done, src = out["steps"][req.id], None
+        out = pool.wait(pool.submit((0,), Run("tiny-t2v", (src,), n)))
+        done, src = out.steps[req.id], Resident(req.id)
     return time.perf_counter() - t0
 
 

@@ -215,7 +215,7 @@ def _generate_sp(req, a: argparse.Namespace, bar):
 
 def cmd_profile(a: argparse.Namespace) -> int:
     from .models import ModelInputError, ModelLoadError
-    from .parallel.workers import WorkerError, WorkerLost
+    from .parallel.workers import WorkerError, WorkerLost, WorkerPool
     from .profiler import profile, profile_workers, write_profile
 
     names = [m.strip() for m in a.models.split(",") if m.strip()]
@@ -231,8 +231,9 @@ def cmd_profile(a: argparse.Namespace) -> int:
         raise ValueError("--reps and --batches must be >= 1, --workers >= 0")
     try:
         if a.workers:
-            rows = profile_workers(names, batches, a.reps, a.workers,
-                                   "cpu" if a.device == "cpu" else "cuda", a.model_path)
+            with WorkerPool(tuple(names), a.workers, a.model_path,
+                            "cpu" if a.device == "cpu" else "cuda") as pool:
+                rows = profile_workers(names, batches, a.reps, pool=pool)
         else:
             rows = profile(names, batches, a.reps, a.device, a.model_path)
     except (ModelInputError, ModelLoadError, WorkerError, WorkerLost) as e:

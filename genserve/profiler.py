@@ -93,54 +93,46 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
     return fwd_rows, blk_rows, meta
 
 
-def profile_workers(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int = 5,
-                    workers: int = 1, device: str = "cpu", model_path: str | None = None,
-                    pool=None) -> tuple[list, list, dict]:
-    """`profile` run inside every worker process of the engine's pool at once (same threads, same
-    process layout and load as serving), plus the engine's fixed cost per quantum (`dispatch_ms`): a job that steps
-    a resident state zero times, submitted and collected the way the engine does.  Pass `pool` to
-    measure on a running pool."""
+def profile_workers(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int = 5, *,
+                    pool) -> tuple[list, list, dict]:
+    """`profile` run inside every worker process of `pool` (a running `PoolBase`) at once (same
+    threads, same process layout and load as serving), plus the engine's fixed cost per quantum
+    (`dispatch_ms`): a job that steps a resident state zero times, submitted and collected the
+    way the engine does.  (This module does not start pools: a worker imports it to profile.)"""
     from .models import GenRequest
-    from .parallel.workers import WorkerPool
+    from .parallel.protocol import New, Profile, Resident, Run
 
-    own = pool is None
-    if own:
-        pool = WorkerPool(tuple(presets), workers, model_path, device)
-    try:
-        # Every worker profiles at once, as under load (CPU workers share cores and memory
-        # bandwidth; GPU workers do not notice); the table is the median over workers.
-        jobs = [pool.submit("profile", (r,), (presets, batches, reps)) for r in range(pool.n)]
-        runs = [pool.wait(j) for j in jobs]
-        fwd, blk, meta = runs[0]
-        for i, row in enumerate(fwd):
-            row["forward_ms"] = statistics.median(run[0][i]["forward_ms"] for run in runs)
-        for i, row in enumerate(blk):
-            row["step_ms"] = statistics.median(run[1][i]["step_ms"] for run in runs)
-            row["block_ms"] = row["step_ms"] / row["layers"]
-        for key in ("encode_ms", "decode_ms"):
-            for k in meta[key]:
-                meta[key][k] = round(statistics.median(run[2][key][k] for run in runs), 4)
-        spec = get_model(presets[0])
-        w, h, f = spec.sizes[0]
-        req = GenRequest("dispatch-probe", "a fox", h, w, f, steps=1000)
-        pool.wait(pool.submit("run", (0,), {"model": presets[0], "members": [(req.id, req)],
-                                            "n": 1}))
-        probe = {"model": presets[0], "members": [(req.id, None)], "n": 0}
-        times = []
-        for _ in range(max(20, 4 * reps)):
-            t0 = time.perf_counter()
-            job = pool.submit("run", (0,), probe)
-            while job not in pool.finished(timeout_s=0.005):
-                pass
-            pool.result(job)
-            times.append((time.perf_counter() - t0) * 1e3)
-        pool.drop((0,), [req.id])
-        meta["dispatch_ms"] = round(statistics.median(times[2:]), 4)
-        meta["workers"] = pool.n
-        return fwd, blk, meta
-    finally:
-        if own:
-            pool.close()
+    # Every worker profiles at once, as under load (CPU workers share cores and memory
+    # bandwidth; GPU workers do not notice); the table is the median over workers.
+    jobs = [pool.submit((r,), Profile(tuple(presets), tuple(batches), reps))
+            for r in range(pool.n)]
+    runs = [pool.wait(j) for j in jobs]
+    fwd, blk, meta = runs[0]
+    for i, row in enumerate(fwd):
+        row["forward_ms"] = statistics.median(run[0][i]["forward_ms"] for run in runs)
+    for i, row in enumerate(blk):
+        row["step_ms"] = statistics.median(run[1][i]["step_ms"] for run in runs)
+        row["block_ms"] = row["step_ms"] / row["layers"]
+    for key in ("encode_ms", "decode_ms"):
+        for k in meta[key]:
+            meta[key][k] = round(statistics.median(run[2][key][k] for run in runs), 4)
+    spec = get_model(presets[0])
+    w, h, f = spec.sizes[0]
+    req = GenRequest("dispatch-probe", "a fox", h, w, f, steps=1000)
+    pool.wait(pool.submit((0,), Run(presets[0], (New(req.id, req),), steps=1)))
+    probe = Run(presets[0], (Resident(req.id),), steps=0)
+    times = []
+    for _ in range(max(20, 4 * reps)):
+        t0 = time.perf_counter()
+        job = pool.submit((0,), probe)
+        while job not in pool.finished(timeout_s=0.005):
+            pass
+        pool.result(job)
+        times.append((time.perf_counter() - t0) * 1e3)
+    pool.drop((0,), [req.id])
+    meta["dispatch_ms"] = round(statistics.median(times[2:]), 4)
+    meta["workers"] = pool.n
+    return fwd, blk, meta
 
 
 def write_profile(out_dir: str | Path, name: str, fwd_rows: list, blk_rows: list,

@@ -246,12 +246,12 @@ class DeathAtSubmit:
     def __getattr__(self, name):
         return getattr(self._pool, name)
 
-    def submit(self, kind, ranks, payload):
-        if any(m == self.rid for m, _ in payload["members"]):
+    def submit(self, ranks, job):
+        if any(m.rid == self.rid for m in job.members):
             self.seen += 1
             if self.seen == self.nth:
                 raise WorkerLost(f"worker {ranks[0]} was lost during submit")
-        return self._pool.submit(kind, ranks, payload)
+        return self._pool.submit(ranks, job)
 
 
 def test_a_death_noticed_at_submit_rolls_that_assignment_back(pool, latency):

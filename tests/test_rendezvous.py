@@ -15,14 +15,16 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
-from genserve.parallel.worker_main import abandon  # noqa: E402
+from genserve.parallel.protocol import (Done, JobLost, MakeGroup, New, Noop, Ready,  # noqa: E402
+                                        Rendezvous, Restart, Run, Shutdown, Task)
+from genserve.parallel.world import abandon  # noqa: E402
 
 
 def _member(rank, members, init, timeout_s, q):
     import torch
     import torch.distributed as dist
 
-    from genserve.parallel.worker_main import Abandoned, rendezvous
+    from genserve.parallel.world import Abandoned, rendezvous
 
     try:
         rendezvous(init, rank, members, "gloo", timeout_s)
@@ -44,7 +46,7 @@ def store():
 def _start(store, prefix, members, who, timeout_s):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    init = ("store", "127.0.0.1", store.port, prefix)
+    init = Rendezvous("127.0.0.1", store.port, prefix)
     procs = [ctx.Process(target=_member, args=(r, members, init, timeout_s, q)) for r in who]
     for p in procs:
         p.start()
@@ -87,40 +89,38 @@ def test_a_member_that_never_comes_times_out_naming_it(store):
 
 
 def _worker(init, members, inbox, ctl, outbox):
-    from genserve.parallel.worker_main import WorkerSpec, worker_main
+    from genserve.parallel.worker_main import worker_main
+    from genserve.parallel.world import WorkerSpec
 
     worker_main(0, WorkerSpec(("tiny-t2i",), timeout_s=300), init, members, inbox, ctl, outbox)
 
 
 def test_a_worker_whose_world_was_abandoned_runs_alone_and_answers_group_jobs_lost(store):
     from genserve.models import GenRequest
-    from genserve.parallel.worker_main import RESTART
 
     ctx = mp.get_context("spawn")
     inbox, ctl, outbox = ctx.Queue(), ctx.Queue(), ctx.Queue()
     # Worker 1 of its first world never comes (it died): the driver abandons the world.
-    p = ctx.Process(target=_worker, args=(("store", "127.0.0.1", store.port, "a1/"), (0, 1),
+    p = ctx.Process(target=_worker, args=(Rendezvous("127.0.0.1", store.port, "a1/"), (0, 1),
                                           inbox, ctl, outbox))
     p.start()
     try:
         time.sleep(0.5)
         assert abandon(store, "a1/")
-        assert outbox.get(timeout=120) == ("ready", 0, None)
+        assert outbox.get(timeout=120) == Ready(0)
         g = GenRequest("x", "a fox", height=32, width=32, frames=1, steps=2, seed=1)
-        inbox.put((1, "group", (0,), (0, 1)))  # sent to a world that never formed: skipped
-        inbox.put((2, "run", (0, 1), {"model": "tiny-t2i", "members": [("x", g)], "n": 1,
-                                      "want": []}))
-        inbox.put((3, "run", (0,), {"model": "tiny-t2i", "members": [("x", g)], "n": 2,
-                                    "want": []}))
-        tag, jid, msg = outbox.get(timeout=60)
-        assert (tag, jid) == ("lost", 2) and "abandoned" in msg
-        tag, jid, out = outbox.get(timeout=60)
-        assert (tag, jid) == ("done", 3) and "x" in out["outputs"], out
+        inbox.put(MakeGroup((0, 1)))  # sent to a world that never formed: skipped
+        inbox.put(Task(2, (0, 1), Run("tiny-t2i", (New("x", g),), 1)))
+        inbox.put(Task(3, (0,), Run("tiny-t2i", (New("x", g),), 2)))
+        lost = outbox.get(timeout=60)
+        assert isinstance(lost, JobLost) and lost.job_id == 2 and "abandoned" in lost.message
+        done = outbox.get(timeout=60)
+        assert isinstance(done, Done) and done.job_id == 3 and "x" in done.result.outputs, done
         # The next world (this worker alone) forms and it serves on.
-        inbox.put((None, RESTART, (0,), (("store", "127.0.0.1", store.port, "a2/"), (0,))))
-        inbox.put((4, "noop", (0,), None))
-        assert outbox.get(timeout=60) == ("done", 4, None)
+        inbox.put(Restart(Rendezvous("127.0.0.1", store.port, "a2/"), (0,)))
+        inbox.put(Task(4, (0,), Noop()))
+        assert outbox.get(timeout=60) == Done(4, None)
     finally:
-        inbox.put(None)
+        inbox.put(Shutdown())
         p.join(30)
     assert p.exitcode == 0

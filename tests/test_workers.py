@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 
 from genserve.models import GenRequest, load_preset  # noqa: E402
 from genserve.models.base import StepState  # noqa: E402
+from genserve.parallel.protocol import Noop, Steps  # noqa: E402
 from genserve.parallel.workers import WorkerError, WorkerLost, WorkerPool  # noqa: E402
 
 SHAPE = dict(height=32, width=48, frames=9)  # 18 tokens: padding at degree 4
@@ -53,13 +54,13 @@ def test_a_job_error_is_reported_and_the_worker_stays_up(pool):
 
 def test_bad_rank_sets_are_refused(pool):
     with pytest.raises(ValueError, match="not distinct workers"):
-        pool.submit("steps", (3, 4), ([], 1))
+        pool.submit((3, 4), Steps((), 1))
 
 
 def test_killing_a_worker_mid_step_is_reported_quickly_and_others_stay_usable():
     with WorkerPool("tiny-t2v", 4, collective_timeout_s=10) as p:
         (s,) = p.prepare([GenRequest("r", "a fox", steps=400, seed=4, **SHAPE)])
-        job = p.submit("steps", (2, 3), ([s.to_bytes()], 400))
+        job = p.submit((2, 3), Steps((s.to_bytes(),), 400))
         time.sleep(1.0)
         os.kill(p.procs[3].pid, signal.SIGKILL)
         t0 = time.monotonic()
@@ -71,6 +72,32 @@ def test_killing_a_worker_mid_step_is_reported_quickly_and_others_stay_usable():
         assert s2.step_index == 2
         with pytest.raises(WorkerLost):
             p.steps((3,), [s], 1)
+
+
+def test_a_worker_killed_inside_a_large_result_is_lost_alone_and_quickly():
+    """Workers 0 and 1 each write a large result that the driver does not read yet, so both
+    block inside their message; worker 1 is killed there, leaving half a message in its channel.
+    The driver reports it lost within a couple of seconds, and worker 0's result arrives whole.
+    (With one queue shared by all workers the driver's read of the half message waited forever,
+    and the lock the dead writer held stopped every other worker's results.)"""
+    from multiprocessing.connection import wait
+
+    with WorkerPool("tiny-t2i", 2, collective_timeout_s=10) as p:
+        big, other = 64 << 20, 24 << 20  # far over the pipe's capacity
+        job = p.submit((1,), Noop(reply_bytes=big))
+        job0 = p.submit((0,), Noop(reply_bytes=other))
+        assert wait([p._chans[1]], 60) and wait([p._chans[0]], 60)  # both are inside a send
+        os.kill(p.procs[1].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerLost, match=r"worker 1 died .*end of file inside a message"):
+            p.wait(job, timeout_s=30)
+        assert time.monotonic() - t0 < 2
+        assert p.dead() == [1]
+        assert p.wait(job0, timeout_s=30) == bytes(other)
+        (s,) = p.prepare([GenRequest("r", "a fox", steps=2, seed=1, height=32, width=32)])
+        assert p.steps((0,), [s], 1)[0].step_index == 1
+        p.replace([1])  # and the rank comes back
+        assert p.wait(p.submit((1,), Noop(reply_bytes=5)), timeout_s=120) == bytes(5)
 
 
 def _kill(p: WorkerPool, rank: int) -> None:
@@ -88,7 +115,7 @@ def test_a_second_death_while_the_world_re_forms_does_not_take_the_survivors_dow
         (s,) = p.prepare([GenRequest("r", "a fox", steps=6, seed=4, **SHAPE)])
         (long,) = p.prepare([GenRequest("long", "a river", steps=3000, seed=4, height=128,
                                         width=128, frames=17)])
-        busy = p.submit("steps", (3,), ([long.to_bytes()], 3000))  # about 15 s: 3 comes late
+        busy = p.submit((3,), Steps((long.to_bytes(),), 3000))  # about 15 s: 3 comes late
         time.sleep(0.5)
         _kill(p, 2)
         p.replace([2])
@@ -101,7 +128,7 @@ def test_a_second_death_while_the_world_re_forms_does_not_take_the_survivors_dow
         while not p.ready():
             assert time.monotonic() < deadline, "the replacements did not start"
             time.sleep(0.1)
-        job = p.submit("steps", (0, 1, 2, 3), ([s.to_bytes()], 2))  # the whole world again
+        job = p.submit((0, 1, 2, 3), Steps((s.to_bytes(),), 2))  # the whole world again
         (out,) = p.wait(job, timeout_s=120)
         assert StepState.from_bytes(out).step_index == 2
         assert p.restarts == 2 and p.alive() == [0, 1, 2, 3]

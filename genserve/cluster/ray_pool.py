@@ -1,7 +1,8 @@
 """Workers as Ray actors across the nodes of a Ray cluster: `genserve serve --ray ADDRESS`.
 
 Ray places and supervises the processes; everything else is the process pool's: the same
-`worker_main` runs inside each actor, the same jobs, the same engine.  What differs:
+`worker_main` runs inside each actor, the same typed messages (`parallel/protocol.py`), the same
+engine.  What differs:
 
 - Placement.  One placement group, one bundle per GPU (`PACK`: fill a node before the next), and
   ranks are numbered node by node, so the scheduler's `Cluster.nodes` says which GPUs share a node
@@ -12,7 +13,11 @@ Ray places and supervises the processes; everything else is the process pool's: 
   uses a fresh key prefix of it.
 - Transport.  Jobs and control messages are actor calls, numbered per actor so that a threaded
   actor still queues them in order; results come back through one Ray queue that lives on the
-  driver's node (a queue on a worker node would die with it).
+  driver's node (a queue on a worker node would die with it).  One queue for all workers is safe
+  here, unlike one `multiprocessing.Queue` on one machine (see `parallel/channel.py`): each
+  message is a whole object handed to the queue actor by one call, so a worker that dies while
+  sending takes only its own message with it, and holds no lock the others need.  The driver
+  does not need to know who sent a message either: worker deaths come from the actors' loop refs.
 - Loss.  An actor (or its whole node) that dies is noticed within `poll_s`, its jobs end as lost,
   and `replace` asks Ray for a new actor in the same bundle: Ray re-places the bundle on any node
   with room.  Until it is placed the rank is `down` (the engine plans without it) and the survivors
@@ -29,8 +34,9 @@ import queue
 import threading
 import time
 
-from ..parallel.worker_main import RESTART, WorkerSpec, worker_main
+from ..parallel.protocol import Rendezvous, Restart, Shutdown
 from ..parallel.workers import PoolBase, WorkerLost
+from ..parallel.world import WorkerSpec
 
 log = logging.getLogger("genserve.ray")
 
@@ -59,8 +65,11 @@ class _RayWorker:
                 (self.inbox if ch == 0 else self.ctl).put(m)
                 self._next += 1
 
-    def loop(self, rank: int, spec: WorkerSpec, init, members: tuple[int, ...], outbox) -> None:
-        worker_main(rank, spec, init, members, self.inbox, self.ctl, outbox, device_index=0)
+    def loop(self, rank: int, spec: WorkerSpec, world: Rendezvous, members: tuple[int, ...],
+             outbox) -> None:
+        from ..parallel.worker_main import worker_main  # torch: in the actor only
+
+        worker_main(rank, spec, world, members, self.inbox, self.ctl, outbox, device_index=0)
 
 
 class RayWorkerPool(PoolBase):
@@ -129,11 +138,11 @@ class RayWorkerPool(PoolBase):
         for r in range(n):
             self._actors[r] = self._new_actor(r)
         members = tuple(range(n))
-        init = self._next_world(members)
+        world = self._next_world(members)
         log.info("world %d: workers %s on nodes %s (%s)", self._generation, list(members),
                  list(self.nodes), ", ".join(i[:8] for i in dict.fromkeys(self._node_ids)))
         for r in range(n):
-            self._start_loop(r, init, members)
+            self._start_loop(r, world, members)
         self._await_ready(start_timeout_s)
 
     # ----- actors -----
@@ -147,8 +156,8 @@ class RayWorkerPool(PoolBase):
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self._pg, placement_group_bundle_index=self._bundle[rank])).remote()
 
-    def _start_loop(self, rank: int, init, members: tuple[int, ...]) -> None:
-        self._loops[rank] = self._actors[rank].loop.remote(rank, self.spec, init, members,
+    def _start_loop(self, rank: int, world: Rendezvous, members: tuple[int, ...]) -> None:
+        self._loops[rank] = self._actors[rank].loop.remote(rank, self.spec, world, members,
                                                            self._outbox)
         self._gone.pop(rank, None)
         self._starting[rank] = time.monotonic()
@@ -164,10 +173,16 @@ class RayWorkerPool(PoolBase):
     def _send_ctl(self, rank: int, msg) -> None:
         self._deliver(rank, 1, msg)
 
-    def _recv(self, timeout_s: float):
-        if timeout_s > 0:
-            return self._outbox.get(timeout=timeout_s)
-        return self._outbox.get_nowait()
+    def _poll(self, timeout_s: float) -> list:
+        msgs = []
+        try:
+            msgs.append(self._outbox.get(timeout=timeout_s) if timeout_s > 0
+                        else self._outbox.get_nowait())
+            while True:  # drain what is there, wait no more
+                msgs.append(self._outbox.get_nowait())
+        except queue.Empty:  # ray.util.queue.Empty is one
+            pass
+        return msgs
 
     # ----- liveness -----
     def _refresh(self) -> None:
@@ -270,20 +285,20 @@ class RayWorkerPool(PoolBase):
         members = tuple(sorted(survivors + list(joining)))
         if not members:
             return
-        init = self._next_world(members)
+        world = self._next_world(members)
         log.info("world %d: workers %s%s", self._generation, list(members),
                  f" ({list(joining)} joining)" if joining else "")
         for r in survivors:
-            self._send(r, (None, RESTART, (r,), (init, members)))
+            self._send(r, Restart(world, members))
         for r in joining:
-            self._start_loop(r, init, members)
+            self._start_loop(r, world, members)
 
     def close(self) -> None:
         ray = self._ray
         live = [r for r in range(self.n) if self._loops[r] is not None and r not in self._gone]
         for r in live:
             try:
-                self._send(r, None)
+                self._send(r, Shutdown())
             except Exception:  # noqa: BLE001
                 pass
         loops = [self._loops[r] for r in live]

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..latency import LatencyModel
 from ..models.base import GenRequest
+from ..parallel.protocol import JobError, JobLost, Moved, New, Resident, Run
 from ..parallel.workers import PoolBase, WorkerError, WorkerLost
 from ..policies.base import Assignment, Cluster, InFlight, Policy, SchedulerState
 from ..request import Request, Status
@@ -228,15 +229,14 @@ class Engine:
             if set(a.gpus) & set(self.pool.dead()):
                 self._replan = True  # a death noticed since the plan began: recover, re-plan
                 continue
-            srcs = [(m.id, self._source(m, a.gpus, now)) for m in members]
+            srcs = [self._source(m, a.gpus, now) for m in members]
             every = self.checkpoint_every
             want = [m.id for m in members if every and m.remaining_steps > a.steps
                     and (m.steps_done + a.steps) // every > m.steps_done // every]
             self.res.migrations += place_members(members, a.gpus, now, self.queue)
             try:
-                job = self.pool.submit("run", a.gpus, {"model": members[0].model,
-                                                       "members": srcs, "n": a.steps,
-                                                       "want": want})
+                job = self.pool.submit(a.gpus, Run(members[0].model, tuple(srcs), a.steps,
+                                                   tuple(want)))
             except WorkerLost:  # noticed while the states were being fetched: as a lost job
                 self._lose(a, now)
                 self._replan = True
@@ -252,11 +252,11 @@ class Engine:
             self._notify(r)
         return plan.wake_at
 
-    def _source(self, r: Request, gpus: tuple[int, ...], now: float):
-        """What the job needs to run `r` on `gpus`: None (resident there), the state's bytes (it
-        moves), or the prompt (a new request, encoded by the worker)."""
+    def _source(self, r: Request, gpus: tuple[int, ...], now: float) -> Resident | Moved | New:
+        """What the job needs to run `r` on `gpus`: nothing (resident there), the state's bytes
+        (it moves), or the prompt (a new request, encoded by the worker)."""
         if r.gpus and set(r.gpus) == set(gpus):
-            return None
+            return Resident(r.id)
         if r.gpus:
             alive = self.pool.alive()
             holder = next((g for g in r.gpus if g in alive), None)
@@ -269,17 +269,18 @@ class Engine:
             self.pool.drop(set(r.gpus) - set(gpus) - {holder}, [r.id])
             if blob is not None:
                 self.res.moves_bytes += len(blob)
-                return blob
+                return Moved(r.id, blob)
             self._roll_back(r, now)  # the holder is gone: fall back to the checkpoint
         ck = self.host.get(r.id)
         if ck is not None and ck[1] == r.steps_done and r.steps_done > 0:
-            return ck[0]
+            return Moved(r.id, ck[0])
         if r.steps_done:
             self._roll_back(r, now)
             if r.id in self.host:
-                return self.host[r.id][0]
-        return GenRequest(id=r.id, prompt=r.prompt, height=r.height, width=r.width,
-                          frames=r.frames, steps=r.steps, guidance=r.guidance, seed=r.seed)
+                return Moved(r.id, self.host[r.id][0])
+        return New(r.id, GenRequest(id=r.id, prompt=r.prompt, height=r.height, width=r.width,
+                                    frames=r.frames, steps=r.steps, guidance=r.guidance,
+                                    seed=r.seed))
 
     def _estimated_end(self, a: Assignment, started: float) -> float:
         lead = self.by_id[a.requests[0]]
@@ -292,41 +293,42 @@ class Engine:
     # ----- results -----
     def _complete(self, job: int, now: float) -> None:
         a, started = self.inflight.pop(job)
-        tag, out = self.pool.result(job)
+        outcome = self.pool.result(job)
         self.free.update(a.gpus)
         self.res.busy_gpu_s += (now - started) * len(a.gpus)
-        if tag == "lost":
+        if isinstance(outcome, JobLost):
             self._lose(a, now)
             return
-        if tag == "error":  # not pinned on one request (SP > 1): the job's requests fail
+        if isinstance(outcome, JobError):  # not pinned on one request (SP > 1): all fail
             for rid in a.requests:
-                self._end(self.by_id[rid], now, failed=f"worker_error: {out}".strip())
+                self._end(self.by_id[rid], now, failed=f"worker_error: {outcome.message}".strip())
             self.pool.drop(a.gpus, list(a.requests))
             return
+        out = outcome.result  # a RunResult
         for rid in a.requests:
             r = self.by_id[rid]
             if self._keep:
                 self.res.timeline.setdefault(rid, []).append((started, now, a.gpus))
-            if rid in out["failed"]:
-                self._end(r, now, failed=out["failed"][rid])
+            if rid in out.failed:
+                self._end(r, now, failed=out.failed[rid])
                 continue
-            if rid in out["cancelled"]:
+            if rid in out.cancelled:
                 self._end(r, now, cancelled=True)
                 continue
-            done = out["steps"][rid] - r.steps_done
+            done = out.steps[rid] - r.steps_done
             if done > 0:
                 r.advance(done)
-            if rid in out["blobs"]:
-                self.host[rid] = (out["blobs"][rid], r.steps_done)
+            if rid in out.blobs:
+                self.host[rid] = (out.blobs[rid], r.steps_done)
             if r.remaining_steps == 0:
                 if self._keep:
-                    self.res.outputs[rid] = out["outputs"][rid]
+                    self.res.outputs[rid] = out.outputs[rid]
                 r.finish(now)
                 self.host.pop(rid, None)
                 if rid in self.cancel_pending:  # a cancel that came too late: it finished
                     self.cancel_pending.discard(rid)
                     self.pool.drop(a.gpus, [rid])  # clears the worker's cancel mark
-                self._notify(r, out["outputs"][rid])
+                self._notify(r, out.outputs[rid])
             elif rid in self.cancel_pending:
                 self.pool.drop(a.gpus, [rid])
                 self._end(r, now, cancelled=True)

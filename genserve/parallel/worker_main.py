@@ -1,95 +1,41 @@
-"""The worker process: one per device, holding the models and the step states resident on it.
+"""The worker process: what it does with each message (`protocol.py`), and its resident states.
 
-A worker runs the jobs of its inbox in order, on its main thread.  Every member of a job's group
-runs the same steps (the forward is sharded inside, see `sequence.py`), so every member keeps a full
-copy of each state it stepped, in `Store`; the engine then only sends a state when a request moves
-to another worker set, and receives one only when it asks (a host-side checkpoint, a move).
+A worker runs the messages of its inbox in order, on its main thread (`Worker.serve`), each by the
+handler of its type; a job (`Task.job`) likewise.  Every member of a job's group runs the same
+steps (the forward is sharded inside, see `sequence.py`), so every member keeps a full copy of
+each state it stepped, in `Store`; the engine then only sends a state when a request moves to
+another worker set, and receives one only when it asks (a host-side checkpoint, a move).
 
-A second thread serves the control queue while the main thread computes: fetch a paused state
-(for a move), drop states, and mark requests cancelled; a cancel takes effect at the next step
-boundary of the job that holds the request (at SP > 1 the group's first rank decides for all, so
-every member drops the same request at the same step).
+A second thread (`Control`) serves the control queue while the main thread computes: fetch a
+paused state (for a move), drop states, and mark requests cancelled; a cancel takes effect at the
+next step boundary of the job that holds the request (at SP > 1 the group's first rank decides for
+all, so every member drops the same request at the same step).  Both threads answer on the one
+outbox (`channel.Sender` on one machine: it locks around each message).
 
-Errors of one request fail that request, not the job or the worker: a prepare that raises (bad input),
-or a step that raises at degree 1 (the batch is retried one request at a time to find the culprit;
-an out-of-memory error frees the cache first).  At SP > 1 an error fails the job, since members
-cannot agree on a culprit without a collective that may be the thing that broke.
+Errors of one request fail that request, not the job or the worker: a prepare that raises (bad
+input), or a step that raises at degree 1 (the batch is retried one request at a time to find the
+culprit; an out-of-memory error frees the cache first).  At SP > 1 an error fails the job, since
+members cannot agree on a culprit without a collective that may be the thing that broke.
+
+Only the worker process imports this module (torch at module level); the pools name `worker_main`
+as the process's (or actor's) entry point without importing it first.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 import traceback
-from dataclasses import dataclass, field
-from datetime import timedelta
+
+import torch
+import torch.distributed as dist
 
 from ..models.base import StepState
-
-RESTART = "__restart__"  # inbox job kind: leave the old process group, join a new world
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What every worker of a pool loads and how it behaves; plain data, sent to each process.
-
-    `faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit", "step": k, "rank": r}}.
-    `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory."""
-
-    presets: tuple[str, ...]
-    model_path: str | None = None
-    device: str = "cpu"
-    timeout_s: float = 60.0
-    faults: dict = field(default_factory=dict)
-    min_free_bytes: int = 2 << 30
-
-
-class Abandoned(Exception):
-    """The driver gave this world up before it formed: a member died before coming."""
-
-
-def rendezvous(init, rank: int, members: tuple[int, ...], backend: str, timeout_s: float) -> None:
-    """Join the world of `members` (global ranks, in world-rank order).  `init` is
-    ("store", host, port, prefix): a TCPStore the driver hosts, with a fresh prefix for each
-    world, so a re-formed world never sees the old one's keys.
-
-    The members meet first, and the world forms only if the store's one `decision`
-    key says "formed" (set by whoever sees every member arrived).  The driver sets it to
-    "abandoned" when it re-forms again before that (a second member died meanwhile); the members
-    then raise `Abandoned` and wait for the next world, instead of waiting for the dead one until
-    the timeout (and then dying too).  The compare-and-set makes every member take the same side."""
-    import torch.distributed as dist
-
-    kw = dict(rank=members.index(rank), world_size=len(members),
-              timeout=timedelta(seconds=timeout_s))
-    _, host, port, prefix = init
-    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
-    world = dist.PrefixStore(prefix, store)
-    world.set(f"arrived/{rank}", "1")
-    everyone = [f"arrived/{m}" for m in members]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if world.check(everyone):
-            world.compare_set("decision", "", "formed")
-        if world.check(["decision"]):
-            if world.get("decision") != b"formed":
-                raise Abandoned(prefix)
-            break
-        if time.monotonic() > deadline:
-            missing = [m for m in members if not world.check([f"arrived/{m}"])]
-            raise TimeoutError(f"worker(s) {missing} never came to world {prefix!r}")
-        time.sleep(0.02)
-    dist.init_process_group(backend, store=dist.PrefixStore("pg/", world), **kw)
-
-
-def abandon(store, prefix: str) -> bool:
-    """The driver's side of `rendezvous`: give up the world of `prefix` unless it formed already.
-    Returns whether it was abandoned."""
-    import torch.distributed as dist
-
-    world = dist.PrefixStore(prefix, store)
-    return world.compare_set("decision", "", "abandoned") == b"abandoned"
+from .protocol import (Cancel, Decode, Done, Drop, Fetch, Fetched, JobError, JobLost, MakeGroup,
+                       Moved, New, Noop, Prepare, Profile, Ready, Rendezvous, Resident, Restart,
+                       Run, RunResult, Shutdown, StartFailed, Steps, Task, handler)
+from .ulysses import GroupCache
+from .world import Abandoned, WorkerSpec, rendezvous
 
 
 class Store:
@@ -97,8 +43,6 @@ class Store:
     host memory when the device runs short (CUDA only: on CPU the device is the host)."""
 
     def __init__(self, device: str, min_free_bytes: int):
-        import torch
-
         self.device, self.min_free_bytes = device, min_free_bytes
         self._dev = torch.device(device)
         self.states: dict[str, StepState] = {}
@@ -125,8 +69,6 @@ class Store:
 
     def offload(self, keep: set[str]) -> int:
         """Move paused states to host memory while free device memory is under the floor."""
-        import torch
-
         if not self.device.startswith("cuda"):
             return 0
         moved = 0
@@ -140,199 +82,233 @@ class Store:
         return moved
 
 
-def _control_loop(ctl, outbox, store: Store, cancelled: set, rank: int) -> None:
-    while True:
-        msg = ctl.get()
-        if msg is None:
-            return
-        op, req_id, rids = msg
+class Worker:
+    """One worker: its models, its resident states, its current world; a handler per message."""
+
+    def __init__(self, rank: int, spec: WorkerSpec, outbox, device_index: int | None = None):
+        self.rank, self.spec, self.outbox = rank, spec, outbox
+        self.dev = "cpu" if spec.device == "cpu" else \
+            f"{spec.device}:{rank if device_index is None else device_index}"
+        self.backend = "gloo" if spec.device == "cpu" else "nccl"
+        self.groups: GroupCache | None = None  # None: the current world was abandoned
+        self.adapters: dict = {}
+        self.sps: dict = {}
+        self.store = Store(self.dev, spec.min_free_bytes)
+        self.cancelled: set[str] = set()
+        self.control: Control | None = None
+        self._inbox = {Task: self._task, MakeGroup: self._make_group, Restart: self._restart}
+        self._jobs = {Run: self._run, Prepare: self._prepare, Steps: self._steps,
+                      Decode: self._decode, Profile: self._profile, Noop: self._noop}
+        self._members = {New: self._new, Resident: self._resident, Moved: self._moved}
+
+    # ----- life cycle -----
+    def start(self, world: Rendezvous, members: tuple[int, ...], ctl) -> bool:
+        """Join the first world, load the models, start serving `ctl`, tell the driver.  False:
+        the models did not load (the driver was told why)."""
+        from ..models import load_preset
+        from .sequence import install
+
+        torch.set_num_threads(int(os.environ.get("GENSERVE_WORKER_THREADS", "1")))
+        self.groups = self._join(world, members)
         try:
-            if op == "fetch":  # for a move: the state leaves this worker
-                outbox.put(("ctl", req_id, {s.request_id: s.to_bytes() for s in store.pop(rids)}))
-            elif op == "drop":
-                store.pop(rids)
-                cancelled.difference_update(rids)
-            elif op == "cancel":
-                cancelled.update(rids)
-        except Exception as e:  # noqa: BLE001 - reported, the thread keeps serving
-            outbox.put(("ctl", req_id, RuntimeError(f"worker {rank}: {op}: {e}")))
+            self.adapters = {p: load_preset(p, self.spec.model_path, self.dev)
+                             for p in self.spec.presets}
+            self.sps = {p: install(ad.transformer) for p, ad in self.adapters.items()}
+        except Exception as e:  # noqa: BLE001 - e.g. a bad checkpoint path: tell the driver
+            self.outbox.put(StartFailed(self.rank, f"worker {self.rank} could not start: {e}"))
+            return False
+        self.control = Control(self, ctl)
+        self.control.start()
+        self.outbox.put(Ready(self.rank))
+        return True
 
+    def serve(self, inbox) -> None:
+        """Run the inbox's messages until `Shutdown`."""
+        while not isinstance(msg := inbox.get(), Shutdown):
+            handler(self._inbox, msg)(msg)
+        self.control.stop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-class _Fault(Exception):
-    pass
-
-
-def _inject(faults: dict, states: list[StepState], rank: int) -> None:
-    """Test hook: fail a request at a given step, as configured when the pool started."""
-    import torch
-
-    for s in states:
-        f = faults.get(s.request_id)
-        if f and f["step"] == s.step_index and f.get("rank", rank) == rank:
-            if f["kind"] == "oom":
-                raise torch.OutOfMemoryError(f"injected out-of-memory at step {s.step_index}")
-            if f["kind"] == "exit":
-                os._exit(17)
-            raise _Fault(f"injected error at step {s.step_index}")
-
-
-def _reason(e: Exception) -> str:
-    import torch
-
-    if isinstance(e, torch.OutOfMemoryError):
-        return f"out_of_memory: {e}"
-    return f"{type(e).__name__}: {e}"
-
-
-def worker_main(rank: int, spec: WorkerSpec, init, members: tuple[int, ...], inbox, ctl, outbox,
-                device_index: int | None = None) -> None:
-    """Serve jobs as global rank `rank` of the world `members`.  `device_index`: the CUDA device
-    to use (default: `rank`, one machine; Ray gives each actor one visible GPU, index 0)."""
-    import torch
-    import torch.distributed as dist
-
-    from ..models import load_preset
-    from .sequence import install
-    from .ulysses import GroupCache
-
-    torch.set_num_threads(int(os.environ.get("GENSERVE_WORKER_THREADS", "1")))
-    faults = spec.faults
-    dev = "cpu" if spec.device == "cpu" else \
-        f"{spec.device}:{rank if device_index is None else device_index}"
-    backend = "gloo" if spec.device == "cpu" else "nccl"
-
-    def join(init_, members_) -> GroupCache | None:
+    def _join(self, world: Rendezvous, members) -> GroupCache | None:
         """The new world's groups; None: it was abandoned, a newer one is on its way."""
         try:
-            rendezvous(init_, rank, tuple(members_), backend, spec.timeout_s)
+            rendezvous(world, self.rank, tuple(members), self.backend, self.spec.timeout_s)
         except Abandoned:
             return None
         except Exception:  # noqa: BLE001 - a member never came: die, the pool replaces this one
             traceback.print_exc()
             os._exit(3)
-        return GroupCache(members_)
+        return GroupCache(members)
 
-    groups = join(init, members)
-    try:
-        adapters = {p: load_preset(p, spec.model_path, dev) for p in spec.presets}
-        sps = {p: install(ad.transformer) for p, ad in adapters.items()}
-    except Exception as e:  # e.g. a bad checkpoint path: tell the driver, then exit
-        outbox.put(("failed", rank, f"worker {rank} could not start: {e}"))
-        return
-    store = Store(dev, spec.min_free_bytes)
-    cancelled: set[str] = set()
-    ctl_thread = threading.Thread(target=_control_loop, daemon=True,
-                                  args=(ctl, outbox, store, cancelled, rank))
-    ctl_thread.start()
-    outbox.put(("ready", rank, None))
+    # ----- the inbox -----
+    def _restart(self, msg: Restart) -> None:
+        """A member was lost (or comes back): every survivor joins the new world."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.groups = self._join(msg.rendezvous, msg.members)
 
-    def group_of(ranks):
-        return None if len(ranks) == 1 else groups.get(ranks)
+    def _make_group(self, msg: MakeGroup) -> None:
+        # Every member of the world, in one order (see GroupCache); none in a world that never
+        # formed (its tasks that need a group are answered lost).
+        if self.groups is not None:
+            self.groups.make(msg.ranks)
 
-    def run(ranks, p) -> dict:
-        """The engine's job: prepare new requests, take the others from the payload or the store,
-        run up to n steps, decode the finished ones; keep the rest resident."""
-        out = {"steps": {}, "failed": {}, "cancelled": {}, "blobs": {}, "outputs": {}}
-        states = []
-        for rid, src in p["members"]:
-            if src is None:
-                states.append(store.get(rid))
-            elif isinstance(src, bytes):
-                states.append(StepState.from_bytes(src).to(dev))
-            else:  # a GenRequest: encode here, so the driver never waits for it
-                try:
-                    states.append(_adapter(adapters, p["model"]).prepare([src])[0])
-                except Exception as e:  # noqa: BLE001 - bad input fails this request only
-                    out["failed"][rid] = _reason(e)
-        adapter = _adapter(adapters, p["model"])
-        group = group_of(ranks)
-        src = 0 if group is None else groups.world_rank(ranks[0])  # no world needed alone
-        with sps[adapter.name].use(group):
-            for _ in range(p["n"]):
-                states = _drop_cancelled(states, cancelled, src, group, out, dist, torch)
+    def _task(self, t: Task) -> None:
+        first = self.rank == t.ranks[0]
+        if self.groups is None and len(t.ranks) > 1:
+            # Sent to a world that never formed: no group to run it on.  Every member is in the
+            # same case (the decision is shared); the first one answers for the job.
+            if first:
+                self.outbox.put(JobLost(t.job_id, f"worker {self.rank}: its world was abandoned "
+                                                  "before it formed (a member died)"))
+            return
+        try:
+            out = handler(self._jobs, t.job)(t.ranks, t.job)
+            if first:
+                self.outbox.put(Done(t.job_id, out))
+        except ValueError as e:  # bad input (ModelInputError is one): the message says it all
+            self.outbox.put(JobError(t.job_id, f"worker {self.rank}: {e}"))
+        except Exception as e:  # noqa: BLE001 - reported to the driver; the worker stays up
+            self.outbox.put(JobError(t.job_id, f"worker {self.rank}: {type(e).__name__}: {e}\n"
+                                               f"{traceback.format_exc(limit=3)}"))
+
+    # ----- jobs -----
+    def _adapter(self, model: str):
+        try:
+            return self.adapters[model]
+        except KeyError:
+            raise ValueError(f"model={model!r}: not served by these workers "
+                             f"(they hold {', '.join(self.adapters)})") from None
+
+    def _group_of(self, ranks: tuple[int, ...]):
+        return None if len(ranks) == 1 else self.groups.get(ranks)
+
+    def _load(self, blobs) -> list[StepState]:
+        return [StepState.from_bytes(b).to(self.dev) for b in blobs]
+
+    def _noop(self, ranks, job: Noop):
+        return bytes(job.reply_bytes) if job.reply_bytes else None
+
+    def _prepare(self, ranks, job: Prepare) -> list[bytes]:
+        return [s.to_bytes() for s in self._adapter(job.model).prepare(list(job.requests))]
+
+    def _decode(self, ranks, job: Decode) -> list:
+        states = self._load(job.states)
+        return self._adapter(states[0].model).decode(states)
+
+    def _steps(self, ranks, job: Steps) -> list[bytes] | None:
+        states = self._load(job.states)
+        adapter = self._adapter(states[0].model)
+        with self.sps[adapter.name].use(self._group_of(ranks)):
+            for _ in range(job.n):
+                adapter.step(states)
+        return [s.to_bytes() for s in states] if self.rank == ranks[0] else None
+
+    def _profile(self, ranks, job: Profile):
+        from ..profiler import profile  # the measurement only: it imports no pool
+
+        return profile(list(job.presets), job.batches, job.reps, device=self.dev,
+                       adapters=self.adapters)
+
+    # A run job's member: its state, or None if it failed already (noted in `out`).
+    def _new(self, m: New, model: str, out: RunResult) -> StepState | None:
+        try:  # encoded here, so the driver never waits for it
+            return self._adapter(model).prepare([m.request])[0]
+        except Exception as e:  # noqa: BLE001 - bad input fails this request only
+            out.failed[m.rid] = _reason(e)
+            return None
+
+    def _resident(self, m: Resident, model: str, out: RunResult) -> StepState:
+        return self.store.get(m.rid)
+
+    def _moved(self, m: Moved, model: str, out: RunResult) -> StepState:
+        return StepState.from_bytes(m.state).to(self.dev)
+
+    def _run(self, ranks: tuple[int, ...], job: Run) -> RunResult:
+        """The engine's job: take each member's state, run up to `job.steps` steps, decode the
+        finished ones; keep the rest resident."""
+        out = RunResult()
+        states = [handler(self._members, m)(m, job.model, out) for m in job.members]
+        states = [s for s in states if s is not None]
+        adapter = self._adapter(job.model)
+        group = self._group_of(ranks)
+        src = 0 if group is None else self.groups.world_rank(ranks[0])  # no world needed alone
+        with self.sps[adapter.name].use(group):
+            for _ in range(job.steps):
+                states = _drop_cancelled(states, self.cancelled, src, group, out)
                 if not states:
                     break
-                states = _step(adapter, states, faults, rank, len(ranks), out, torch)
+                states = _step(adapter, states, self.spec.faults, self.rank, len(ranks), out)
         done = [s for s in states if s.done]
-        store.put([s for s in states if not s.done])
-        store.pop([*out["failed"], *out["cancelled"], *(s.request_id for s in done)])
-        cancelled.difference_update(out["cancelled"])
-        store.offload({s.request_id for s in states})
-        if rank != ranks[0]:
+        self.store.put([s for s in states if not s.done])
+        self.store.pop([*out.failed, *out.cancelled, *(s.request_id for s in done)])
+        self.cancelled.difference_update(out.cancelled)
+        self.store.offload({s.request_id for s in states})
+        if self.rank != ranks[0]:
             return out
-        out["steps"] = {s.request_id: s.step_index for s in states}
-        want = set(p.get("want", ()))
-        out["blobs"] = {s.request_id: s.to_bytes() for s in states
-                        if s.request_id in want and not s.done}
+        out.steps.update({s.request_id: s.step_index for s in states})
+        out.blobs.update({s.request_id: s.to_bytes() for s in states
+                          if s.request_id in job.want and not s.done})
         if done:
             try:
-                out["outputs"] = dict(zip([s.request_id for s in done], adapter.decode(done)))
+                out.outputs.update(zip([s.request_id for s in done], adapter.decode(done)))
             except Exception as e:  # noqa: BLE001
                 for s in done:
-                    out["failed"][s.request_id] = "decode: " + _reason(e)
+                    out.failed[s.request_id] = "decode: " + _reason(e)
         return out
 
-    while True:
-        job = inbox.get()
-        if job is None:
-            break
-        job_id, kind, ranks, payload = job
-        try:
-            if kind == RESTART:  # a member was lost: every survivor joins the new world
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-                groups = join(*payload)
-                continue
-            if groups is None and (kind == "group" or len(ranks) > 1):
-                # Sent to a world that never formed: no group to run it on.  Every member is in
-                # the same case (the decision is shared); the first one answers for the job.
-                if kind != "group" and rank == ranks[0]:
-                    outbox.put(("lost", job_id, f"worker {rank}: its world was abandoned "
-                                                "before it formed (a member died)"))
-                continue
-            if kind == "group":  # every member of the world, in one order (see GroupCache)
-                groups.make(payload)
-                continue
-            if kind == "run":
-                out = run(ranks, payload)
-            elif kind == "noop":  # a round trip, to measure dispatch cost
-                out = None
-            elif kind == "prepare":
-                model, reqs = payload
-                out = [s.to_bytes() for s in _adapter(adapters, model).prepare(reqs)]
-            elif kind == "decode":
-                states = [StepState.from_bytes(b).to(dev) for b in payload]
-                out = _adapter(adapters, states[0].model).decode(states)
-            elif kind == "steps":
-                blobs, n = payload[:2]
-                states = [StepState.from_bytes(b).to(dev) for b in blobs]
-                adapter = _adapter(adapters, states[0].model)
-                with sps[adapter.name].use(group_of(ranks)):
-                    for _ in range(n):
-                        adapter.step(states)
-                out = [s.to_bytes() for s in states] if rank == ranks[0] else None
-            elif kind == "profile":
-                from ..profiler import profile
-                presets_, batches, reps = payload
-                out = profile(presets_, batches, reps, device=dev, adapters=adapters)
-            else:
-                raise ValueError(f"unknown job kind {kind!r}")
-            if rank == ranks[0]:
-                outbox.put(("done", job_id, out))
-        except ValueError as e:  # bad input (ModelInputError is one): the message says it all
-            outbox.put(("error", job_id, f"worker {rank}: {e}"))
-        except Exception as e:  # reported to the driver; the worker stays up
-            outbox.put(("error", job_id, f"worker {rank}: {type(e).__name__}: {e}\n"
-                                         f"{traceback.format_exc(limit=3)}"))
-    ctl.put(None)
-    # Let the control thread take its None and end: a daemon thread still reading its queue
-    # while the interpreter shuts down prints a traceback.
-    ctl_thread.join(timeout=5)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+class Control(threading.Thread):
+    """Serves the control queue while the main thread computes, until `Shutdown`."""
+
+    def __init__(self, worker: Worker, ctl):
+        super().__init__(daemon=True, name=f"genserve-control-{worker.rank}")
+        self.worker, self.ctl = worker, ctl
+        self._handlers = {Fetch: self._fetch, Drop: self._drop, Cancel: self._cancel}
+
+    def run(self) -> None:
+        while not isinstance(msg := self.ctl.get(), Shutdown):
+            try:
+                handler(self._handlers, msg)(msg)
+            except Exception as e:  # noqa: BLE001 - reported, the thread keeps serving
+                if isinstance(msg, Fetch):
+                    self.worker.outbox.put(Fetched(msg.req_id, error=f"worker "
+                                                   f"{self.worker.rank}: fetch: {e}"))
+                else:
+                    traceback.print_exc()
+
+    def stop(self) -> None:
+        # Let the thread take its Shutdown and end: a daemon thread still reading its queue while
+        # the interpreter shuts down prints a traceback.
+        self.ctl.put(Shutdown())
+        self.join(timeout=5)
+
+    def _fetch(self, msg: Fetch) -> None:  # for a move: the states leave this worker
+        states = {s.request_id: s.to_bytes() for s in self.worker.store.pop(msg.rids)}
+        self.worker.outbox.put(Fetched(msg.req_id, states))
+
+    def _drop(self, msg: Drop) -> None:
+        self.worker.store.pop(msg.rids)
+        self.worker.cancelled.difference_update(msg.rids)
+
+    def _cancel(self, msg: Cancel) -> None:
+        self.worker.cancelled.update(msg.rids)
 
 
-def _drop_cancelled(states, cancelled, src: int, group, out, dist, torch):
+def worker_main(rank: int, spec: WorkerSpec, world: Rendezvous, members: tuple[int, ...], inbox,
+                ctl, outbox, device_index: int | None = None) -> None:
+    """Serve as global rank `rank` of the world of `members`, meeting at `world`: read messages
+    from `inbox` (main thread) and `ctl` (control thread) until `Shutdown`, answer on `outbox`
+    (anything with a thread-safe `put`).  `device_index`: the CUDA device to use (default: `rank`,
+    one machine; Ray gives each actor one visible GPU, index 0)."""
+    worker = Worker(rank, spec, outbox, device_index)
+    if worker.start(world, members, ctl):
+        worker.serve(inbox)
+
+
+# ----- a run job's steps -----
+def _drop_cancelled(states, cancelled: set, src: int, group, out: RunResult) -> list[StepState]:
     """`src`: the world rank of the job's first member, whose view wins."""
     if not cancelled and group is None:
         return states
@@ -344,13 +320,14 @@ def _drop_cancelled(states, cancelled, src: int, group, out, dist, torch):
     keep = []
     for s, f in zip(states, flags):
         if f:
-            out["cancelled"][s.request_id] = s.step_index
+            out.cancelled[s.request_id] = s.step_index
         else:
             keep.append(s)
     return keep
 
 
-def _step(adapter, states, faults, rank, degree, out, torch) -> list[StepState]:
+def _step(adapter, states, faults: dict, rank: int, degree: int, out: RunResult
+          ) -> list[StepState]:
     """One step of the batch; at degree 1 a failure is pinned on the request(s) that cause it."""
     before = {s.request_id: s.step_index for s in states}
     try:
@@ -364,7 +341,7 @@ def _step(adapter, states, faults, rank, degree, out, torch) -> list[StepState]:
         if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(states) == 1:
-            out["failed"][states[0].request_id] = _reason(e)
+            out.failed[states[0].request_id] = _reason(e)
             return []
     keep = []
     for s in states:
@@ -375,13 +352,27 @@ def _step(adapter, states, faults, rank, degree, out, torch) -> list[StepState]:
                 adapter.step([s])
             keep.append(s)
         except Exception as e:  # noqa: BLE001
-            out["failed"][s.request_id] = _reason(e)
+            out.failed[s.request_id] = _reason(e)
     return keep
 
 
-def _adapter(adapters: dict, model: str):
-    try:
-        return adapters[model]
-    except KeyError:
-        raise ValueError(f"model={model!r}: not served by these workers "
-                         f"(they hold {', '.join(adapters)})") from None
+class _Fault(Exception):
+    pass
+
+
+def _inject(faults: dict, states: list[StepState], rank: int) -> None:
+    """Test hook: fail a request at a given step, as configured when the pool started."""
+    for s in states:
+        f = faults.get(s.request_id)
+        if f and f["step"] == s.step_index and f.get("rank", rank) == rank:
+            if f["kind"] == "oom":
+                raise torch.OutOfMemoryError(f"injected out-of-memory at step {s.step_index}")
+            if f["kind"] == "exit":
+                os._exit(17)
+            raise _Fault(f"injected error at step {s.step_index}")
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, torch.OutOfMemoryError):
+        return f"out_of_memory: {e}"
+    return f"{type(e).__name__}: {e}"

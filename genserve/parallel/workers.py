@@ -1,22 +1,36 @@
 """Worker processes: one per device, one torch.distributed world, groups made on first use.
 
 The driver (the engine, or `genserve generate --sp K`) never loads a model: it sends jobs to the
-workers (`worker_main.py`) and receives results.  A job names its ranks (the GPU set; SP degree = its
-size).  Two ways to use the pool:
+workers (`worker_main.py`) and receives results, all as the typed messages of `protocol.py`.  A
+job names its ranks (the GPU set; SP degree = its size).  Two ways to use the pool:
 - `prepare` / `steps` / `decode`: states travel with every call as bytes (`StepState`), so each call
   may use another worker set of another degree: elastic re-sharding via host memory.  Simple, and
   what `genserve generate --sp K` uses.
-- `submit("run", ...)`: the engine's job.  States stay resident on the workers that stepped them;
-  a state is fetched (`fetch`) only to move it to another set or to keep a host-side checkpoint.
+- `submit(ranks, Run(...))`: the engine's job.  States stay resident on the workers that stepped
+  them; a state is fetched (`fetch`) only to move it to another set or to keep a host-side
+  checkpoint.
 
-Failures: a job error comes back as `WorkerError` and the worker stays up.  A worker that dies is
-noticed within `poll_s`: its pending jobs end as lost (`WorkerLost` from `wait`, tag "lost" from
-`result`), the other workers stay usable for groups that do not include it, and `replace(rank)`
+The engine's API: `submit(ranks, job) -> job id`; `finished(timeout_s) -> [job id]`;
+`result(job id) -> Done | JobError | JobLost` (a `Run` is `Done` with a `RunResult`);
+`wait(job id, timeout_s) -> Done.result` (raises `WorkerError` / `WorkerLost`); `fetch(rank,
+rids) -> {rid: bytes}`; `drop` / `cancel(ranks, rids)`; and the life cycle (`alive`, `dead`,
+`down`, `replace`, `ready`, `close`).
+
+Failures: a job error comes back as `JobError` and the worker stays up.  A worker that dies is
+noticed within `poll_s`: its pending jobs end as lost (`JobLost` from `result`, `WorkerLost` from
+`wait`), the other workers stay usable for groups that do not include it, and `replace(rank)`
 starts a new process in its place; the survivors join the new world between two of their jobs,
 keeping their models and resident states.
 
+Transport on one machine (`WorkerPool`): per worker an inbox and a control queue (driver ->
+worker; renewed when a worker is replaced: the dead one may have held their locks) and a channel
+of its own back (`channel.py`: a one-way pipe the driver reads without blocking).  A worker's
+death reads as end of file on its channel; a message cut short or one that does not decode ends
+that worker as well (it is killed if it still runs): its jobs end lost, the others never wait.
+
 `PoolBase` holds what does not depend on where the workers run; `WorkerPool` runs them as processes
-of this machine, `genserve.cluster.RayWorkerPool` as Ray actors across nodes.
+of this machine, `genserve.cluster.RayWorkerPool` as Ray actors across nodes.  This module imports
+no torch at module level.
 """
 
 from __future__ import annotations
@@ -24,11 +38,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import multiprocessing as mp
-import queue
 import time
+from multiprocessing.connection import wait as wait_for
 
-from ..models.base import GenRequest, StepState
-from .worker_main import RESTART, WorkerSpec, abandon, worker_main
+from .channel import Receiver, Sender
+from .protocol import (JOBS, TO_DRIVER, Cancel, Decode, Done, Drop, Fetch, Fetched, Job, JobError,
+                       JobLost, MakeGroup, Outcome, Prepare, Ready, Rendezvous, Restart, Shutdown,
+                       StartFailed, Steps, Task, handler)
+from .world import WorkerSpec, abandon
 
 
 class WorkerError(RuntimeError):
@@ -42,9 +59,9 @@ class WorkerLost(RuntimeError):
 class PoolBase:
     """Job bookkeeping shared by the process pool (one machine) and the Ray pool (a cluster).
 
-    A transport gives each worker an inbox (jobs, run in order), a control queue (served while
-    the worker computes) and one shared outbox back to the driver; subclasses provide them
-    (`_send`, `_send_ctl`, `_recv`), liveness (`_alive`, `_death`) and the life cycle.
+    A transport gives each worker an inbox (run in order), a control queue (served while the worker
+    computes) and a way back to the driver; subclasses provide them (`_send`, `_send_ctl`,
+    `_poll`), liveness (`_alive`, `_death`) and the life cycle.
     """
 
     n: int
@@ -64,22 +81,22 @@ class PoolBase:
                                min_free_bytes)
         self.restarts = 0
         self._ids = itertools.count()
-        self._results: dict[int, tuple[str, object]] = {}
+        self._results: dict[int, Outcome] = {}
         self._jobs: dict[int, tuple[int, ...]] = {}
-        self._ctl_results: dict[int, object] = {}
+        self._fetched: dict[int, Fetched] = {}
         self._starting: dict[int, float] = {}
         self._members: tuple[int, ...] = ()  # the current world (see `_next_world`)
         self._made: set[tuple[int, ...]] = set()  # its process groups
         self._generation = 0  # its number
 
     def _open_store(self, host: str) -> None:
-        """The driver-hosted TCPStore every world meets in (see `worker_main.rendezvous`)."""
+        """The driver-hosted TCPStore every world meets in (see `world.rendezvous`)."""
         import torch.distributed as dist
 
         self._host = host
         self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
 
-    def _next_world(self, members: tuple[int, ...]):
+    def _next_world(self, members: tuple[int, ...]) -> Rendezvous:
         """Make the world of `members` current (no groups made in it yet) and return its
         rendezvous.  It supersedes the current one: if that has not formed, its members are
         waiting for one that is gone now, so they are let go (abandoned)."""
@@ -87,17 +104,20 @@ class PoolBase:
             abandon(self._store, f"world{self._generation}/")
         self._generation += 1
         self._members, self._made = tuple(members), set()
-        return ("store", self._host, self._store.port, f"world{self._generation}/")
+        return Rendezvous(self._host, self._store.port, f"world{self._generation}/")
 
     # ----- transport (subclasses) -----
     def _send(self, rank: int, msg) -> None:
+        """Put an inbox message (`protocol.INBOX`) to worker `rank`."""
         raise NotImplementedError
 
     def _send_ctl(self, rank: int, msg) -> None:
+        """Put a control message (`protocol.CONTROL`) to worker `rank`."""
         raise NotImplementedError
 
-    def _recv(self, timeout_s: float):
-        """One message from the outbox; raises queue.Empty (timeout_s 0: do not wait)."""
+    def _poll(self, timeout_s: float) -> list:
+        """The workers' messages that arrived, waiting up to `timeout_s` for the first (0: do not
+        wait); empty if none came."""
         raise NotImplementedError
 
     def _alive(self, rank: int) -> bool:
@@ -117,17 +137,30 @@ class PoolBase:
         """The node of each worker, as small integers; empty: all on this machine."""
         return ()
 
+    # ----- the workers' messages -----
+    def _on_ready(self, msg: Ready) -> None:
+        self._starting.pop(msg.rank, None)
+
+    def _on_start_failed(self, msg: StartFailed) -> None:
+        self.close()
+        raise WorkerError(msg.message)
+
+    def _on_fetched(self, msg: Fetched) -> None:
+        self._fetched[msg.req_id] = msg
+
+    def _on_outcome(self, msg: Outcome) -> None:
+        if msg.job_id in self._jobs and msg.job_id not in self._results:  # late ones of lost jobs
+            self._results[msg.job_id] = msg                                # are dropped
+
+    _ROUTES = {Ready: _on_ready, StartFailed: _on_start_failed, Fetched: _on_fetched,
+               Done: _on_outcome, JobError: _on_outcome, JobLost: _on_outcome}
+
     def _route(self, msg) -> None:
-        tag, key, out = msg
-        if tag == "ready":
-            self._starting.pop(key, None)
-        elif tag == "failed":
-            self.close()
-            raise WorkerError(out)
-        elif tag == "ctl":
-            self._ctl_results[key] = out
-        elif key in self._jobs and key not in self._results:  # late results of lost jobs: dropped
-            self._results[key] = (tag, out)
+        handler(self._ROUTES, msg)(self, msg)
+
+    def _pump(self, timeout_s: float) -> None:
+        for msg in self._poll(timeout_s):
+            self._route(msg)
 
     def _await_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -136,13 +169,16 @@ class PoolBase:
                 self.close()
                 raise WorkerLost(f"workers {sorted(self._starting)} did not start within "
                                  f"{timeout_s:.0f} s")
-            try:
-                self._route(self._recv(self.poll_s))
-            except queue.Empty:
-                self._check_alive(list(self._starting), "start-up")
+            self._pump(self.poll_s)
+            self._check_alive(list(self._starting), "start-up")
 
     # ----- jobs -----
-    def submit(self, kind: str, ranks: tuple[int, ...], payload) -> int:
+    def submit(self, ranks: tuple[int, ...], job: Job) -> int:
+        """Run `job` on the workers `ranks` (SP degree = their number); returns its id.  Does
+        not wait: see `finished` and `result`, or `wait`."""
+        if not isinstance(job, JOBS):
+            raise TypeError(f"submit: a {type(job).__name__} is not a job (one of "
+                            f"{', '.join(t.__name__ for t in JOBS)})")
         ranks = tuple(sorted(ranks))
         if not ranks or ranks[0] < 0 or ranks[-1] >= self.n or len(set(ranks)) != len(ranks):
             raise ValueError(f"ranks {ranks} are not distinct workers of 0..{self.n - 1}")
@@ -150,103 +186,98 @@ class PoolBase:
         if len(ranks) > 1 and ranks not in self._made:
             # First job of this set in this world: every member makes its group, in one order.
             for r in self._members:
-                self._send(r, (None, "group", (r,), ranks))
+                self._send(r, MakeGroup(ranks))
             self._made.add(ranks)
         job_id = next(self._ids)
         self._jobs[job_id] = ranks
+        task = Task(job_id, ranks, job)
         for r in ranks:
-            self._send(r, (job_id, kind, ranks, payload))
+            self._send(r, task)
         return job_id
 
     def finished(self, timeout_s: float = 0.0) -> list[int]:
         """Jobs that ended (waiting up to `timeout_s` for the first): a result arrived, or a
         member died (the job is then lost; see `result`)."""
-        try:
-            self._route(self._recv(timeout_s))
-            while True:  # drain what is there, wait no more
-                self._route(self._recv(0.0))
-        except queue.Empty:
-            pass
+        self._pump(timeout_s)
         for jid, ranks in self._jobs.items():
             if jid in self._results:
                 continue
             dead = [r for r in ranks if not self._alive(r)]
             if dead:
-                self._results[jid] = ("lost", f"{self._death(dead[0])} during job {jid}")
+                self._results[jid] = JobLost(jid, f"{self._death(dead[0])} during job {jid}")
         return [j for j in self._results if j in self._jobs]
 
-    def result(self, job_id: int) -> tuple[str, object]:
-        """(tag, output) of an ended job: tag is "done", "error" (message) or "lost" (message).
+    def result(self, job_id: int) -> Outcome:
+        """How an ended job ended: `Done` (its `result`), `JobError` or `JobLost` (a `message`).
         An error at SP > 1 whose group lost a member is reported as lost: the death caused it."""
-        tag, out = self._results.pop(job_id)
+        outcome = self._results.pop(job_id)
         ranks = self._jobs.pop(job_id)
-        if tag == "error" and len(ranks) > 1:
+        if isinstance(outcome, JobError) and len(ranks) > 1:
             time.sleep(self.poll_s)  # the survivors' error can beat the death notice
             dead = [r for r in ranks if not self._alive(r)]
             if dead:
-                return "lost", self._death(dead[0])
-        return tag, out
+                return JobLost(job_id, self._death(dead[0]))
+        return outcome
 
     def wait(self, job_id: int, timeout_s: float | None = None):
+        """The job's `Done.result`; raises `WorkerLost` or `WorkerError`, or `TimeoutError`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while job_id not in self.finished(timeout_s=self.poll_s):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} on workers {self._jobs[job_id]} took over "
                                    f"{timeout_s} s")
-        tag, out = self.result(job_id)
-        if tag == "lost":
-            raise WorkerLost(out)
-        if tag == "error":
-            raise WorkerError(out)
-        return out
+        outcome = self.result(job_id)
+        if isinstance(outcome, JobLost):
+            raise WorkerLost(outcome.message)
+        if isinstance(outcome, JobError):
+            raise WorkerError(outcome.message)
+        return outcome.result
 
     # ----- control: served by each worker's second thread, even while it computes -----
     def fetch(self, rank: int, rids: list[str], timeout_s: float = 60.0) -> dict[str, bytes]:
         """Take the resident states of `rids` off worker `rank` (they leave it)."""
         req = next(self._ids)
-        self._send_ctl(rank, ("fetch", req, list(rids)))
+        self._send_ctl(rank, Fetch(tuple(rids), req))
         deadline = time.monotonic() + timeout_s
-        while req not in self._ctl_results:
+        while req not in self._fetched:
             self._check_alive((rank,), "fetch")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"fetch from worker {rank} took over {timeout_s} s")
-            try:
-                self._route(self._recv(self.poll_s))
-            except queue.Empty:
-                continue
-        out = self._ctl_results.pop(req)
-        if isinstance(out, Exception):
-            raise WorkerError(str(out))
-        return out
+            self._pump(self.poll_s)
+        reply = self._fetched.pop(req)
+        if reply.error is not None:
+            raise WorkerError(reply.error)
+        return dict(reply.states)
 
     def drop(self, ranks, rids: list[str]) -> None:
         """Forget resident states (a request moved, finished elsewhere, failed or was cancelled)."""
         for r in ranks:
             if self._alive(r):
-                self._send_ctl(r, ("drop", None, list(rids)))
+                self._send_ctl(r, Drop(tuple(rids)))
 
     def cancel(self, ranks, rids: list[str]) -> None:
         """Stop stepping `rids` at the next step boundary of the job that holds them."""
         for r in ranks:
             if self._alive(r):
-                self._send_ctl(r, ("cancel", None, list(rids)))
+                self._send_ctl(r, Cancel(tuple(rids)))
 
     # ----- the simple API: states travel with every call -----
-    def prepare(self, reqs: list[GenRequest], rank: int = 0, model: str | None = None
-                ) -> list[StepState]:
-        model = model or self.presets[0]
-        return [StepState.from_bytes(b)
-                for b in self.wait(self.submit("prepare", (rank,), (model, reqs)))]
+    def prepare(self, reqs: list, rank: int = 0, model: str | None = None) -> list:
+        """`GenRequest`s -> their `StepState`s, encoded on worker `rank`."""
+        from ..models.base import StepState
 
-    def steps(self, ranks: tuple[int, ...], states: list[StepState], n: int = 1
-              ) -> list[StepState]:
+        job = Prepare(model or self.presets[0], tuple(reqs))
+        return [StepState.from_bytes(b) for b in self.wait(self.submit((rank,), job))]
+
+    def steps(self, ranks: tuple[int, ...], states: list, n: int = 1) -> list:
         """Run `n` steps of a batch of states on the workers `ranks` (SP degree = len(ranks))."""
-        blobs = [s.to_bytes() for s in states]
-        return [StepState.from_bytes(b)
-                for b in self.wait(self.submit("steps", ranks, (blobs, n)))]
+        from ..models.base import StepState
 
-    def decode(self, states: list[StepState], rank: int = 0):
-        return self.wait(self.submit("decode", (rank,), [s.to_bytes() for s in states]))
+        job = Steps(tuple(s.to_bytes() for s in states), n)
+        return [StepState.from_bytes(b) for b in self.wait(self.submit(ranks, job))]
+
+    def decode(self, states: list, rank: int = 0):
+        return self.wait(self.submit((rank,), Decode(tuple(s.to_bytes() for s in states))))
 
     # ----- liveness -----
     def _check_alive(self, ranks, what: str) -> None:
@@ -265,7 +296,8 @@ class PoolBase:
     def _lose_jobs_of(self, ranks) -> None:
         for jid, members in self._jobs.items():  # their results can no longer come
             if jid not in self._results and set(members) & set(ranks):
-                self._results[jid] = ("lost", f"worker(s) {sorted(ranks)} died during job {jid}")
+                self._results[jid] = JobLost(jid, f"worker(s) {sorted(ranks)} died during job "
+                                                  f"{jid}")
 
     def ready(self) -> bool:
         """Whether every replacement worker has started (without blocking)."""
@@ -296,23 +328,39 @@ class WorkerPool(PoolBase):
         "rank": r (optional)}} makes the workers fail that request at that step.
         `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory."""
         self._setup(preset, n, poll_s, model_path, device, collective_timeout_s, faults,
-                     min_free_bytes)
+                    min_free_bytes)
         self._ctx = mp.get_context("spawn")
         self._open_store("127.0.0.1")
-        self._inboxes = [self._ctx.Queue() for _ in range(n)]
-        self._ctls = [self._ctx.Queue() for _ in range(n)]
-        self._outbox = self._ctx.Queue()
+        self._inboxes: list = [None] * n
+        self._ctls: list = [None] * n
+        self._chans: list[Receiver | None] = [None] * n
+        self._broken: dict[int, str] = {}  # rank -> how its channel ended
         self.procs: list = [None] * n
-        init = self._next_world(tuple(range(n)))
+        world = self._next_world(tuple(range(n)))
         for r in range(n):
-            self._spawn(r, init, self.spec)
+            self._spawn(r, world, self.spec)
         self._await_ready(start_timeout_s)
 
-    def _spawn(self, rank: int, init, spec: WorkerSpec) -> None:
+    def _spawn(self, rank: int, world: Rendezvous, spec: WorkerSpec) -> None:
+        """A process for `rank`, with a new inbox, control queue and channel (a dead predecessor
+        may have died holding the old queues' locks)."""
+        from .worker_main import worker_main  # the worker's module (torch): imported here only
+
+        for q in (self._inboxes[rank], self._ctls[rank]):
+            if q is not None:
+                q.cancel_join_thread()  # never block the driver's exit on a dead reader
+                q.close()
+        self._inboxes[rank], self._ctls[rank] = self._ctx.Queue(), self._ctx.Queue()
+        reader, writer = self._ctx.Pipe(duplex=False)
         p = self._ctx.Process(target=worker_main, daemon=True,
-                              args=(rank, spec, init, self._members, self._inboxes[rank],
-                                    self._ctls[rank], self._outbox))
+                              args=(rank, spec, world, self._members, self._inboxes[rank],
+                                    self._ctls[rank], Sender(writer)))
         p.start()
+        writer.close()  # the worker holds the only write end now: its death reads as end of file
+        if self._chans[rank] is not None:
+            self._chans[rank].close()
+        self._chans[rank] = Receiver(reader)
+        self._broken.pop(rank, None)
         self.procs[rank] = p
         self._starting[rank] = time.monotonic()
 
@@ -322,43 +370,79 @@ class WorkerPool(PoolBase):
     def _send_ctl(self, rank: int, msg) -> None:
         self._ctls[rank].put(msg)
 
-    def _recv(self, timeout_s: float):
-        return self._outbox.get(timeout=timeout_s) if timeout_s > 0 else self._outbox.get_nowait()
+    def _poll(self, timeout_s: float) -> list:
+        chans = {ch: r for r, ch in enumerate(self._chans) if ch is not None}
+        msgs: list = []
+        ready = wait_for(list(chans), timeout_s)
+        while ready:
+            for ch in ready:
+                msgs += self._read(chans[ch], ch)
+            # A message under way is read to its end while its worker keeps writing it; one that
+            # stalls for a poll is left for the next call (a dead writer reads as end of file).
+            partial = [ch for ch in chans if ch.partial]
+            ready = wait_for(partial, self.poll_s) if partial else []
+        return msgs
+
+    def _read(self, rank: int, ch: Receiver) -> list:
+        got = ch.read()
+        msgs = [m for m in got if isinstance(m, TO_DRIVER)]
+        why = ch.broken
+        if len(msgs) < len(got):
+            bad = next(m for m in got if not isinstance(m, TO_DRIVER))
+            why = f"it sent a {type(bad).__name__}, not a message to the driver"
+        if why is not None:
+            self._break(rank, why)
+        return msgs
+
+    def _break(self, rank: int, why: str) -> None:
+        """Worker `rank`'s channel ended: the worker is lost (and killed, if it still runs)."""
+        self._chans[rank].close()
+        self._chans[rank] = None
+        self._broken[rank] = why
+        p = self.procs[rank]
+        p.join(0.5)  # after end of file it is exiting: let its exit code show
+        if p.is_alive():
+            p.kill()
+            p.join(5)
 
     def _alive(self, rank: int) -> bool:
-        return self.procs[rank].is_alive()
+        return rank not in self._broken and self.procs[rank].is_alive()
 
     def _death(self, rank: int) -> str:
-        return f"worker {rank} died (exit code {self.procs[rank].exitcode})"
+        why = self._broken.get(rank)
+        return (f"worker {rank} died (exit code {self.procs[rank].exitcode}"
+                + (f"; its channel: {why})" if why else ")"))
 
     def replace(self, ranks: list[int]) -> None:
         """Start new processes for dead workers `ranks`; the survivors leave the old world after
         their queued jobs and join the new one (keeping models and resident states).  Does not
         wait: jobs submitted from now on queue behind the restart on every worker."""
         ranks = sorted(set(ranks))
-        if any(self.procs[r].is_alive() for r in ranks):
+        if any(self._alive(r) for r in ranks):
             raise ValueError(f"replace: worker(s) {ranks} are not all dead")
         self._lose_jobs_of(ranks)
-        init = self._next_world(self._members)  # the same ranks, a new world
+        world = self._next_world(self._members)  # the same ranks, a new world
         spec = dataclasses.replace(self.spec, faults={})  # faults do not follow into successors
         for r in ranks:
-            # A new queue: the dead process may have died holding the old ones' locks.
-            self._inboxes[r], self._ctls[r] = self._ctx.Queue(), self._ctx.Queue()
-            self._spawn(r, init, spec)
+            self._spawn(r, world, spec)
         for r in range(self.n):
             if r not in ranks:
-                self._inboxes[r].put((None, RESTART, (r,), (init, self._members)))
+                self._send(r, Restart(world, self._members))
         self.restarts += len(ranks)
 
     def close(self) -> None:
-        for q in [*self._inboxes, *self._ctls, self._outbox]:
-            q.cancel_join_thread()  # never block the interpreter's exit on a dead reader
+        for q in [*self._inboxes, *self._ctls]:
+            if q is not None:
+                q.cancel_join_thread()  # never block the interpreter's exit on a dead reader
         for r, p in enumerate(self.procs):
-            if p is not None and p.is_alive():
-                self._inboxes[r].put(None)
+            if p is not None and self._alive(r):
+                self._inboxes[r].put(Shutdown())
         for p in self.procs:
             if p is None:
                 continue
             p.join(5)
             if p.is_alive():
                 p.kill()
+        for ch in self._chans:
+            if ch is not None:
+                ch.close()

@@ -1,0 +1,271 @@
+"""The messages between the driver and its workers: frozen dataclasses, one per kind.
+
+Three streams per worker, each with its own message types:
+
+- the inbox (driver -> worker, run in order on the worker's main thread): `Task` (a job,
+  addressed to a worker set), `MakeGroup`, `Restart` (join a new world), `Shutdown`;
+- the control queue (driver -> worker, served by a second thread even while the main one
+  computes): `Fetch`, `Drop`, `Cancel` (and `Shutdown`, which the worker puts there itself);
+- the outbox (worker -> driver): `Ready`, `StartFailed`, `Done` / `JobError` / `JobLost` (how a
+  job ended: the same three types are what `PoolBase.result` returns), `Fetched`.
+
+A job is one of `Run` (the engine's: its members are `New`, `Resident` or `Moved`), `Prepare`,
+`Steps`, `Decode`, `Profile`, `Noop`.  Every member of a `Task`'s ranks runs it; the first rank
+answers for the job (every member answers an error).
+
+There is no heartbeat: a worker's liveness is its transport's (process exit and end of file on its
+channel on one machine, the actor's loop ref on Ray), which a message could only repeat.
+
+Both sides dispatch on the message's type through a table (`handler`); a type that is not in the
+table is an error that names it.  No torch here: the driver and the policies import this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+if TYPE_CHECKING:
+    from ..models.base import GenRequest
+
+
+class UnknownMessage(TypeError):
+    """A message of a type the receiving side has no handler for."""
+
+
+def handler(table: dict[type, Callable], msg) -> Callable:
+    """The handler of `msg`'s type in `table` (exact type, no subclass lookup)."""
+    try:
+        return table[type(msg)]
+    except KeyError:
+        raise UnknownMessage(f"no handler for message type {type(msg).__name__} (expected one "
+                             f"of {', '.join(sorted(t.__name__ for t in table))})") from None
+
+
+def message(cls):
+    """A frozen dataclass whose tuple fields also take lists (and keep them as tuples)."""
+    seqs = [n for n, t in cls.__annotations__.items() if str(t).startswith("tuple")]
+    if seqs:
+        def __post_init__(self):
+            for n in seqs:
+                object.__setattr__(self, n, tuple(getattr(self, n)))  # frozen: through object
+
+        cls.__post_init__ = __post_init__
+    return dataclass(frozen=True)(cls)
+
+
+@message
+class Rendezvous:
+    """Where a world meets: a TCPStore the driver hosts, and the key prefix of this world (fresh
+    for every world, so a re-formed one never sees the old one's keys)."""
+
+    host: str
+    port: int
+    prefix: str
+
+
+# ----- the members of a run job: where each request's state comes from -----
+@message
+class New:
+    """A request that has no state yet: the worker encodes it (the driver never waits for it)."""
+
+    rid: str
+    request: GenRequest
+
+
+@message
+class Resident:
+    """The state is resident on the job's workers (they stepped it last)."""
+
+    rid: str
+
+
+@message
+class Moved:
+    """The state travels with the job (`StepState.to_bytes`): fetched from another worker set, or
+    a host-side checkpoint."""
+
+    rid: str
+    state: bytes
+
+
+Member = Union[New, Resident, Moved]
+
+
+# ----- jobs -----
+@message
+class Run:
+    """The engine's job: take each member's state, run up to `steps` steps, decode the finished
+    ones; the others stay resident.  `want`: requests whose state also comes back (checkpoints).
+    Ends with a `RunResult`."""
+
+    model: str
+    members: tuple[Member, ...]
+    steps: int
+    want: tuple[str, ...] = ()
+
+
+@message
+class Prepare:
+    """Encode `requests` into states; ends with their bytes."""
+
+    model: str
+    requests: tuple[GenRequest, ...]
+
+
+@message
+class Steps:
+    """`n` steps of a batch of states (bytes) on the task's ranks; ends with their bytes."""
+
+    states: tuple[bytes, ...]
+    n: int = 1
+
+
+@message
+class Decode:
+    """Decode finished states (bytes); ends with one array per state."""
+
+    states: tuple[bytes, ...]
+
+
+@message
+class Profile:
+    """`genserve.profiler.profile` inside the worker; ends with its (forward, blocks, meta)."""
+
+    presets: tuple[str, ...]
+    batches: tuple[int, ...] = (1, 2, 4)
+    reps: int = 5
+
+
+@message
+class Noop:
+    """A round trip, to measure dispatch cost; `reply_bytes` > 0 also measures the way back (it
+    ends with that many zero bytes)."""
+
+    reply_bytes: int = 0
+
+
+Job = Union[Run, Prepare, Steps, Decode, Profile, Noop]
+
+
+@message
+class RunResult:
+    """How a `Run` ended, per request id.  Only the first rank fills `steps`, `blobs`, `outputs`."""
+
+    steps: dict[str, int] = field(default_factory=dict)       # step index reached
+    failed: dict[str, str] = field(default_factory=dict)      # reason (it failed alone)
+    cancelled: dict[str, int] = field(default_factory=dict)   # step index where it left
+    blobs: dict[str, bytes] = field(default_factory=dict)     # states asked for in `want`
+    outputs: dict[str, Any] = field(default_factory=dict)     # decoded arrays of finished ones
+
+
+# ----- driver -> worker: the inbox -----
+@message
+class Task:
+    """Job `job_id` on the worker set `ranks` (sorted; SP degree = its size)."""
+
+    job_id: int
+    ranks: tuple[int, ...]
+    job: Job
+
+
+@message
+class MakeGroup:
+    """Make the process group of `ranks`: sent to every member of the world, in one order,
+    before the first task of that set (`new_group` is collective over the world)."""
+
+    ranks: tuple[int, ...]
+
+
+@message
+class Restart:
+    """Leave the current world and join the one of `members` at `rendezvous` (a member was lost,
+    or comes back); models and resident states stay."""
+
+    rendezvous: Rendezvous
+    members: tuple[int, ...]
+
+
+@message
+class Shutdown:
+    """End the loop that reads it (the inbox: the worker exits; the control queue: its thread)."""
+
+
+# ----- driver -> worker: the control queue -----
+@message
+class _AboutRequests:
+    """A control message about the requests `rids`."""
+
+    rids: tuple[str, ...]
+
+
+@message
+class Fetch(_AboutRequests):
+    """Take the resident states of `rids` off the worker (they leave it); answered by the
+    `Fetched` of the same `req_id`."""
+
+    req_id: int
+
+
+class Drop(_AboutRequests):
+    """Forget the resident states of `rids` (and their cancel marks)."""
+
+
+class Cancel(_AboutRequests):
+    """Stop stepping `rids` at the next step boundary of the job that holds them."""
+
+
+# ----- worker -> driver -----
+@message
+class Ready:
+    """Worker `rank` loaded its models and serves."""
+
+    rank: int
+
+
+@message
+class StartFailed:
+    """Worker `rank` could not start (e.g. a bad checkpoint path); it exits."""
+
+    rank: int
+    message: str
+
+
+@message
+class Done:
+    """Job `job_id` ended; `result`: a `RunResult` for `Run`, else what the job's doc says."""
+
+    job_id: int
+    result: Any = None
+
+
+@message
+class JobError:
+    """Job `job_id` failed inside a worker, which stays up."""
+
+    job_id: int
+    message: str
+
+
+@message
+class JobLost:
+    """Job `job_id` cannot end: a member died, or its world was abandoned before it formed."""
+
+    job_id: int
+    message: str
+
+
+@message
+class Fetched:
+    """The answer to `Fetch` `req_id`: the states' bytes by request id, or the error."""
+
+    req_id: int
+    states: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None
+
+
+Outcome = Union[Done, JobError, JobLost]
+JOBS = (Run, Prepare, Steps, Decode, Profile, Noop)
+INBOX = (Task, MakeGroup, Restart, Shutdown)
+CONTROL = (Fetch, Drop, Cancel, Shutdown)
+TO_DRIVER = (Ready, StartFailed, Done, JobError, JobLost, Fetched)
