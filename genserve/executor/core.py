@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..latency import LatencyModel
-from ..policies.base import Cluster, Policy, SchedulerState
+from ..policies.base import Assignment, Cluster, Policy, SchedulerState
 from ..request import Request
 from .quanta import (PlanError, Quantum, count_reasons, pause_unplanned, place_members,
                      quantum_cost, validate_assignment)
@@ -111,9 +111,9 @@ class Backend(ABC):
         coming back): while so, an idle queue is not a stall."""
         return False
 
-    def source(self, members: list[Request], gpus: tuple[int, ...], now: float) -> object | None:
-        """Get ready to run `members` on `gpus` (before they are placed): returns what `start`
-        needs, or None to skip this assignment (a GPU was found dead) and plan again."""
+    def source(self, a: Assignment, members: list[Request], now: float) -> object | None:
+        """Get ready to run `a` (before its members are placed): returns what `start` needs, or
+        None to skip this assignment (a GPU was found dead) and plan again."""
         return ()
 
     @abstractmethod
@@ -140,10 +140,12 @@ class Backend(ABC):
 class ExecutorCore:
     def __init__(self, cluster: Cluster, latency: LatencyModel, policy: Policy, backend: Backend,
                  now: Callable[[], float], *, time_decisions: bool = True,
-                 listener: Callable[[Request, object], None] | None = None, keep: bool = True):
+                 listener: Callable[[Request, object], None] | None = None, keep: bool = True,
+                 result: ExecResult | None = None):
         """`now`: the clock (virtual or real).  `listener(request, output)` is told of every
         change of a request (arrived, ran, paused, ended; `output` when it finished).  With
-        `keep=False` ended requests are forgotten after the listener saw them (a server)."""
+        `keep=False` ended requests are forgotten after the listener saw them (a server).
+        `result`: the object the run's counters go to (an executor's own subclass)."""
         self.cluster, self.latency, self.policy = cluster, latency, policy
         self.backend, self.now = backend, now
         self.time_decisions, self.listener, self.keep = time_decisions, listener, keep
@@ -158,8 +160,8 @@ class ExecutorCore:
         self._last_reason: dict[str, str] = {}
         self._next_key = 0
         self.replan = False
-        self.res = ExecResult(requests=[], num_gpus=cluster.num_gpus, busy_gpu_s=0.0,
-                              end_time=0.0, decisions=0, preemptions=0, migrations=0)
+        self.res = result or ExecResult(requests=[], num_gpus=cluster.num_gpus, busy_gpu_s=0.0,
+                                        end_time=0.0, decisions=0, preemptions=0, migrations=0)
 
     # ----- requests -----
     def add(self, r: Request) -> None:
@@ -269,7 +271,7 @@ class ExecutorCore:
         count_reasons(plan, self._last_reason, self.res.reasons, now)
         for a in plan.assignments:
             members = validate_assignment(a, free, self.queue, self.latency)
-            sourced = self.backend.source(members, a.gpus, now)
+            sourced = self.backend.source(a, members, now)
             if sourced is None:
                 self.replan = True
                 continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from ..executor.clock import VirtualClock
 from ..executor import Backend, Ended, ExecResult, ExecutorCore, PlanError, Quantum, Stepped
 from ..latency import LatencyModel
 from ..policies.base import Cluster, Policy
@@ -19,14 +20,6 @@ from ..request import Request
 __all__ = ["PlanError", "SimConfig", "SimResult", "Simulator", "VirtualClock"]
 
 SimResult = ExecResult
-
-# TEMPORARY (removed when the engine moves onto the core, this session): the engine's old imports.
-from ..executor.quanta import count_reasons, place_members, validate_assignment  # noqa: E402,F401
-
-
-def pause_unplanned(queue, now):  # noqa: D103 - TEMPORARY, as above
-    from ..executor.quanta import pause_unplanned as p
-    return len(p(queue, now))
 
 
 @dataclass
@@ -43,19 +36,6 @@ class SimConfig:
         if self.horizon is not None and self.horizon <= 0:
             raise ValueError(f"horizon must be > 0 seconds, got {self.horizon}")
 
-
-class VirtualClock:
-    """Time that moves only when told to (never backwards)."""
-
-    def __init__(self, t: float = 0.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance_to(self, t: float) -> None:
-        if t > self.t:
-            self.t = t
 
 
 class ModelBackend(Backend):

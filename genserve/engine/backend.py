@@ -1,0 +1,247 @@
+"""The engine's backend of the executor core: quanta carried out as jobs on worker processes.
+
+Where a request's state lives (`Request.gpus`): after a quantum it stays resident on the workers
+that ran it (each member of an SP group holds a copy).  A request planned on the same set again
+costs no transfer; one planned elsewhere is fetched from a holder and shipped with the job.  A new
+request travels as its prompt: the worker encodes it inside the job, so the loop never waits for a
+text encoder.  Every `checkpoint_every` steps the job also returns the state to host memory: the
+restart point if its worker dies.
+
+Failures: a request whose prepare or step raises (bad input, out of memory) fails alone with the
+reason; a worker that dies is replaced (`replace` of the pool) and the requests it held resume from
+their last host-side checkpoint, or start over; every request ends exactly once.  A replacement the
+pool cannot place yet (a Ray node gone and no room elsewhere) is `down`: plans leave it out until
+it is back, and the others carry the load meanwhile.
+"""
+
+from __future__ import annotations
+
+import queue as queue_mod
+from dataclasses import dataclass
+
+from ..executor import (Backend, Cancelled, Ended, Failed, Outcome, Quantum, RolledBack,
+                        Stepped)
+from ..models.base import GenRequest
+from ..parallel.protocol import JobError, JobLost, Moved, New, Resident, Run, RunResult
+from ..parallel.workers import PoolBase, WorkerError, WorkerLost
+from ..policies.base import Assignment, Cluster
+from ..request import Request
+
+
+class WorkerBackend(Backend):
+    def __init__(self, pool: PoolBase, clock, checkpoint_every: int, poll_s: float,
+                 idle_poll_s: float, gpus_per_node: int, keep: bool, result):
+        self.pool, self.clock = pool, clock
+        self.checkpoint_every, self.poll_s, self.idle_poll_s = (checkpoint_every, poll_s,
+                                                                idle_poll_s)
+        self.gpus_per_node, self.keep, self.res = gpus_per_node, keep, result
+        self.incoming: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        self.cancels: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        self.timed_cancels: list[tuple[float, str]] = []
+        self.host: dict[str, tuple[bytes, int]] = {}  # checkpoints: (state, steps done)
+        self.cancel_pending: set[str] = set()
+        self.jobs: dict[int, int] = {}  # pool job id -> quantum key
+        self.down: tuple[int, ...] = ()
+
+    def cluster(self) -> Cluster:
+        """The pool's real layout when it knows one (Ray: which GPUs share a node), else the
+        uniform `gpus_per_node` (one machine, or a simulated layout for experiments)."""
+        return Cluster(self.pool.n, min(self.gpus_per_node, self.pool.n), self.pool.nodes)
+
+    # ----- events from outside the loop -----
+    def take_external(self) -> None:
+        while not self.incoming.empty():
+            self.core.add(self.incoming.get())
+
+    def events(self, now: float) -> bool:
+        changed = False
+        while self.timed_cancels and self.timed_cancels[0][0] <= now:
+            self.cancels.put(self.timed_cancels.pop(0)[1])
+        if not self.cancels.empty():
+            self.take_external()  # a cancel is put after its submit: what it names is in by now
+        while not self.cancels.empty():
+            self._cancel(self.cancels.get(), now)
+            changed = True
+        return self._recover(now) or changed
+
+    def _cancel(self, rid: str, now: float) -> None:
+        r = self.core.by_id.get(rid)
+        if r is None or r.is_final:
+            return
+        q = self.core.in_flight(rid)
+        if q is not None:  # stops at the job's next step boundary; the first rank decides
+            self.pool.cancel((min(q.gpus),), [rid])
+            self.cancel_pending.add(rid)
+            return
+        if r.gpus:
+            self.pool.drop(r.gpus, [rid])
+        self.core.end(r, now, cancelled=True)
+
+    def unavailable(self) -> set[int]:
+        return set(self.down)
+
+    def expecting(self) -> bool:
+        return bool(self.down)
+
+    # ----- starting a quantum -----
+    def source(self, a: Assignment, members: list[Request], now: float) -> Run | None:
+        if set(a.gpus) & set(self.pool.dead()):
+            return None  # a death noticed since the plan began: recover, then plan again
+        srcs = tuple(self._source(m, a.gpus, now) for m in members)
+        every = self.checkpoint_every
+        want = tuple(m.id for m in members if every and m.remaining_steps > a.steps
+                     and (m.steps_done + a.steps) // every > m.steps_done // every)
+        return Run(members[0].model, srcs, a.steps, want)
+
+    def _source(self, r: Request, gpus: tuple[int, ...], now: float) -> Resident | Moved | New:
+        """What the job needs to run `r` on `gpus`: nothing (resident there), the state's bytes
+        (it moves), or the prompt (a new request, encoded by the worker)."""
+        if r.gpus and set(r.gpus) == set(gpus):
+            return Resident(r.id)
+        if r.gpus:
+            alive = self.pool.alive()
+            holder = next((g for g in r.gpus if g in alive), None)
+            blob = None
+            if holder is not None:
+                try:
+                    blob = self.pool.fetch(holder, [r.id]).get(r.id)
+                except (WorkerLost, WorkerError, TimeoutError):
+                    blob = None
+            self.pool.drop(set(r.gpus) - set(gpus) - {holder}, [r.id])
+            if blob is not None:
+                self.res.moves_bytes += len(blob)
+                return Moved(r.id, blob)
+            self._roll_back(r, now)  # the holder is gone: fall back to the checkpoint
+        ck = self.host.get(r.id)
+        if ck is not None and ck[1] == r.steps_done and r.steps_done > 0:
+            return Moved(r.id, ck[0])
+        if r.steps_done:
+            self._roll_back(r, now)
+            if r.id in self.host:
+                return Moved(r.id, self.host[r.id][0])
+        return New(r.id, GenRequest(id=r.id, prompt=r.prompt, height=r.height, width=r.width,
+                                    frames=r.frames, steps=r.steps, guidance=r.guidance,
+                                    seed=r.seed))
+
+    def start(self, q: Quantum, members: list[Request], job: Run) -> bool:
+        try:
+            jid = self.pool.submit(q.gpus, job)
+        except WorkerLost:  # noticed while the states were being fetched: as a lost job
+            outcomes = self._lost(q)
+            for rid, o in outcomes.items():
+                r = self.core.by_id[rid]
+                if isinstance(o, Cancelled):
+                    self.core.end(r, q.start, cancelled=True)
+                else:
+                    self.core.roll_back(r, q.start, o.steps_done)
+                    self.core.queue[rid] = r
+                    self.core.notify(r)
+            return False
+        self.jobs[jid] = q.key
+        return True
+
+    # ----- results -----
+    def wait(self, until: float | None) -> None:
+        if self.clock.virtual:
+            if until is not None:
+                self.clock.advance_to(until)
+            return
+        if not (self.incoming.empty() and self.cancels.empty()):
+            return
+        wait = self.poll_s if self.core.inflight else self.idle_poll_s
+        if until is not None:
+            wait = min(wait, self.clock.seconds_until(until))
+        self.pool.finished(timeout_s=wait)
+
+    def next_end(self) -> float | None:
+        """On the virtual clock (the parity test) a job ends when predicted."""
+        if self.clock.virtual and self.core.inflight:
+            return min(q.end for q in self.core.inflight.values())
+        return None
+
+    def ended(self, now: float) -> list[Ended]:
+        out = []
+        for jid in self.pool.finished(timeout_s=0.0):
+            q = self.core.inflight[self.jobs.pop(jid)]
+            res = self.pool.result(jid)
+            if isinstance(res, JobLost):
+                outcomes = self._lost(q)
+            elif isinstance(res, JobError):  # not pinned on one request (SP > 1): all fail
+                self.pool.drop(q.gpus, list(q.requests))
+                outcomes = {rid: Failed(f"worker_error: {res.message}".strip())
+                            for rid in q.requests}
+            else:
+                if self.keep:
+                    for rid in q.requests:
+                        self.res.timeline.setdefault(rid, []).append((q.start, now, q.gpus))
+                outcomes = {rid: self._outcome(rid, res.result, q) for rid in q.requests}
+            ran = q.cost if self.clock.virtual else now - q.start
+            out.append(Ended(q.key, ran, outcomes))
+        return out
+
+    def _outcome(self, rid: str, res: RunResult, q: Quantum) -> Outcome:
+        r = self.core.by_id[rid]
+        if rid in res.failed:
+            return Failed(res.failed[rid])
+        if rid in res.cancelled:
+            return Cancelled()
+        steps = res.steps[rid]
+        if rid in res.blobs:
+            self.host[rid] = (res.blobs[rid], steps)
+        if steps == r.steps:
+            if self.keep:
+                self.res.outputs[rid] = res.outputs[rid]
+            return Stepped(steps, res.outputs[rid])
+        if rid in self.cancel_pending:
+            self.pool.drop(q.gpus, [rid])
+            return Cancelled()
+        return Stepped(steps)
+
+    def on_end(self, r: Request) -> None:
+        if r.id in self.cancel_pending:  # clears the worker's cancel mark
+            self.cancel_pending.discard(r.id)
+            if r.gpus:
+                self.pool.drop(r.gpus, [r.id])
+        self.host.pop(r.id, None)
+
+    # ----- failures -----
+    def _lost(self, q: Quantum) -> dict[str, Outcome]:
+        """A job's worker died: its requests go back to their checkpoints (or the start)."""
+        self.pool.drop([g for g in q.gpus if g not in self.pool.dead()], list(q.requests))
+        return {rid: Cancelled() if rid in self.cancel_pending
+                else RolledBack(self._checkpoint_step(rid)) for rid in q.requests}
+
+    def _checkpoint_step(self, rid: str) -> int:
+        """The step of `rid`'s host checkpoint to resume from (0: none usable)."""
+        r, ck = self.core.by_id[rid], self.host.get(rid)
+        if ck and ck[1] > r.steps_done:
+            del self.host[rid]
+        return ck[1] if ck and ck[1] <= r.steps_done else 0
+
+    def _roll_back(self, r: Request, now: float) -> None:
+        self.core.roll_back(r, now, self._checkpoint_step(r.id))
+
+    def _recover(self, now: float) -> bool:
+        """Replace newly dead workers; paused requests they held move to surviving copies or go
+        back to their checkpoints.  Also notices workers coming back (a Ray pool re-placing
+        them, possibly on another node).  Returns whether anything changed."""
+        changed = False
+        down = tuple(self.pool.down())
+        if down != self.down:  # a worker placed again may sit on another node
+            self.down, changed, self.core.cluster = down, True, self.cluster()
+        dead = set(self.pool.dead())
+        if not dead:
+            return changed
+        busy = {rid for q in self.core.inflight.values() for rid in q.requests}
+        for r in list(self.core.queue.values()):
+            if r.id in busy or not set(r.gpus) & dead:
+                continue
+            left = tuple(g for g in r.gpus if g not in dead)
+            if left:
+                r.relocate(left)
+            else:
+                self._roll_back(r, now)
+        self.pool.replace(sorted(dead))
+        self.res.restarts += len(dead)
+        self.down = tuple(self.pool.down())
+        return True
