@@ -216,7 +216,9 @@ class ExecutorCore:
             if self.backend.events(now):
                 changed = True
             while self.arrivals and self.arrivals[0][0] <= now:
-                r = self.by_id[heapq.heappop(self.arrivals)[1]]
+                r = self.by_id.get(heapq.heappop(self.arrivals)[1])
+                if r is None or r.is_final:  # cancelled before it arrived (just now)
+                    continue
                 self.queue[r.id] = r
                 self.notify(r)
                 changed = True
