@@ -120,6 +120,20 @@ def get_model(name: str) -> ModelSpec:
         raise ShapeError(f"model={name!r}: unknown; served models are {', '.join(MODELS)}") from None
 
 
+def uses_cfg(model: str, guidance: float) -> bool:
+    """Whether a step of `model` at `guidance` also runs the unconditional branch
+    (classifier-free guidance): only for a model trained with it, and only above 1.  FLUX-dev is
+    guidance-distilled, so never.  The adapters encode with this and the batch key splits on it."""
+    spec = MODELS.get(model)
+    return guidance > 1.0 and (spec is None or spec.cfg)
+
+
+def batch_key(model: str, height: int, width: int, frames: int, guidance: float) -> tuple:
+    """Requests (and step states) with equal keys can share one batched forward: the policy
+    batches on it (`Request.shape`), the adapters group states on it (`StepState.shape_key`)."""
+    return (model, height, width, frames, uses_cfg(model, guidance))
+
+
 # Shape and steps a request gets when it names none: (height, width, frames, steps) per preset
 # (`genserve generate`, the HTTP API).
 GENERATE_DEFAULTS = {"tiny-t2i": (64, 64, 1, 8), "tiny-flux": (64, 64, 1, 8),

@@ -70,6 +70,9 @@ class Request:
             self.kind = Kind(self.kind)
         if not self.history:
             self.history.append((self.arrival, self.status))
+        from .catalog import batch_key  # the catalog imports Kind from here
+
+        self._shape = batch_key(self.model, self.height, self.width, self.frames, self.guidance)
 
     # ----- derived, read by policies -----
     @property
@@ -81,9 +84,10 @@ class Request:
         return self.steps_done > 0 or self.status is Status.RUNNING
 
     @property
-    def shape(self) -> tuple[str, int, int, int]:
-        """Requests with equal shape may share one batched step."""
-        return (self.model, self.height, self.width, self.frames)
+    def shape(self) -> tuple:
+        """Requests with equal shape may share one batched step: `catalog.batch_key`, the key
+        the model adapters group states by (CFG on or off included)."""
+        return self._shape
 
     @property
     def is_final(self) -> bool:

@@ -36,3 +36,35 @@ def test_a_request_cancelled_in_the_turn_it_arrives_is_skipped_not_looked_up(lat
     r = Request("a", "sd3-medium", Kind.IMAGE, 512, 512, arrival=0.0, deadline=10.0)
     seen = _served([r], cancels=["a"])
     assert r.status is Status.CANCELLED and seen[-1] is r
+
+
+def test_a_batch_mixing_cfg_on_and_off_is_refused_and_never_planned(latency):
+    import pytest
+
+    from genserve.executor import PlanError, validate_assignment
+    from genserve.policies.base import Assignment
+    from genserve.sim import Simulator
+    from genserve.policies import Cluster
+
+    mk = [Request(f"r{i}", "sd3-medium", Kind.IMAGE, 512, 512, guidance=g, deadline=60.0)
+          for i, g in enumerate((5.0, 1.0, 5.0, 1.0))]
+    with pytest.raises(PlanError, match="shapes differ"):
+        validate_assignment(Assignment((0,), ("r0", "r1"), 1), {0}, {r.id: r for r in mk},
+                            latency)
+    batches = []
+
+    class Spy:
+        def __init__(self):
+            self.inner = make_policy("genserve")
+
+        def schedule(self, s):
+            plan = self.inner.schedule(s)
+            batches.extend(a.requests for a in plan.assignments)
+            return plan
+
+        def describe(self):
+            return "spy"
+
+    Simulator(Cluster(1), latency, Spy()).run(mk)
+    assert any(len(b) > 1 for b in batches)  # they do batch, each with its own kind
+    assert all(len({mk[int(rid[1])].guidance for rid in b}) == 1 for b in batches)

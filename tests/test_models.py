@@ -128,6 +128,18 @@ def test_cfg_and_no_cfg_states_can_share_a_call(adapter):
     assert a.step_index == b.step_index == 1
 
 
+@pytest.mark.parametrize("guidance", [1.0, 3.5, 5.0])
+def test_the_policy_batches_on_the_key_the_adapter_groups_by(adapter, guidance):
+    """One batch key (CFG on/off included): a batch the policy plans as one is one forward."""
+    from genserve.request import Request
+
+    g = req(adapter, guidance=guidance)
+    (state,) = adapter.prepare([g])
+    r = Request("r", adapter.name, adapter.kind, g.height, g.width, g.frames, guidance=guidance)
+    assert r.shape == state.shape_key
+    assert r.shape[-1] == state.cfg == (guidance > 1.0 and adapter.name != "tiny-flux")
+
+
 def test_same_seed_same_output_different_seed_differs(adapter):
     one = adapter.generate(req(adapter, seed=1))
     assert np.array_equal(one, adapter.generate(req(adapter, seed=1)))

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..catalog import batch_key
 from ..request import Kind
 
 
@@ -83,7 +84,7 @@ class StepState:
     @property
     def shape_key(self) -> tuple:
         """States with equal keys can share one batched step."""
-        return (self.model, self.height, self.width, self.frames, self.cfg)
+        return batch_key(self.model, self.height, self.width, self.frames, self.guidance)
 
     def to_bytes(self) -> bytes:
         """Serialise (tensors on CPU); loadable with torch.load(weights_only=True)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..catalog import uses_cfg
 from ..request import Kind
 from .base import DiffusionAdapter, GenRequest
 
@@ -24,7 +25,7 @@ class SD3Adapter(DiffusionAdapter):
         self.spatial_multiple = pipe.vae_scale_factor * pipe.patch_size
 
     def _encode(self, r: GenRequest):
-        cfg = r.guidance > 1.0
+        cfg = uses_cfg(self.name, r.guidance)
         pe, npe, pooled, npooled = self.pipe.encode_prompt(
             prompt=r.prompt, prompt_2=r.prompt, prompt_3=r.prompt, device=self.device,
             do_classifier_free_guidance=cfg, negative_prompt=r.negative_prompt,
@@ -133,7 +134,7 @@ class WanAdapter(DiffusionAdapter):
         self.temporal_factor = pipe.vae_scale_factor_temporal
 
     def _encode(self, r: GenRequest):
-        cfg = r.guidance > 1.0
+        cfg = uses_cfg(self.name, r.guidance)
         pe, npe = self.pipe.encode_prompt(
             prompt=r.prompt, negative_prompt=r.negative_prompt, do_classifier_free_guidance=cfg,
             max_sequence_length=self.max_sequence_length, device=self.device)
