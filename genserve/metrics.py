@@ -35,7 +35,7 @@ def _group(reqs: list[Request]) -> dict:
 
 
 def summarize(result) -> dict:
-    """Figures for one simulated (or replayed) run; `result` is a SimResult-like object."""
+    """Figures for one simulated (or replayed) run; `result` is an `ExecResult`."""
     reqs = result.requests
     out = _group(reqs)
     out["image"] = _group([r for r in reqs if r.kind is Kind.IMAGE])

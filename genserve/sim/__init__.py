@@ -1,5 +1,5 @@
 """The simulator: the same policies, a virtual clock driven by the latency model."""
 
-from .simulator import PlanError, SimConfig, SimResult, Simulator
+from .simulator import PlanError, SimConfig, Simulator
 
-__all__ = ["PlanError", "SimConfig", "SimResult", "Simulator"]
+__all__ = ["PlanError", "SimConfig", "Simulator"]

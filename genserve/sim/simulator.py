@@ -11,15 +11,13 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from ..executor.clock import VirtualClock
 from ..executor import Backend, Ended, ExecResult, ExecutorCore, PlanError, Quantum, Stepped
+from ..executor.clock import VirtualClock
 from ..latency import LatencyModel
 from ..policies.base import Cluster, Policy
 from ..request import Request
 
-__all__ = ["PlanError", "SimConfig", "SimResult", "Simulator", "VirtualClock"]
-
-SimResult = ExecResult
+__all__ = ["PlanError", "SimConfig", "Simulator"]
 
 
 @dataclass
@@ -73,7 +71,7 @@ class Simulator:
         self.config = config or SimConfig()
         self.config.validate()
 
-    def run(self, requests: list[Request]) -> SimResult:
+    def run(self, requests: list[Request]) -> ExecResult:
         if len({r.id for r in requests}) != len(requests):
             raise ValueError("request ids must be unique")
         clock = VirtualClock()
