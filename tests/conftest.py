@@ -20,3 +20,15 @@ def profile_rows():
     fwd = json.loads((PROFILE_DIR / "h200_diffusers_forward.json").read_text())["rows"]
     blk = json.loads((PROFILE_DIR / "h200_dit_blocks.json").read_text())["rows"]
     return fwd, blk
+
+
+@pytest.fixture(scope="session")
+def world_pool():
+    """Up to 4 spawned processes shared by the multi-process tests (tests/_spawn.py): one spawn
+    (torch + diffusers imports) per rank for the whole session instead of one per world; every
+    call still gets a fresh torch.distributed world."""
+    from _spawn import WorldPool
+
+    pool = WorldPool(size=4)
+    yield pool
+    pool.shutdown()

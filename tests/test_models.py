@@ -2,11 +2,13 @@
 
 Exactness: a request paused after any step, serialised, moved to another process and resumed gives
 bit-identical latents and output to an uninterrupted run (same batch composition, same threads).
+"Another process" is rank 0 of the session's shared `world_pool` (tests/_spawn.py), spawned once
+for every preset rather than once per preset; it builds the preset afresh for each resume.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
@@ -39,8 +41,10 @@ def run_all(adapter, state):
     return state
 
 
-def _resume_elsewhere(name: str, blob: bytes, conn) -> None:
-    """Child process: build the same preset, resume the state, send back latents and output."""
+def _resume_elsewhere(rank: int, world: int, init: str, name: str, blob: bytes):
+    """In a pool process: build the same preset, resume the state, return latents and output."""
+    import os
+
     import torch
 
     torch.set_num_threads(1)
@@ -50,11 +54,10 @@ def _resume_elsewhere(name: str, blob: bytes, conn) -> None:
     state = StepState.from_bytes(blob)
     while not state.done:
         ad.step([state])
-    conn.send((state.latents.numpy(), ad.decode([state])[0]))
-    conn.close()
+    return os.getpid(), state.latents.numpy(), ad.decode([state])[0]
 
 
-def test_pause_serialise_resume_in_another_process_is_bit_identical(adapter):
+def test_pause_serialise_resume_in_another_process_is_bit_identical(adapter, world_pool):
     ref = run_all(adapter, adapter.prepare([req(adapter)])[0])
     ref_out = adapter.decode([ref])[0]
     (s,) = adapter.prepare([req(adapter)])
@@ -62,13 +65,8 @@ def test_pause_serialise_resume_in_another_process_is_bit_identical(adapter):
     for _ in range(pause_at):
         adapter.step([s])
     blob = s.to_bytes()
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_resume_elsewhere, args=(adapter.name, blob, child))
-    p.start()
-    latents, out = parent.recv()
-    p.join(60)
-    assert p.exitcode == 0
+    ((pid, latents, out),) = world_pool.run(_resume_elsewhere, 1, adapter.name, blob).values()
+    assert pid != os.getpid()
     assert torch.equal(torch.from_numpy(latents), ref.latents)
     assert np.array_equal(out, ref_out)
 

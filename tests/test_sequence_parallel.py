@@ -1,10 +1,12 @@
 """Sequence parallelism on the tiny presets with gloo: SP 2 and 4, and a degree that changes
-between steps, give latents allclose to SP 1 (float32, atol 1e-4)."""
+between steps, give latents allclose to SP 1 (float32, atol 1e-4).
+
+The 4-process gloo worlds run on the session's shared `world_pool` (tests/_spawn.py): a fresh
+world per test, in processes spawned once."""
 
 from __future__ import annotations
 
 import pytest
-from _spawn import run_world
 
 torch = pytest.importorskip("torch")
 
@@ -15,7 +17,7 @@ SHAPES = {"tiny-t2v": dict(height=32, width=48, frames=9), "tiny-t2i": dict(heig
 STEPS = 6
 
 
-def _worker(rank, world, init, preset, schedules, out):
+def _worker(rank, world, init, preset, schedules):
     import torch
     import torch.distributed as dist
 
@@ -46,22 +48,23 @@ def _worker(rank, world, init, preset, schedules, out):
                 with sp.use(group):
                     ad.step([s])
             results.append(s.latents.numpy())
-        out.put((rank, results))
+        return results
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("preset", list(SHAPES))
-def test_sp_degrees_and_switching_match_sp1(preset, tmp_path):
+def test_sp_degrees_and_switching_match_sp1(preset, world_pool):
     from genserve.models import GenRequest, load_preset
 
+    schedules = [[2] * STEPS, [4] * STEPS, [1, 2, 4, 1, 4, 2]]
+    job = world_pool.submit(_worker, 4, preset, schedules, label=f"SP world for {preset}")
     torch.set_num_threads(1)
-    ad = load_preset(preset)
+    ad = load_preset(preset)  # the reference, while the world runs
     (ref,) = ad.prepare([GenRequest("r", "a fox", steps=STEPS, seed=5, **SHAPES[preset])])
     while not ref.done:
         ad.step([ref])
-    schedules = [[2] * STEPS, [4] * STEPS, [1, 2, 4, 1, 4, 2]]
-    res = run_world(_worker, 4, tmp_path, preset, schedules)
+    res = world_pool.wait(job)
     for rank, per_schedule in res.items():
         for degrees, lat in zip(schedules, per_schedule):
             torch.testing.assert_close(torch.from_numpy(lat), ref.latents, atol=1e-4, rtol=0,

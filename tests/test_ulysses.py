@@ -1,14 +1,16 @@
-"""Ulysses attention on gloo (CPU): sharded results equal single-process attention."""
+"""Ulysses attention on gloo (CPU): sharded results equal single-process attention.
+
+The gloo worlds (2 and 4 ranks, a fresh one per test) run on the session's shared `world_pool`
+(tests/_spawn.py), in processes spawned once."""
 
 from __future__ import annotations
 
 import pytest
-from _spawn import run_world
 
 torch = pytest.importorskip("torch")
 
 
-def _worker(rank: int, world: int, init: str, cases, out) -> None:
+def _worker(rank: int, world: int, init: str, cases) -> list:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -43,26 +45,26 @@ def _worker(rank: int, world: int, init: str, cases, out) -> None:
             img, txt = joint_ulysses_attention(*shards, tq, tk, tv, n_valid=n, group=group)
             jfull = torch.cat([unshard(img, 2, n, group), txt], 2)
             results.append(max(err, float((jfull - jref).abs().max())))
-        out.put((rank, results))
+        return results
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_match_single_process_including_padding(tmp_path):
+def test_two_ranks_match_single_process_including_padding(world_pool):
     cases = [((0, 1), 2, 4, 16, 8),   # divisible
              ((0, 1), 1, 4, 15, 8),   # N % 2 != 0: padded keys masked out
              ((0, 1), 1, 3, 10, 8)]   # heads % 2 != 0: all-gather K/V fallback
-    res = run_world(_worker, 2, tmp_path, cases)
+    res = world_pool.run(_worker, 2, cases)
     for rank in (0, 1):
         assert all(err < 1e-5 for err in res[rank]), res
 
 
-def test_four_ranks_and_cached_subgroups(tmp_path):
+def test_four_ranks_and_cached_subgroups(world_pool):
     cases = [((0, 1, 2, 3), 1, 8, 13, 8),  # degree 4, N % 4 != 0
              ((0, 1, 2, 3), 1, 6, 12, 8),  # heads % 4 != 0: fallback
              ((0, 1), 1, 4, 9, 8),         # two degree-2 groups side by side
              ((2, 3), 1, 4, 11, 8)]
-    res = run_world(_worker, 4, tmp_path, cases)
+    res = world_pool.run(_worker, 4, cases)
     for rank in range(4):
         for (ranks, *_), err in zip(cases, res[rank]):
             if rank in ranks:
