@@ -7,6 +7,13 @@ request travels as its prompt: the worker encodes it inside the job, so the loop
 text encoder.  Every `checkpoint_every` steps the job also returns the state to host memory: the
 restart point if its worker dies.
 
+Outputs: raw arrays in the run's result (`output=None`: exactness tests, replay), or encoded on
+the worker (`OutputFormat`: the server).  An encoded output comes in an `Output` message of its
+own after decode (see `worker_main.Encoder`); meanwhile its request is *set aside*: off the GPUs
+(the quantum ends and frees them at the run's `Done`), all steps done, still RUNNING.  It
+finishes when its `Output` arrives (fails if encoding failed); if its worker dies first, it rolls
+back to its checkpoint and runs again, like any request a dead worker held.
+
 Failures: a request whose prepare or step raises (bad input, out of memory) fails alone with the
 reason; a worker that dies is replaced (`replace` of the pool) and the requests it held resume from
 their last host-side checkpoint, or start over; every request ends exactly once.  A replacement the
@@ -16,13 +23,15 @@ it is back, and the others carry the load meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import queue as queue_mod
-from dataclasses import dataclass
 
 from ..executor import (Backend, Cancelled, Ended, Failed, Outcome, Quantum, RolledBack,
                         Stepped)
 from ..models.base import GenRequest
-from ..parallel.protocol import JobError, JobLost, Moved, New, Resident, Run, RunResult
+from ..models.output import Encoded
+from ..parallel.protocol import (JobError, JobLost, Moved, New, Output, OutputFormat, Resident,
+                                 Run, RunResult)
 from ..parallel.workers import PoolBase, WorkerError, WorkerLost
 from ..policies.base import Assignment, Cluster
 from ..request import Request
@@ -30,8 +39,9 @@ from ..request import Request
 
 class WorkerBackend(Backend):
     def __init__(self, pool: PoolBase, clock, checkpoint_every: int, poll_s: float,
-                 idle_poll_s: float, gpus_per_node: int, keep: bool, result):
-        self.pool, self.clock = pool, clock
+                 idle_poll_s: float, gpus_per_node: int, keep: bool, result,
+                 output: OutputFormat | None = None):
+        self.pool, self.clock, self.output = pool, clock, output
         self.checkpoint_every, self.poll_s, self.idle_poll_s = (checkpoint_every, poll_s,
                                                                 idle_poll_s)
         self.gpus_per_node, self.keep, self.res = gpus_per_node, keep, result
@@ -42,6 +52,8 @@ class WorkerBackend(Backend):
         self.cancel_pending: set[str] = set()
         self.jobs: dict[int, int] = {}  # pool job id -> quantum key
         self.down: tuple[int, ...] = ()
+        self.awaiting: dict[str, int] = {}  # request set aside -> the rank encoding its output
+        self._early: list[Output] = []  # outputs that came before their run's result
 
     def cluster(self) -> Cluster:
         """The pool's real layout when it knows one (Ray: which GPUs share a node), else the
@@ -62,6 +74,7 @@ class WorkerBackend(Backend):
         while not self.cancels.empty():
             self._cancel(self.cancels.get(), now)
             changed = True
+        changed = self._take_outputs(now) or changed  # before deaths: what arrived is kept
         return self._recover(now) or changed
 
     def _cancel(self, rid: str, now: float) -> None:
@@ -81,7 +94,7 @@ class WorkerBackend(Backend):
         return set(self.down)
 
     def expecting(self) -> bool:
-        return bool(self.down)
+        return bool(self.down or self.awaiting)
 
     # ----- starting a quantum -----
     def source(self, a: Assignment, members: list[Request], now: float) -> Run | None:
@@ -91,7 +104,7 @@ class WorkerBackend(Backend):
         every = self.checkpoint_every
         want = tuple(m.id for m in members if every and m.remaining_steps > a.steps
                      and (m.steps_done + a.steps) // every > m.steps_done // every)
-        return Run(members[0].model, srcs, a.steps, want)
+        return Run(members[0].model, srcs, a.steps, want, self.output)
 
     def _source(self, r: Request, gpus: tuple[int, ...], now: float) -> Resident | Moved | New:
         """What the job needs to run `r` on `gpus`: nothing (resident there), the state's bytes
@@ -148,7 +161,7 @@ class WorkerBackend(Backend):
             return
         if not (self.incoming.empty() and self.cancels.empty()):
             return
-        wait = self.poll_s if self.core.inflight else self.idle_poll_s
+        wait = self.poll_s if self.core.inflight or self.awaiting else self.idle_poll_s
         if until is not None:
             wait = min(wait, self.clock.seconds_until(until))
         self.pool.finished(timeout_s=wait)
@@ -175,11 +188,13 @@ class WorkerBackend(Backend):
                     for rid in q.requests:
                         self.res.timeline.setdefault(rid, []).append((q.start, now, q.gpus))
                 outcomes = {rid: self._outcome(rid, res.result, q) for rid in q.requests}
+                self._set_aside(q, outcomes)
             ran = q.cost if self.clock.virtual else now - q.start
             out.append(Ended(q.key, ran, outcomes))
         return out
 
-    def _outcome(self, rid: str, res: RunResult, q: Quantum) -> Outcome:
+    def _outcome(self, rid: str, res: RunResult, q: Quantum) -> Outcome | None:
+        """`rid`'s outcome of the run; None: it finished and its output is being encoded."""
         r = self.core.by_id[rid]
         if rid in res.failed:
             return Failed(res.failed[rid])
@@ -189,15 +204,75 @@ class WorkerBackend(Backend):
         if rid in res.blobs:
             self.host[rid] = (res.blobs[rid], steps)
         if steps == r.steps:
+            if self.output is not None:
+                self.awaiting[rid] = min(q.gpus)  # the first rank decodes and encodes
+                return None
+            out = res.outputs[rid]
+            self.res.output_bytes += out.nbytes
             if self.keep:
-                self.res.outputs[rid] = res.outputs[rid]
-            return Stepped(steps, res.outputs[rid])
+                self.res.outputs[rid] = out
+            return Stepped(steps, out)
         if rid in self.cancel_pending:
             self.pool.drop(q.gpus, [rid])
             return Cancelled()
         return Stepped(steps)
 
+    # ----- encoded outputs -----
+    def _set_aside(self, q: Quantum, outcomes: dict) -> None:
+        """Members whose output is being encoded (outcome None) leave the quantum before the
+        core applies it: it frees the GPUs and moves the others on, while these stay RUNNING
+        with every step done until `_take_outputs` (or `_recover`) ends them.  The core knows
+        no outcome for "off the GPUs, not ended yet", hence the narrowed assignment."""
+        aside = [rid for rid, o in outcomes.items() if o is None]
+        if not aside:
+            return
+        for rid in aside:
+            del outcomes[rid]
+            r = self.core.by_id[rid]
+            if r.remaining_steps:
+                r.advance(r.remaining_steps)
+            self.core.notify(r)
+        q.assignment = dataclasses.replace(q.assignment, requests=tuple(outcomes))
+
+    def _take_outputs(self, now: float) -> bool:
+        """End the requests set aside whose `Output` came.  One that comes before its run's result
+        waits for it; one for a request no longer awaited (cancelled, or rolled back after its
+        worker was taken for dead) is dropped."""
+        got, self._early = self._early + self.pool.outputs(), []
+        changed = False
+        for o in got:
+            r = self.core.by_id.get(o.rid)
+            if o.rid not in self.awaiting:
+                if r is not None and self.core.in_flight(o.rid) is not None:
+                    self._early.append(o)
+                continue
+            del self.awaiting[o.rid]
+            changed = True
+            if o.error is not None:
+                self.core.end(r, now, failed=o.error)
+                continue
+            out = Encoded(o.data, o.media_type)
+            self.res.output_bytes += len(o.data)
+            if self.keep:
+                self.res.outputs[o.rid] = out
+            r.finish(now)
+            self.on_end(r)
+            self.core.notify(r, out)
+        return changed
+
+    def _lost_outputs(self, dead: set[int], now: float) -> None:
+        """Requests set aside whose encoding worker died: their output is gone with it; they run
+        again from their checkpoints (or the start)."""
+        for rid, rank in list(self.awaiting.items()):
+            if rank in dead:
+                del self.awaiting[rid]
+                r = self.core.by_id[rid]
+                self._roll_back(r, now)
+                self.core.queue[rid] = r
+                self.core.notify(r)
+
     def on_end(self, r: Request) -> None:
+        self.awaiting.pop(r.id, None)  # a cancel while its output was being encoded
         if r.id in self.cancel_pending:  # clears the worker's cancel mark
             self.cancel_pending.discard(r.id)
             if r.gpus:
@@ -232,6 +307,7 @@ class WorkerBackend(Backend):
         dead = set(self.pool.dead())
         if not dead:
             return changed
+        self._lost_outputs(dead, now)
         busy = {rid for q in self.core.inflight.values() for rid in q.requests}
         for r in list(self.core.queue.values()):
             if r.id in busy or not set(r.gpus) & dead:

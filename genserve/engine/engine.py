@@ -17,6 +17,8 @@ import numpy as np
 from ..executor import ExecResult, ExecutorCore
 from ..executor.clock import RealClock
 from ..latency import LatencyModel
+from ..models.output import Encoded
+from ..parallel.protocol import OutputFormat
 from ..parallel.workers import PoolBase
 from ..policies.base import Policy
 from ..request import Request
@@ -25,20 +27,25 @@ from .backend import WorkerBackend
 
 @dataclass
 class EngineResult(ExecResult):
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    # Finished outputs: raw arrays, or `models.output.Encoded` files (`Engine(output=...)`).
+    outputs: dict[str, np.ndarray | Encoded] = field(default_factory=dict)
     # Per request: (start, end, GPU set) of every quantum it ran.
     timeline: dict[str, list[tuple[float, float, tuple[int, ...]]]] = field(default_factory=dict)
     restarts: int = 0        # workers replaced
     moves_bytes: int = 0     # state bytes shipped through the driver
+    output_bytes: int = 0    # output bytes that reached the driver (arrays, or encoded files)
 
 
 class Engine:
     def __init__(self, policy: Policy, pool: PoolBase, latency: LatencyModel,
                  gpus_per_node: int = 8, time_scale: float = 1.0, poll_s: float = 0.005,
                  checkpoint_every: int = 4, on_update=None, idle_poll_s: float = 0.05,
-                 clock=None):
+                 clock=None, output: OutputFormat | None = None):
         """`on_update(request, output)` is called from the engine's thread whenever a request
-        arrives, runs steps, pauses or ends (`output`: the image/video array when it finished).
+        arrives, runs steps, pauses or ends (`output` when it finished: the image/video array, or
+        its `Encoded` file).  `output`: None, outputs come back as raw arrays (bit-exact checks);
+        an `OutputFormat`, workers encode them (PNG / MP4) and only the files reach the driver,
+        each request finishing when its file arrives (see `backend`).
         `clock`: a `RealClock(time_scale)` by default; a `VirtualClock` runs the engine on
         predicted times (with a pool that honours them: the parity test)."""
         if checkpoint_every < 0:
@@ -48,7 +55,7 @@ class Engine:
         self.clock = clock or RealClock(time_scale)
         self.on_update = on_update
         self._opts = dict(checkpoint_every=checkpoint_every, poll_s=poll_s,
-                          idle_poll_s=idle_poll_s, gpus_per_node=gpus_per_node)
+                          idle_poll_s=idle_poll_s, gpus_per_node=gpus_per_node, output=output)
         self._halt = False
         self._new_core(keep=True)
 
@@ -106,7 +113,7 @@ class Engine:
             self.core.add(r)
         self.res.requests = list(requests)
         self.backend.timed_cancels = sorted((t, rid) for rid, t in (cancel_at or {}).items())
-        self.core.run(lambda: self._halt or self.core.drained())
+        self.core.run(lambda: self._halt or self._drained())
         return self.res
 
     def serve(self, stop) -> EngineResult:
@@ -115,6 +122,11 @@ class Engine:
         incoming, cancels = self.backend.incoming, self.backend.cancels
         self._new_core(keep=False)
         self.backend.incoming, self.backend.cancels = incoming, cancels
-        self.core.run(lambda: self._halt or (stop.is_set() and self.core.drained()
+        self.core.run(lambda: self._halt or (stop.is_set() and self._drained()
                                             and self.backend.incoming.empty()))
         return self.res
+
+    def _drained(self) -> bool:
+        """Every request known has ended, also those off the GPUs awaiting their encoded output
+        (the core does not see them: they are in no queue and no quantum)."""
+        return self.core.drained() and not self.backend.awaiting

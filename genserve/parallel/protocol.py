@@ -7,7 +7,8 @@ Three streams per worker, each with its own message types:
 - the control queue (driver -> worker, served by a second thread even while the main one
   computes): `Fetch`, `Drop`, `Cancel` (and `Shutdown`, which the worker puts there itself);
 - the outbox (worker -> driver): `Ready`, `StartFailed`, `Done` / `JobError` / `JobLost` (how a
-  job ended: the same three types are what `PoolBase.result` returns), `Fetched`.
+  job ended: the same three types are what `PoolBase.result` returns), `Fetched`, `Output` (an
+  encoded output, from the worker's encoder thread).
 
 A job is one of `Run` (the engine's: its members are `New`, `Resident` or `Moved`), `Prepare`,
 `Steps`, `Decode`, `Profile`, `Noop`.  Every member of a `Task`'s ranks runs it; the first rank
@@ -97,12 +98,14 @@ Member = Union[New, Resident, Moved]
 class Run:
     """The engine's job: take each member's state, run up to `steps` steps, decode the finished
     ones; the others stay resident.  `want`: requests whose state also comes back (checkpoints).
+    `output`: how finished outputs come back (None: raw arrays in the `RunResult`).
     Ends with a `RunResult`."""
 
     model: str
     members: tuple[Member, ...]
     steps: int
     want: tuple[str, ...] = ()
+    output: OutputFormat | None = None
 
 
 @message
@@ -264,8 +267,32 @@ class Fetched:
     error: str | None = None
 
 
+# ----- finished outputs, encoded where they are made -----
+@message
+class OutputFormat:
+    """A `Run`'s finished outputs come back encoded (PNG for an image, MP4 at `fps` for a video)
+    by the first rank's encoder thread, each in an `Output` of its own, so that only the file
+    crosses to the driver and the worker's main thread goes on to its next job meanwhile.  A
+    `Run` without one returns raw arrays (`RunResult.outputs`): bit-exact checks, replay."""
+
+    fps: int = 16
+
+
+@message
+class Output:
+    """The encoded output of request `rid` (a `models.output.Encoded`'s `data` and `media_type`),
+    or why encoding failed (`error`).  Sent after decode, independently of the run's `Done`
+    (before or after it): the request ends when this arrives, or runs again from its checkpoint
+    if the worker dies first."""
+
+    rid: str
+    data: bytes = b""
+    media_type: str = ""
+    error: str | None = None
+
+
 Outcome = Union[Done, JobError, JobLost]
 JOBS = (Run, Prepare, Steps, Decode, Profile, Noop)
 INBOX = (Task, MakeGroup, Restart, Shutdown)
 CONTROL = (Fetch, Drop, Cancel, Shutdown)
-TO_DRIVER = (Ready, StartFailed, Done, JobError, JobLost, Fetched)
+TO_DRIVER = (Ready, StartFailed, Done, JobError, JobLost, Fetched, Output)

@@ -10,7 +10,9 @@ A second thread (`Control`) serves the control queue while the main thread compu
 paused state (for a move), drop states, and mark requests cancelled; a cancel takes effect at the
 next step boundary of the job that holds the request (at SP > 1 the group's first rank decides for
 all, so every member drops the same request at the same step).  Both threads answer on the one
-outbox (`channel.Sender` on one machine: it locks around each message).
+outbox (`channel.Sender` on one machine: it locks around each message).  Encoder threads
+(`Encoder`: one for images, one for videos, started on first use) turn finished outputs into PNG /
+MP4 files while the main thread goes on with the next job.
 
 Errors of one request fail that request, not the job or the worker: a prepare that raises (bad
 input), or a step that raises at degree 1 (the batch is retried one request at a time to find the
@@ -24,7 +26,9 @@ as the process's (or actor's) entry point without importing it first.
 from __future__ import annotations
 
 import os
+import queue
 import threading
+import time
 import traceback
 
 import torch
@@ -32,8 +36,9 @@ import torch.distributed as dist
 
 from ..models.base import StepState
 from .protocol import (Cancel, Decode, Done, Drop, Fetch, Fetched, JobError, JobLost, MakeGroup,
-                       Moved, New, Noop, Prepare, Profile, Ready, Rendezvous, Resident, Restart,
-                       Run, RunResult, Shutdown, StartFailed, Steps, Task, handler)
+                       Moved, New, Noop, Output, OutputFormat, Prepare, Profile, Ready,
+                       Rendezvous, Resident, Restart, Run, RunResult, Shutdown, StartFailed, Steps,
+                       Task, handler)
 from .ulysses import GroupCache
 from .world import Abandoned, WorkerSpec, rendezvous
 
@@ -96,6 +101,7 @@ class Worker:
         self.store = Store(self.dev, spec.min_free_bytes)
         self.cancelled: set[str] = set()
         self.control: Control | None = None
+        self.encoders: dict[str, Encoder] = {}  # "image" / "video", started on first use
         self._inbox = {Task: self._task, MakeGroup: self._make_group, Restart: self._restart}
         self._jobs = {Run: self._run, Prepare: self._prepare, Steps: self._steps,
                       Decode: self._decode, Profile: self._profile, Noop: self._noop}
@@ -252,11 +258,25 @@ class Worker:
                           if s.request_id in job.want and not s.done})
         if done:
             try:
-                out.outputs.update(zip([s.request_id for s in done], adapter.decode(done)))
+                decoded = adapter.decode(done)
             except Exception as e:  # noqa: BLE001
                 for s in done:
                     out.failed[s.request_id] = "decode: " + _reason(e)
+            else:
+                for s, array in zip(done, decoded):
+                    if job.output is None:  # raw: the arrays travel in the result
+                        out.outputs[s.request_id] = array
+                    else:  # encoded apart; the result goes back now (see `Encoder`)
+                        self._encode(s.request_id, array, job.output)
         return out
+
+    def _encode(self, rid: str, array, fmt: OutputFormat) -> None:
+        # Images never queue behind a video's encode (seconds): a lane each.
+        lane = "video" if array.ndim == 4 else "image"
+        if lane not in self.encoders:
+            self.encoders[lane] = Encoder(self, lane)
+            self.encoders[lane].start()
+        self.encoders[lane].todo.put((rid, array, fmt))
 
 
 class Control(threading.Thread):
@@ -294,6 +314,40 @@ class Control(threading.Thread):
 
     def _cancel(self, msg: Cancel) -> None:
         self.worker.cancelled.update(msg.rids)
+
+
+class Encoder(threading.Thread):
+    """Encodes finished outputs (PNG / MP4, `models.output.encode`) one after another and sends
+    each to the driver as an `Output`: only the file crosses processes, never the frames.
+
+    Why a thread of its own: a video's encode takes seconds of CPU.  Done on the main thread, it
+    would hold the run's GPUs that long; here the run's `Done` goes back right after decode, the
+    driver frees the GPUs and may send the next job, which the main thread runs meanwhile.  The
+    driver keeps the request unfinished (off the GPUs) until its `Output` arrives, and runs it
+    again from its checkpoint if this process dies first.  `Done` and `Output` may reach the
+    driver in either order (two threads put them; on Ray, two calls to its queue), and it accepts
+    both.  One thread per lane (images, videos), so that an
+    image never waits for a video's encode; within a lane, outputs go out in the order decoded."""
+
+    def __init__(self, worker: Worker, lane: str = "any"):
+        super().__init__(daemon=True, name=f"genserve-encoder-{worker.rank}-{lane}")
+        self.worker = worker
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()  # (rid, array, OutputFormat)
+
+    def run(self) -> None:
+        from ..models.output import encode
+
+        w = self.worker
+        while True:
+            rid, array, fmt = self.todo.get()
+            try:
+                _inject_encode(w.spec.faults, rid, w.rank)
+                enc = encode(array, fmt.fps)
+                msg = Output(rid, enc.data, enc.media_type)
+            except Exception as e:  # noqa: BLE001 - that request fails, the thread goes on
+                msg = Output(rid, error=f"encode: {_reason(e)}")
+            del array  # the frames go before the next wait: a video is hundreds of MB
+            w.outbox.put(msg)
 
 
 def worker_main(rank: int, spec: WorkerSpec, world: Rendezvous, members: tuple[int, ...], inbox,
@@ -370,6 +424,19 @@ def _inject(faults: dict, states: list[StepState], rank: int) -> None:
             if f["kind"] == "exit":
                 os._exit(17)
             raise _Fault(f"injected error at step {s.step_index}")
+
+
+def _inject_encode(faults: dict, rid: str, rank: int) -> None:
+    """Test hook: {"kind": "exit" | "error" | "slow", "step": "encode", "seconds": s} waits `s`
+    seconds into encoding `rid`'s output (the run's `Done` has gone by then), then kills the
+    worker, fails the request, or goes on."""
+    f = faults.get(rid)
+    if f and f["step"] == "encode" and f.get("rank", rank) == rank:
+        time.sleep(f.get("seconds", 0.0))
+        if f["kind"] == "exit":
+            os._exit(17)
+        if f["kind"] == "error":
+            raise _Fault("injected error while encoding")
 
 
 def _reason(e: Exception) -> str:

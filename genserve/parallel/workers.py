@@ -11,7 +11,8 @@ job names its ranks (the GPU set; SP degree = its size).  Two ways to use the po
   checkpoint.
 
 The engine's API: `submit(ranks, job) -> job id`; `finished(timeout_s) -> [job id]`;
-`result(job id) -> Done | JobError | JobLost` (a `Run` is `Done` with a `RunResult`);
+`result(job id) -> Done | JobError | JobLost` (a `Run` is `Done` with a `RunResult`); `outputs()
+-> [Output]` (a `Run`'s encoded outputs, sent apart from its result);
 `wait(job id, timeout_s) -> Done.result` (raises `WorkerError` / `WorkerLost`); `fetch(rank,
 rids) -> {rid: bytes}`; `drop` / `cancel(ranks, rids)`; and the life cycle (`alive`, `dead`,
 `down`, `replace`, `ready`, `close`).
@@ -43,8 +44,8 @@ from multiprocessing.connection import wait as wait_for
 
 from .channel import Receiver, Sender
 from .protocol import (JOBS, TO_DRIVER, Cancel, Decode, Done, Drop, Fetch, Fetched, Job, JobError,
-                       JobLost, MakeGroup, Outcome, Prepare, Ready, Rendezvous, Restart, Shutdown,
-                       StartFailed, Steps, Task, handler)
+                       JobLost, MakeGroup, Outcome, Output, Prepare, Ready, Rendezvous, Restart,
+                       Shutdown, StartFailed, Steps, Task, handler)
 from .world import WorkerSpec, abandon
 
 
@@ -84,6 +85,7 @@ class PoolBase:
         self._results: dict[int, Outcome] = {}
         self._jobs: dict[int, tuple[int, ...]] = {}
         self._fetched: dict[int, Fetched] = {}
+        self._outputs: list[Output] = []
         self._starting: dict[int, float] = {}
         self._members: tuple[int, ...] = ()  # the current world (see `_next_world`)
         self._made: set[tuple[int, ...]] = set()  # its process groups
@@ -148,12 +150,16 @@ class PoolBase:
     def _on_fetched(self, msg: Fetched) -> None:
         self._fetched[msg.req_id] = msg
 
+    def _on_output(self, msg: Output) -> None:
+        self._outputs.append(msg)
+
     def _on_outcome(self, msg: Outcome) -> None:
         if msg.job_id in self._jobs and msg.job_id not in self._results:  # late ones of lost jobs
             self._results[msg.job_id] = msg                                # are dropped
 
     _ROUTES = {Ready: _on_ready, StartFailed: _on_start_failed, Fetched: _on_fetched,
-               Done: _on_outcome, JobError: _on_outcome, JobLost: _on_outcome}
+               Done: _on_outcome, JobError: _on_outcome, JobLost: _on_outcome,
+               Output: _on_output}
 
     def _route(self, msg) -> None:
         handler(self._ROUTES, msg)(self, msg)
@@ -206,6 +212,12 @@ class PoolBase:
             if dead:
                 self._results[jid] = JobLost(jid, f"{self._death(dead[0])} during job {jid}")
         return [j for j in self._results if j in self._jobs]
+
+    def outputs(self) -> list[Output]:
+        """The encoded outputs (`Output`) that arrived since the last call: they travel apart from
+        their jobs' results (see `protocol.OutputFormat`); any poll (`finished`) collects them."""
+        got, self._outputs = self._outputs, []
+        return got
 
     def result(self, job_id: int) -> Outcome:
         """How an ended job ended: `Done` (its `result`), `JobError` or `JobLost` (a `message`).

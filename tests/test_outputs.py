@@ -1,0 +1,190 @@
+"""Outputs encoded where they are made: workers send PNG / MP4 files, never frames, to the driver.
+
+The encoder thread on its own (no pool), then the engine over two CPU workers with
+`output=OutputFormat(...)`: the bytes that reach the driver are the files' (an MP4's size, not
+frames x H x W x 3), a PNG decodes to exactly the request's output alone, the GPU is free for the
+next job while an output is encoded, and a worker killed while encoding (or an encode that fails)
+loses nothing it should not: the request runs again from its checkpoint (or fails alone).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import types
+import zlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("av")
+
+from genserve.engine import Engine  # noqa: E402
+from genserve.latency import LatencyModel  # noqa: E402
+from genserve.models import GenRequest, load_preset  # noqa: E402
+from genserve.models.output import MP4, PNG, Encoded  # noqa: E402
+from genserve.parallel.protocol import Output, OutputFormat  # noqa: E402
+from genserve.parallel.workers import WorkerPool  # noqa: E402
+from genserve.policies import Plan, Policy  # noqa: E402
+from genserve.policies.base import Assignment  # noqa: E402
+from genserve.profiler import profile_workers, write_profile  # noqa: E402
+from genserve.request import Kind, Request, Status  # noqa: E402
+
+PRESETS = ("tiny-t2i", "tiny-t2v")
+SLOW_S = 1.5
+FAULTS = {  # keyed by request ids only one test uses; on worker 0, which the tests pin them to
+    "enc-kill": {"kind": "exit", "step": "encode", "seconds": 0.5, "rank": 0},
+    "enc-err": {"kind": "error", "step": "encode", "rank": 0},
+    "enc-slow": {"kind": "slow", "step": "encode", "seconds": SLOW_S, "rank": 0},
+}  # (the kill waits 0.5 s: its run's result is back by then, so the request is held, not in a job)
+FMT = OutputFormat(fps=8)
+
+
+# ----- the encoder thread alone -----
+def test_the_encoder_thread_sends_files_and_errors_as_outputs():
+    from genserve.parallel.worker_main import Encoder
+
+    box: queue.SimpleQueue = queue.SimpleQueue()
+    worker = types.SimpleNamespace(rank=0, spec=types.SimpleNamespace(faults={}), outbox=box)
+    enc = Encoder(worker)
+    enc.start()
+    img = (np.arange(40 * 24 * 3) % 251).astype(np.uint8).reshape(40, 24, 3)
+    vid = np.zeros((5, 16, 16, 3), np.uint8)
+    enc.todo.put(("i", img, FMT))
+    enc.todo.put(("bad", img.astype(np.float32), FMT))
+    enc.todo.put(("v", vid, FMT))
+    got = [box.get(timeout=30) for _ in range(3)]
+    assert [o.rid for o in got] == ["i", "bad", "v"]  # in the order decoded
+    i, bad, v = got
+    assert isinstance(i, Output) and i.media_type == PNG and i.error is None
+    assert np.array_equal(Encoded(i.data, i.media_type).decode(), img)  # PNG: exact
+    assert bad.data == b"" and bad.error.startswith("encode: ValueError"), bad
+    assert v.media_type == MP4 and v.data[4:8] == b"ftyp"
+    assert Encoded(v.data, v.media_type).decode().shape == vid.shape
+
+
+# ----- through the engine -----
+@pytest.fixture(scope="module")
+def pool():
+    with WorkerPool(PRESETS, 2, faults=FAULTS, collective_timeout_s=20) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def latency(pool, tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs-prof")
+    write_profile(out, "local", *profile_workers(list(PRESETS), batches=(1, 2), reps=1,
+                                                 pool=pool))
+    return LatencyModel(out)
+
+
+class Fifo(Policy):
+    """One request per assignment, oldest first, on GPU `gpu` (None: the lowest free), `chunk`
+    steps at a time (None: all it has left)."""
+
+    name = "fifo-pinned"
+
+    def __init__(self, gpu: int | None = 0, chunk: int | None = None):
+        super().__init__()
+        self.gpu, self.chunk = gpu, chunk
+
+    def schedule(self, s):
+        plan = Plan()
+        free = sorted(s.free_gpus)
+        for r in sorted(s.queue, key=lambda r: (r.arrival, r.id)):
+            g = self.gpu if self.gpu is not None else (free[0] if free else None)
+            if g not in free:
+                break
+            free.remove(g)
+            n = min(self.chunk or r.remaining_steps, r.remaining_steps)
+            plan.assignments.append(Assignment((g,), (r.id,), n))
+        return plan
+
+
+def image(rid: str, arrival: float = 0.0) -> Request:
+    return Request(id=rid, model="tiny-t2i", kind=Kind.IMAGE, height=64, width=64, steps=4,
+                   seed=zlib.crc32(rid.encode()) % 1000, prompt=f"image {rid}", arrival=arrival)
+
+
+def video(rid: str, steps: int = 8, like: str | None = None) -> Request:
+    """`like`: the same prompt and seed as the video of that id (the same output)."""
+    key = like or rid
+    return Request(id=rid, model="tiny-t2v", kind=Kind.VIDEO, height=32, width=32, frames=9,
+                   steps=steps, seed=zlib.crc32(key.encode()) % 1000, prompt=f"video {key}")
+
+
+def alone(r: Request) -> np.ndarray:
+    torch.set_num_threads(1)
+    return load_preset(r.model).generate(GenRequest(r.id, r.prompt, r.height, r.width, r.frames,
+                                                    r.steps, r.guidance, r.seed))
+
+
+def ended_once(r: Request, status: Status) -> bool:
+    got = [s for _, s in r.history]
+    return got[-1] is status and sum(s.is_final for s in got) == 1
+
+
+def test_only_the_files_cross_the_driver(pool, latency):
+    """A finished video's bytes through the driver are its MP4's size; run raw, the same video
+    brings frames x H x W x 3.  An image comes as a PNG that decodes to exactly its output."""
+    vid, img = video("out-vid"), image("out-img")
+    res = Engine(Fifo(gpu=None), pool, latency, output=FMT).run([vid, img])
+    assert ended_once(vid, Status.FINISHED) and ended_once(img, Status.FINISHED)
+    mp4, png = res.outputs[vid.id], res.outputs[img.id]
+    assert (mp4.media_type, png.media_type) == (MP4, PNG)
+    assert res.output_bytes == len(mp4.data) + len(png.data)
+    assert np.array_equal(png.decode(), alone(img))
+
+    raw_vid = video("out-vid-raw", like=vid.id)
+    raw = Engine(Fifo(gpu=None), pool, latency).run([raw_vid])
+    frames = raw.outputs[raw_vid.id]
+    assert frames.shape == (9, 32, 32, 3) and raw.output_bytes == frames.nbytes == 9 * 32 * 32 * 3
+    solo = Engine(Fifo(gpu=None), pool, latency, output=FMT).run([video("out-vid2",
+                                                                        like=vid.id)])
+    assert solo.output_bytes == len(solo.outputs["out-vid2"].data) != frames.nbytes
+    back = mp4.decode()  # lossy (crf 18, chroma halved: ~4 levels on this noisy 32x32 video)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 8
+
+
+def test_the_gpu_runs_the_next_job_while_an_output_is_encoded(pool, latency):
+    """The video's encode takes 1.5 s longer (a test hook); the image queued behind it on the
+    same GPU starts as soon as the video's run is done, and finishes first."""
+    vid, img = video("enc-slow"), image("slow-img", arrival=0.01)
+    res = Engine(Fifo(gpu=0), pool, latency, output=FMT).run([vid, img])
+    assert ended_once(vid, Status.FINISHED) and ended_once(img, Status.FINISHED)
+    (v_start, v_end, _), = res.timeline[vid.id]
+    (i_start, _, gpus), = res.timeline[img.id]
+    assert gpus == (0,) and i_start >= v_end
+    assert vid.finish_time - v_end >= SLOW_S - 0.1  # held off the GPU while encoded
+    assert i_start < vid.finish_time - 1.0 and img.finish_time < vid.finish_time
+
+
+def test_an_encode_that_fails_fails_that_request_alone(pool, latency):
+    bad, ok = video("enc-err"), image("err-img")
+    res = Engine(Fifo(gpu=0), pool, latency, output=FMT).run([bad, ok])
+    assert ended_once(bad, Status.FAILED) and ended_once(ok, Status.FINISHED)
+    assert bad.reason.startswith("encode: _Fault: injected error while encoding"), bad.reason
+    assert bad.id not in res.outputs and res.output_bytes == len(res.outputs[ok.id].data)
+
+
+def test_a_worker_killed_while_encoding_reruns_the_request_from_its_checkpoint(pool, latency):
+    """12 steps in quanta of 4 on GPU 0, a host checkpoint at step 8; worker 0 dies while it
+    encodes the output.  The video goes back to step 8, runs its last 4 steps again on the new
+    worker 0, and finishes once, with its output."""
+    vid = video("enc-kill", steps=12)
+    res = Engine(Fifo(gpu=0, chunk=4), pool, latency, checkpoint_every=4, output=FMT).run([vid])
+    assert ended_once(vid, Status.FINISHED), vid.history
+    assert res.restarts == 1 and res.recovered == 1
+    assert Status.PREEMPTED in [s for _, s in vid.history]  # rolled back, then run again
+    assert len(res.timeline[vid.id]) == 4  # steps 0-4, 4-8, 8-12, and 8-12 again
+    out = res.outputs[vid.id]
+    assert out.media_type == MP4 and res.output_bytes == len(out.data)
+    assert out.decode().shape == (9, 32, 32, 3)
+
+    deadline = time.monotonic() + 60  # the pool is whole again for whoever comes next
+    while not pool.ready():
+        assert time.monotonic() < deadline, "the replacement worker did not start"
+        time.sleep(0.1)
+    assert pool.alive() == [0, 1]
