@@ -16,8 +16,10 @@ collective cannot be trusted again); the next call spawns new processes.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import shutil
 import tempfile
@@ -41,13 +43,21 @@ def run_world(target, world: int, tmp_path, *args, timeout_s: float = 300.0) -> 
 
 def _serve(rank: int, inbox, outbox) -> None:
     """A pool process: run each task sent to this rank, send back its result or traceback."""
+    parent = mp.parent_process()
     while True:
-        task = inbox.get()
+        try:
+            task = inbox.get(timeout=1.0)
+        except queue.Empty:
+            if not parent.is_alive():  # pytest was killed: do not linger
+                os._exit(1)
+            continue
         if task is None:  # the parent has every result: skip the slow interpreter teardown
             os._exit(0)
         tid, target, world, init, args = task
         try:
-            outbox.put((tid, rank, True, target(rank, world, init, *args)))
+            result = target(rank, world, init, *args)
+            pickle.dumps(result)  # fails here, reported, rather than in the queue's thread
+            outbox.put((tid, rank, True, result))
         except BaseException:  # noqa: BLE001 - reported to the test, which fails
             outbox.put((tid, rank, False, traceback.format_exc()))
 
@@ -74,6 +84,7 @@ class WorldPool:
         self._tid = 0
         self._dir = tempfile.mkdtemp(prefix="genserve-test-world-")
         self.spawned = 0  # processes started so far (a respawn after a failure counts again)
+        atexit.register(self.shutdown)  # also when used without the fixture
 
     def _grow(self, n: int) -> None:
         if self._outbox is None:

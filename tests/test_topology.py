@@ -5,6 +5,8 @@ Pure policy and simulator: no torch, no workers.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from genserve.catalog import get_model
@@ -156,9 +158,13 @@ def test_genserve_runs_on_non_uniform_nodes():
 
 # ----- a whole simulation on 4 nodes x 8 GPUs -----
 
-def _recorded_run(name: str, lat: LatencyModel):
+@functools.cache
+def _recorded_run(name: str, cross_bw: float):
     """Simulate and record, per decision point, the plan and every placement the policy made (the
-    free GPUs per node just before it, the degree wanted, the GPUs taken)."""
+    free GPUs per node just before it, the degree wanted, the GPUs taken); returns (decisions,
+    result, latency model).  Deterministic, so cached: the tests below only read the record, and
+    genserve at 10 GB/s is checked by both of them."""
+    lat = LatencyModel(bandwidth=Bandwidth(cross_node=cross_bw))
     wl = WorkloadConfig(rate=0.4, duration=900, arrival="gamma", cv=2.0, video_share=0.5,
                         slo_scale=2.0, seed=1)
     reqs = generate(wl, lat, C4x8.num_gpus)
@@ -179,7 +185,7 @@ def _recorded_run(name: str, lat: LatencyModel):
 
     pol._take, pol.schedule = recording_take, recording_schedule
     res = Simulator(C4x8, lat, pol).run(reqs)
-    return decisions, res
+    return decisions, res, lat
 
 
 def _check_rule(decisions, lat: LatencyModel) -> tuple[int, int]:
@@ -214,8 +220,7 @@ def _check_rule(decisions, lat: LatencyModel) -> tuple[int, int]:
 def test_simulation_spans_nodes_only_when_it_pays():
     # At 50 GB/s spanning nearly always pays for these shapes; at 10 GB/s both outcomes occur.
     for cross_bw, want_declines in ((50e9, False), (10e9, True)):
-        lat = LatencyModel(bandwidth=Bandwidth(cross_node=cross_bw))
-        decisions, res = _recorded_run("genserve", lat)
+        decisions, res, lat = _recorded_run("genserve", cross_bw)
         spanned, declined = _check_rule(decisions, lat)
         assert spanned > 0, "the rule was never exercised"
         assert declined > 0 or not want_declines
@@ -224,15 +229,14 @@ def test_simulation_spans_nodes_only_when_it_pays():
 
 
 def test_blind_spans_nodes_where_aware_would_not():
-    lat = LatencyModel(bandwidth=Bandwidth(cross_node=10e9))
-    blind, res = _recorded_run("genserve-blind", lat)
+    blind, res, _ = _recorded_run("genserve-blind", 10e9)
     assert res.cross_node_quanta > 0
     # Blind spans although a node had room at that very placement; aware never does (checked by
     # _check_rule above), so this is the difference the topology makes.
     needless = sum(1 for d in blind for r, k, before, gpus in d["takes"]
                    if gpus is not None and C4x8.spans_nodes(gpus) and max(before.values()) >= k)
     assert needless > 0
-    _, res_aware = _recorded_run("genserve", lat)
+    _, res_aware, _ = _recorded_run("genserve", 10e9)
     assert res_aware.cross_node_gpu_s < res.cross_node_gpu_s
 
 
