@@ -3,9 +3,12 @@
 `run_world(target, world, tmp_path, *args)`: a fresh world of `world` processes for one call;
 `target(rank, world, init_method, *args, out_queue)` must put `(rank, result)` on the queue.
 
-`WorldPool`: processes spawned once and reused by many calls (the `world_pool` session fixture in
+`WorldPool`: processes started once and reused by many calls (the `world_pool` session fixture in
 conftest.py).  Spawning a process that imports torch and diffusers costs several CPU-seconds, far
-more than the tiny-model work the tests then do, so the tests share these.  Each call gets a fresh
+more than the tiny-model work the tests then do, so the tests share these; and they are forked
+from a fork server that imported those modules once (`preload`), rather than each importing them
+again (nothing else runs in the fork server: no threads of torch's own have started, no model
+was built).  Each call gets a fresh
 world all the same: `pool.run(target, world, *args)` runs `target(rank, world, init_method, *args)`
 on ranks 0..world-1 with a new rendezvous, and returns `{rank: what target returned}`.  A target
 that uses torch.distributed initialises the default group from `init_method` and destroys it
@@ -22,6 +25,7 @@ import os
 import pickle
 import queue
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -67,16 +71,78 @@ class WorldFailed(AssertionError):
 
 
 class Pending:
-    def __init__(self, tid: int, world: int, label: str):
-        self.tid, self.world, self.label = tid, world, label
+    def __init__(self, tid: int, world: int, label: str, log_at: int):
+        self.tid, self.world, self.label, self.log_at = tid, world, label, log_at
+
+
+# What the tests' pool processes import: the tiny presets' diffusers / transformers classes, torch
+# and genserve's models and sequence parallelism.  Imported once, in the fork server.
+PRELOAD = ("torch", "torch.distributed", "numpy", "genserve.models", "genserve.parallel",
+           "genserve.parallel.sequence",
+           "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3",
+           "diffusers.pipelines.flux.pipeline_flux", "diffusers.pipelines.wan.pipeline_wan",
+           "transformers.models.clip.modeling_clip", "transformers.models.t5.modeling_t5",
+           "transformers.models.umt5.modeling_umt5")
+
+
+# The fork server's, hence the pool processes', stdout and stderr: kept out of pytest's output
+# (the server outlives any one test's capture), quoted when a call fails.
+LOG = os.path.join(tempfile.gettempdir(), f"genserve-test-world-{os.getpid()}.log")
+
+
+def start_fork_server(preload: tuple[str, ...] = PRELOAD) -> None:
+    """Start the fork server now, if not running (it imports `preload` in the background), so
+    that the first pool call does not wait for those imports; its output goes to LOG."""
+    from multiprocessing import forkserver
+
+    mp.get_context("forkserver").set_forkserver_preload(list(preload))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    log = os.open(LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        forkserver.ensure_running()  # the server inherits fds 1 and 2 now (if it starts now)
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log):
+            os.close(fd)
+    if not _cleanup:
+        _cleanup.append(atexit.register(lambda: os.path.exists(LOG) and os.unlink(LOG)))
+
+
+_cleanup: list = []
+
+
+def _log_since(offset: int, limit: int = 4000) -> str:
+    try:
+        with open(LOG, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _log_size() -> int:
+    try:
+        return os.path.getsize(LOG)
+    except OSError:
+        return 0
 
 
 class WorldPool:
-    """Up to `size` spawned processes, started when a call first needs them (see module doc)."""
+    """Up to `size` processes, started when a call first needs them (see module doc).
+    `start_method` "spawn" (preload unused) gives each a fresh interpreter instead."""
 
-    def __init__(self, size: int = 4, timeout_s: float = 300.0):
+    def __init__(self, size: int = 4, timeout_s: float = 300.0, start_method: str = "forkserver",
+                 preload: tuple[str, ...] = PRELOAD):
         self.size, self.timeout_s = size, timeout_s
-        self._ctx = mp.get_context("spawn")
+        self._ctx = mp.get_context(start_method)
+        self._forkserver = start_method == "forkserver"
+        self._preload = preload
         self._procs: list = []
         self._inboxes: list = []
         self._outbox = None
@@ -87,6 +153,8 @@ class WorldPool:
         atexit.register(self.shutdown)  # also when used without the fixture
 
     def _grow(self, n: int) -> None:
+        if self._forkserver and len(self._procs) < n:
+            start_fork_server(self._preload)
         if self._outbox is None:
             self._outbox = self._ctx.Queue()
         while len(self._procs) < n:
@@ -112,7 +180,8 @@ class WorldPool:
         init = f"file://{os.path.join(self._dir, f'rdzv-{self._tid}')}"
         for r in range(world):
             self._inboxes[r].put((self._tid, target, world, init, args))
-        self._pending = Pending(self._tid, world, label or getattr(target, "__name__", "task"))
+        self._pending = Pending(self._tid, world, label or getattr(target, "__name__", "task"),
+                                _log_size())
         return self._pending
 
     def wait(self, pending: Pending) -> dict:
@@ -150,8 +219,10 @@ class WorldPool:
             self.close(force=True)  # ranks may be stuck in a collective: start afresh next time
             missing = sorted(set(range(pending.world)) - set(got) - set(errors))
             errors.update({r: "no result (another rank failed first)" for r in missing})
+            log = _log_since(pending.log_at) if self._forkserver else ""
             raise WorldFailed(f"{pending.label} on a world of {pending.world}:\n" + "\n".join(
-                f"--- rank {r}: {errors[r]}" for r in sorted(errors)))
+                f"--- rank {r}: {errors[r]}" for r in sorted(errors))
+                + (f"\n--- the pool processes' output meanwhile ({LOG}):\n{log}" if log else ""))
         return got
 
     def run(self, target, world: int, *args, label: str | None = None) -> dict:

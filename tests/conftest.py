@@ -22,6 +22,15 @@ def profile_rows():
     return fwd, blk
 
 
+def pytest_collection_finish(session):
+    """If a selected test uses `world_pool`, its fork server imports torch & co. in the background
+    while the tests before it run."""
+    if any("world_pool" in getattr(item, "fixturenames", ()) for item in session.items):
+        from _spawn import start_fork_server
+
+        start_fork_server()
+
+
 @pytest.fixture(scope="session")
 def world_pool():
     """Up to 4 spawned processes shared by the multi-process tests (tests/_spawn.py): one spawn
