@@ -158,9 +158,10 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
             code = (job.error or {}).get("code", "generation_failed")
             return _error(500 if code != "cancelled" else 409,
                           (job.error or {}).get("message", "failed"), code)
+        kept = svc.take_images(job)  # from memory: never read back what was just written
         data = []
         for name in job.files:
-            raw = await asyncio.to_thread(svc.result_path(job, name).read_bytes)
+            raw = kept.get(name) or await asyncio.to_thread(svc.result_path(job, name).read_bytes)
             data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
         return {"created": int(job.created_at), "data": data, "id": job.id}
 

@@ -40,7 +40,8 @@ class ServeMetrics:
                                     "Arrival to first step", ["kind"],
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("genserve_e2e_latency_seconds",
-                                 "Arrival to finished (outputs written excluded)", ["kind"],
+                                 "Arrival to finished: its file encoded (by its worker), not yet "
+                                 "written", ["kind"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
         # Workers lost and not yet placed again (Ray: a node gone and no room elsewhere), and
         # workers replaced since start: read from the engine at scrape time.
@@ -49,6 +50,9 @@ class ServeMetrics:
                                   registry=r)
         self.worker_restarts = Gauge("genserve_worker_restarts",
                                      "Workers replaced since the server started", registry=r)
+        self.output_bytes = Gauge("genserve_output_bytes",
+                                  "Bytes of finished outputs (PNG / MP4 files, encoded on the "
+                                  "workers) that reached the server", registry=r)
         for s in ("waiting", "running", "preempted"):
             self.state.labels(s).set(0)
         self._last: dict[str, Status] = {}
@@ -58,6 +62,8 @@ class ServeMetrics:
         self.workers_down.set_function(lambda: len(engine.down_workers))
         self.worker_restarts.set_function(lambda: engine.res.restarts
                                           if hasattr(engine, "res") else 0)
+        self.output_bytes.set_function(lambda: engine.res.output_bytes
+                                       if hasattr(engine, "res") else 0)
 
     def submitted(self, kind: str) -> None:
         self.submitted_total.labels(kind).inc()

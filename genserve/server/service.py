@@ -2,10 +2,12 @@
 
 A `Job` is what a client asked for: an image request of n images (n engine requests) or one video.
 The engine runs in its own thread (`Engine.serve`); it reports every change of a request through
-`on_update`, which updates the job and wakes whoever waits on it in the asyncio loop.  Outputs are
-written (PNG / MP4) by a writer thread, never by the engine's loop; a job is completed only once its
-files are on disk.  Finished jobs stay readable from `results_dir` until their TTL passes, also
-across a restart of the server.
+`on_update`, which updates the job and wakes whoever waits on it in the asyncio loop.  Outputs come
+encoded (PNG / MP4 made by the workers, `Engine(output=...)`): nothing here encodes.  A writer
+thread puts the bytes on disk (never the engine's loop); a job is completed only once its files
+are there, with its `job.json`.  An image job's PNGs also stay in memory until its synchronous
+response takes them, so that answer never reads back what was just written.  Finished jobs stay
+readable from `results_dir` until their TTL passes, also across a restart of the server.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 from ..catalog import MODELS
 from ..engine import Engine
 from ..latency import LatencyModel
+from ..models.output import Encoded
+from ..parallel.protocol import OutputFormat
 from ..policies import make_policy
 from ..request import Kind, Request, Status
 from ..workload import standalone_sp
@@ -79,6 +83,7 @@ class Job:
     ended: set = field(default_factory=set)
     version: int = 0
     expires_at: float | None = None
+    images: dict[str, bytes] = field(default_factory=dict)  # PNGs until the response takes them
 
     @property
     def progress(self) -> int:
@@ -131,7 +136,8 @@ class Service:
         for p in cfg.presets:
             self.latency.profile_of(p)  # a clear error now, not inside the policy
         self.engine = Engine(make_policy(cfg.policy), self.pool, self.latency,
-                             checkpoint_every=cfg.checkpoint_every, on_update=self._on_update)
+                             checkpoint_every=cfg.checkpoint_every, on_update=self._on_update,
+                             output=OutputFormat(fps=cfg.fps))
         self.metrics.watch_engine(self.engine)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run_engine, name="genserve-engine",
@@ -312,19 +318,17 @@ class Service:
                 self._fail(job, "generation_failed", r.reason or "failed")
             self._changed(job)
 
-    def _write(self, job: Job, rid: str, output) -> None:
-        from ..models.output import write_mp4, write_png
-
+    def _write(self, job: Job, rid: str, output: Encoded) -> None:
+        """Put a finished request's file (encoded by its worker) on disk; complete the job once
+        all of its files are there."""
         d = self.results / job.id
-        d.mkdir(parents=True, exist_ok=True)
-        i = job.request_ids.index(rid)
+        video = job.spec.kind is Kind.VIDEO
+        path = d / ("video.mp4" if video else f"{job.request_ids.index(rid)}.png")
         try:
-            if job.spec.kind is Kind.VIDEO:
-                path = d / "video.mp4"
-                write_mp4(path, output, fps=self.cfg.fps)
-            else:
-                path = d / f"{i}.png"
-                write_png(path, output)
+            if output.suffix != path.suffix:
+                raise ValueError(f"a {job.spec.kind.value} came as {output.media_type}")
+            d.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(output.data)
         except Exception as e:  # noqa: BLE001 - a job fails with the reason, the server goes on
             with self._lock:
                 self._fail(job, "output_error", f"writing the output: {e}")
@@ -333,6 +337,8 @@ class Service:
         with self._lock:
             job.ended.add(rid)
             job.files.append(path.name)
+            if not video and not job.final:
+                job.images[path.name] = output.data
             if len(job.ended) == len(job.request_ids) and not job.final:
                 job.files.sort()
                 job.status, job.completed_at = "completed", time.time()
@@ -345,6 +351,7 @@ class Service:
             return
         # Error first: readers that do not take the lock must never see "failed" without it.
         job.error = {"code": code, "message": message}
+        job.images = {}  # no response will take them
         job.completed_at = time.time()
         job.expires_at = job.completed_at + self.cfg.result_ttl_s
         job.status = "failed"
@@ -357,9 +364,16 @@ class Service:
         for fn in list(self._listeners):
             fn(job)
 
-    # ----- results on disk -----
+    # ----- results -----
     def result_path(self, job: Job, name: str) -> Path:
         return self.results / job.id / name
+
+    def take_images(self, job: Job) -> dict[str, bytes]:
+        """A completed image job's PNGs by file name, as the writer kept them for the
+        synchronous response; they leave memory now (the files stay on disk)."""
+        with self._lock:
+            kept, job.images = job.images, {}
+        return kept
 
     def _load_results(self) -> None:
         now = time.time()
