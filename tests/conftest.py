@@ -23,9 +23,10 @@ def profile_rows():
 
 
 def pytest_collection_finish(session):
-    """If a selected test uses `world_pool`, its fork server imports torch & co. in the background
-    while the tests before it run."""
-    if any("world_pool" in getattr(item, "fixturenames", ()) for item in session.items):
+    """If a selected test uses the fork server (`world_pool`, `forked_worker_pools`), it imports
+    torch & co. in the background while the tests before it run."""
+    if any({"world_pool", "forked_worker_pools"} & set(getattr(item, "fixturenames", ()))
+           for item in session.items):
         from _spawn import start_fork_server
 
         start_fork_server()
@@ -33,11 +34,22 @@ def pytest_collection_finish(session):
 
 @pytest.fixture(scope="session")
 def world_pool():
-    """Up to 4 spawned processes shared by the multi-process tests (tests/_spawn.py): one spawn
-    (torch + diffusers imports) per rank for the whole session instead of one per world; every
+    """Up to 4 processes shared by the multi-process tests (tests/_spawn.py), forked from a fork
+    server that imported torch, diffusers and genserve once: no per-world spawn and imports; every
     call still gets a fresh torch.distributed world."""
     from _spawn import WorldPool
 
     pool = WorldPool(size=4)
     yield pool
     pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def forked_worker_pools():
+    """For the rest of the module, genserve WorkerPools fork their workers from the fork server
+    (tests/_spawn.py `forked_worker_pools`: about 7 CPU-s less per worker) instead of spawning
+    them.  Opt-in; test_workers keeps the spawn path covered."""
+    from _spawn import forked_worker_pools
+
+    with forked_worker_pools():
+        yield

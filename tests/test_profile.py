@@ -1,4 +1,7 @@
-"""`genserve profile` on the tiny presets: files in the shipped format that LatencyModel reads."""
+"""`genserve profile` on the tiny presets: files in the shipped format that LatencyModel reads.
+
+The `--workers` run forks its workers from the tests' fork server (conftest `forked_worker_pools`)
+rather than spawning them: the same worker code, without importing torch and diffusers again."""
 
 from __future__ import annotations
 
@@ -61,7 +64,8 @@ def test_tiny_presets_stay_out_of_default_mixes():
     assert not any(it.model.startswith("tiny") for it in default_mix(0.5))
 
 
-def test_profile_on_workers_measures_the_dispatch_cost_the_simulator_charges(tmp_path):
+def test_profile_on_workers_measures_the_dispatch_cost_the_simulator_charges(tmp_path,
+                                                                           forked_worker_pools):
     from genserve.catalog import get_model
     from genserve.policies import Assignment, Cluster, Plan, Policy
     from genserve.request import Kind, Request
