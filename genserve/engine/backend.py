@@ -74,7 +74,8 @@ class WorkerBackend(Backend):
         while not self.cancels.empty():
             self._cancel(self.cancels.get(), now)
             changed = True
-        changed = self._take_outputs(now) or changed  # before deaths: what arrived is kept
+        if self.output is not None:  # before deaths: what arrived is kept
+            changed = self._take_outputs(now) or changed
         return self._recover(now) or changed
 
     def _cancel(self, rid: str, now: float) -> None:
