@@ -2,10 +2,13 @@
 
 Where a request's state lives (`Request.gpus`): after a quantum it stays resident on the workers
 that ran it (each member of an SP group holds a copy).  A request planned on the same set again
-costs no transfer; one planned elsewhere is fetched from a holder and shipped with the job.  A new
-request travels as its prompt: the worker encodes it inside the job, so the loop never waits for a
-text encoder.  Every `checkpoint_every` steps the job also returns the state to host memory: the
-restart point if its worker dies.
+costs no transfer (nor on a subset of it).  Planned elsewhere, its state goes straight from a holder
+to the new set (`parallel/transfer.py`; a rank of the new set that holds it broadcasts it instead):
+the decision only sends messages and the job waits on its worker for the state, so the loop never
+waits for a move; a state whose holder dies first comes back lost and the request resumes from its
+checkpoint.  A new request travels as its prompt: the worker encodes it inside the job, so the loop
+never waits for a text encoder.  Every `checkpoint_every` steps the job also returns the state to
+host memory: the restart point if its worker dies.
 
 Outputs: raw arrays in the run's result (`output=None`: exactness tests, replay), or encoded on
 the worker (`OutputFormat`: the server).  An encoded output comes in an `Output` message of its
@@ -32,12 +35,18 @@ from ..models.base import GenRequest
 from ..models.output import Encoded
 from ..parallel.protocol import (JobError, JobLost, Moved, New, Output, OutputFormat, Resident,
                                  Run, RunResult)
+from ..parallel.protocol import Held, Incoming  # moves worker to worker
 from ..parallel.workers import PoolBase, WorkerError, WorkerLost
 from ..policies.base import Assignment, Cluster
 from ..request import Request
 
 
 class WorkerBackend(Backend):
+    # False: the old way of moving a state, through the driver (the decision fetches it from its
+    # holder, then ships its bytes in the job).  Kept for bench/data_path.py's comparison; on the
+    # class, since the engine makes a backend per run.
+    direct_moves = True
+
     def __init__(self, pool: PoolBase, clock, checkpoint_every: int, poll_s: float,
                  idle_poll_s: float, gpus_per_node: int, keep: bool, result,
                  output: OutputFormat | None = None):
@@ -107,24 +116,17 @@ class WorkerBackend(Backend):
                      and (m.steps_done + a.steps) // every > m.steps_done // every)
         return Run(members[0].model, srcs, a.steps, want, self.output)
 
-    def _source(self, r: Request, gpus: tuple[int, ...], now: float) -> Resident | Moved | New:
-        """What the job needs to run `r` on `gpus`: nothing (resident there), the state's bytes
-        (it moves), or the prompt (a new request, encoded by the worker)."""
+    def _source(self, r: Request, gpus: tuple[int, ...], now: float
+                ) -> Resident | Held | Incoming | Moved | New:
+        """What the job needs to run `r` on `gpus`: its state from where it lives (see
+        `_from_holders`), from a host checkpoint (bytes), or the prompt (a new request, encoded
+        by the worker).  Waits for nothing: a move is asked for once the job is submitted."""
         if r.gpus and set(r.gpus) == set(gpus):
             return Resident(r.id)
         if r.gpus:
-            alive = self.pool.alive()
-            holder = next((g for g in r.gpus if g in alive), None)
-            blob = None
-            if holder is not None:
-                try:
-                    blob = self.pool.fetch(holder, [r.id]).get(r.id)
-                except (WorkerLost, WorkerError, TimeoutError):
-                    blob = None
-            self.pool.drop(set(r.gpus) - set(gpus) - {holder}, [r.id])
-            if blob is not None:
-                self.res.moves_bytes += len(blob)
-                return Moved(r.id, blob)
+            member = self._from_holders(r, gpus)
+            if member is not None:
+                return member
             self._roll_back(r, now)  # the holder is gone: fall back to the checkpoint
         ck = self.host.get(r.id)
         if ck is not None and ck[1] == r.steps_done and r.steps_done > 0:
@@ -137,10 +139,47 @@ class WorkerBackend(Backend):
                                     frames=r.frames, steps=r.steps, guidance=r.guidance,
                                     seed=r.seed))
 
+    def _from_holders(self, r: Request, gpus: tuple[int, ...]
+                      ) -> Resident | Held | Incoming | Moved | None:
+        """`r`'s state from the live workers that hold it: every rank of the job does (resident),
+        one does (`Held`: it broadcasts it in the job's group), or none (`Incoming`: the first
+        holder sends it, see `start`).  Holders not needed drop their copies.  None: no holder
+        is alive (or, on the old path, the fetch failed)."""
+        alive = set(self.pool.alive())
+        holders = [g for g in r.gpus if g in alive]
+        inside = [g for g in holders if g in gpus]
+        if not holders:
+            return None
+        if set(gpus) <= set(holders):
+            member, keep = Resident(r.id), set(gpus)
+        elif not self.direct_moves:
+            member, keep = self._fetch(r, holders[0]), set()
+        elif inside:
+            member, keep = Held(r.id, inside[0]), set(inside)
+        else:
+            member, keep = Incoming(r.id, holders[0], self.pool.transfer_id()), {holders[0]}
+        if set(r.gpus) - keep:
+            self.pool.drop(set(r.gpus) - keep, [r.id])
+        return member
+
+    def _fetch(self, r: Request, holder: int) -> Moved | None:
+        """The old path: the state through the driver, which waits for it (up to a minute)."""
+        try:
+            blob = self.pool.fetch(holder, [r.id]).get(r.id)
+        except (WorkerLost, WorkerError, TimeoutError):
+            return None
+        if blob is None:
+            return None
+        self.res.moves_bytes += len(blob)
+        return Moved(r.id, blob)
+
     def start(self, q: Quantum, members: list[Request], job: Run) -> bool:
+        moves = [m for m in job.members if isinstance(m, Incoming)]
         try:
             jid = self.pool.submit(q.gpus, job)
-        except WorkerLost:  # noticed while the states were being fetched: as a lost job
+        except WorkerLost:  # a member found dead at submit: as a lost job
+            for m in moves:  # never asked to send: its holder forgets it
+                self.pool.drop([m.src], [m.rid])
             outcomes = self._lost(q)
             for rid, o in outcomes.items():
                 r = self.core.by_id[rid]
@@ -152,6 +191,10 @@ class WorkerBackend(Backend):
                     self.core.notify(r)
             return False
         self.jobs[jid] = q.key
+        # Asked for after the job, assignment after assignment: the holders send in the order the
+        # receivers take them (see parallel/transfer.py).
+        for m in moves:
+            self.pool.send_state(m.src, m.rid, min(q.gpus), m.transfer)
         return True
 
     # ----- results -----
@@ -186,7 +229,7 @@ class WorkerBackend(Backend):
                             for rid in q.requests}
             else:
                 if self.keep:
-                    for rid in q.requests:
+                    for rid in (x for x in q.requests if x not in res.result.lost):
                         self.res.timeline.setdefault(rid, []).append((q.start, now, q.gpus))
                 outcomes = {rid: self._outcome(rid, res.result, q) for rid in q.requests}
                 self._set_aside(q, outcomes)
@@ -197,6 +240,9 @@ class WorkerBackend(Backend):
     def _outcome(self, rid: str, res: RunResult, q: Quantum) -> Outcome | None:
         """`rid`'s outcome of the run; None: it finished and its output is being encoded."""
         r = self.core.by_id[rid]
+        if rid in res.lost:  # its state never came (its holder died): back to its checkpoint
+            return (Cancelled() if rid in self.cancel_pending
+                    else RolledBack(self._checkpoint_step(rid)))
         if rid in res.failed:
             return Failed(res.failed[rid])
         if rid in res.cancelled:

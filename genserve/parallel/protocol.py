@@ -5,12 +5,14 @@ Three streams per worker, each with its own message types:
 - the inbox (driver -> worker, run in order on the worker's main thread): `Task` (a job,
   addressed to a worker set), `MakeGroup`, `Restart` (join a new world), `Shutdown`;
 - the control queue (driver -> worker, served by a second thread even while the main one
-  computes): `Fetch`, `Drop`, `Cancel` (and `Shutdown`, which the worker puts there itself);
+  computes): `Fetch`, `Drop`, `Cancel`, `SendState` (handed on to the worker's transfer thread,
+  see `transfer.py`), and `Shutdown`, which the worker puts there itself;
 - the outbox (worker -> driver): `Ready`, `StartFailed`, `Done` / `JobError` / `JobLost` (how a
   job ended: the same three types are what `PoolBase.result` returns), `Fetched`, `Output` (an
   encoded output, from the worker's encoder thread).
 
-A job is one of `Run` (the engine's: its members are `New`, `Resident` or `Moved`), `Prepare`,
+A job is one of `Run` (the engine's: its members are `New`, `Resident`, `Held`, `Incoming` or
+`Moved`), `Prepare`,
 `Steps`, `Decode`, `Profile`, `Noop`.  Every member of a `Task`'s ranks runs it; the first rank
 answers for the job (every member answers an error).
 
@@ -82,15 +84,36 @@ class Resident:
 
 
 @message
+class Held:
+    """Worker `src`, one of the job's ranks, holds the state (the job's set overlaps the set that
+    stepped it last): it broadcasts it in the job's group; no transfer."""
+
+    rid: str
+    src: int
+
+
+@message
+class Incoming:
+    """The state comes straight from worker `src` (not in the job): the job's first rank receives
+    it as transfer `transfer`, which the driver asked `src` for with `SendState`, and at SP > 1
+    broadcasts it in the job's group.  If it cannot come (`src` died, its world was left), the
+    member is reported in `RunResult.lost`, not failed."""
+
+    rid: str
+    src: int
+    transfer: int
+
+
+@message
 class Moved:
-    """The state travels with the job (`StepState.to_bytes`): fetched from another worker set, or
-    a host-side checkpoint."""
+    """The state travels with the job (`StepState.to_bytes`): a host-side checkpoint (or, on the
+    old path kept for comparison, a state fetched through the driver)."""
 
     rid: str
     state: bytes
 
 
-Member = Union[New, Resident, Moved]
+Member = Union[New, Resident, Held, Incoming, Moved]
 
 
 # ----- jobs -----
@@ -160,6 +183,7 @@ class RunResult:
     cancelled: dict[str, int] = field(default_factory=dict)   # step index where it left
     blobs: dict[str, bytes] = field(default_factory=dict)     # states asked for in `want`
     outputs: dict[str, Any] = field(default_factory=dict)     # decoded arrays of finished ones
+    lost: dict[str, str] = field(default_factory=dict)        # reason its state never came
 
 
 # ----- driver -> worker: the inbox -----
@@ -216,6 +240,19 @@ class Drop(_AboutRequests):
 
 class Cancel(_AboutRequests):
     """Stop stepping `rids` at the next step boundary of the job that holds them."""
+
+
+@message
+class SendState:
+    """Send the resident state of `rid` to worker `dst` (the first rank of the job that takes it
+    as `Incoming(rid, self, transfer)`) in the world of prefix `world`; the state leaves this
+    worker.  Served in the order sent by the worker's transfer thread, so that a send that waits
+    for its receiver delays neither the control queue nor the job being computed."""
+
+    rid: str
+    dst: int
+    transfer: int
+    world: str
 
 
 # ----- worker -> driver -----
@@ -294,5 +331,5 @@ class Output:
 Outcome = Union[Done, JobError, JobLost]
 JOBS = (Run, Prepare, Steps, Decode, Profile, Noop)
 INBOX = (Task, MakeGroup, Restart, Shutdown)
-CONTROL = (Fetch, Drop, Cancel, Shutdown)
+CONTROL = (Fetch, Drop, Cancel, SendState, Shutdown)
 TO_DRIVER = (Ready, StartFailed, Done, JobError, JobLost, Fetched, Output)

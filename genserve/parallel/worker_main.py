@@ -3,11 +3,14 @@
 A worker runs the messages of its inbox in order, on its main thread (`Worker.serve`), each by the
 handler of its type; a job (`Task.job`) likewise.  Every member of a job's group runs the same
 steps (the forward is sharded inside, see `sequence.py`), so every member keeps a full copy of
-each state it stepped, in `Store`; the engine then only sends a state when a request moves to
-another worker set, and receives one only when it asks (a host-side checkpoint, a move).
+each state it stepped, in `Store`.  A state leaves it when its request moves to another worker set
+(straight to that set over torch.distributed, never through the driver: `transfer.py`), and goes
+to the driver only when the engine asks (a host-side checkpoint).
 
 A second thread (`Control`) serves the control queue while the main thread computes: fetch a
-paused state (for a move), drop states, and mark requests cancelled; a cancel takes effect at the
+paused state (the old path of a move, through the driver), drop states, hand a `SendState` on to
+the transfer thread (`transfer.Mover`, which sends the state to the job that takes it), and mark
+requests cancelled; a cancel takes effect at the
 next step boundary of the job that holds the request (at SP > 1 the group's first rank decides for
 all, so every member drops the same request at the same step).  Both threads answer on the one
 outbox (`channel.Sender` on one machine: it locks around each message).  Encoder threads
@@ -39,6 +42,8 @@ from .protocol import (Cancel, Decode, Done, Drop, Fetch, Fetched, JobError, Job
                        Moved, New, Noop, Output, OutputFormat, Prepare, Profile, Ready,
                        Rendezvous, Resident, Restart, Run, RunResult, Shutdown, StartFailed, Steps,
                        Task, handler)
+from .protocol import Held, Incoming, SendState  # moves worker to worker (transfer.py)
+from .transfer import Links, Mover, Parcel, receive, share
 from .ulysses import GroupCache
 from .world import Abandoned, WorkerSpec, rendezvous
 
@@ -101,11 +106,18 @@ class Worker:
         self.store = Store(self.dev, spec.min_free_bytes)
         self.cancelled: set[str] = set()
         self.control: Control | None = None
+        # The world, shared with the transfer thread (`Mover`): its prefix, the prefixes of the
+        # worlds left, its transfer groups (None: abandoned), and a lock held while it changes.
+        self.world, self.left = "", set()
+        self.links: Links | None = None
+        self.world_cv = threading.Condition()
+        self.mover: Mover | None = None
         self.encoders: dict[str, Encoder] = {}  # "image" / "video", started on first use
         self._inbox = {Task: self._task, MakeGroup: self._make_group, Restart: self._restart}
         self._jobs = {Run: self._run, Prepare: self._prepare, Steps: self._steps,
                       Decode: self._decode, Profile: self._profile, Noop: self._noop}
-        self._members = {New: self._new, Resident: self._resident, Moved: self._moved}
+        self._members = {New: self._new, Resident: self._resident, Held: self._held,
+                         Incoming: self._incoming, Moved: self._moved}
 
     # ----- life cycle -----
     def start(self, world: Rendezvous, members: tuple[int, ...], ctl) -> bool:
@@ -115,7 +127,7 @@ class Worker:
         from .sequence import install
 
         torch.set_num_threads(int(os.environ.get("GENSERVE_WORKER_THREADS", "1")))
-        self.groups = self._join(world, members)
+        self._enter(world, members)
         try:
             self.adapters = {p: load_preset(p, self.spec.model_path, self.dev)
                              for p in self.spec.presets}
@@ -125,6 +137,8 @@ class Worker:
             return False
         self.control = Control(self, ctl)
         self.control.start()
+        self.mover = Mover(self)
+        self.mover.start()
         self.outbox.put(Ready(self.rank))
         return True
 
@@ -133,26 +147,38 @@ class Worker:
         while not isinstance(msg := inbox.get(), Shutdown):
             handler(self._inbox, msg)(msg)
         self.control.stop()
+        self.mover.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def _join(self, world: Rendezvous, members) -> GroupCache | None:
-        """The new world's groups; None: it was abandoned, a newer one is on its way."""
+    def _enter(self, world: Rendezvous, members) -> None:
+        """Leave the current world (if any) and join the one of `members` at `world`, under the
+        world lock: the transfer thread never sends on a group being destroyed."""
+        with self.world_cv:
+            if self.world:
+                self.left.add(self.world)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.groups, self.links = self._join(world, members)
+            self.world = world.prefix
+            self.world_cv.notify_all()
+
+    def _join(self, world: Rendezvous, members) -> tuple[GroupCache | None, Links | None]:
+        """The new world's groups and transfer groups (every member makes these right after the
+        world forms, in one order); None: it was abandoned, a newer one is on its way."""
         try:
             rendezvous(world, self.rank, tuple(members), self.backend, self.spec.timeout_s)
+            return GroupCache(members), Links(members, self.spec.timeout_s)
         except Abandoned:
-            return None
+            return None, None
         except Exception:  # noqa: BLE001 - a member never came: die, the pool replaces this one
             traceback.print_exc()
             os._exit(3)
-        return GroupCache(members)
 
     # ----- the inbox -----
     def _restart(self, msg: Restart) -> None:
         """A member was lost (or comes back): every survivor joins the new world."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        self.groups = self._join(msg.rendezvous, msg.members)
+        self._enter(msg.rendezvous, msg.members)
 
     def _make_group(self, msg: MakeGroup) -> None:
         # Every member of the world, in one order (see GroupCache); none in a world that never
@@ -217,26 +243,74 @@ class Worker:
         return profile(list(job.presets), job.batches, job.reps, device=self.dev,
                        adapters=self.adapters)
 
-    # A run job's member: its state, or None if it failed already (noted in `out`).
-    def _new(self, m: New, model: str, out: RunResult) -> StepState | None:
+    # A run job's member: its state, or None if it failed or was lost (noted in `out`).
+    def _take(self, job: Run, ranks: tuple[int, ...], out: RunResult) -> list[StepState]:
+        """Every member is taken even after one raised (it raises after): a move's sender waits
+        for its receive, and the group's broadcasts must stay in step (see `transfer.py`)."""
+        states, error = [], None
+        for m in job.members:
+            try:
+                states.append(handler(self._members, m)(m, job, ranks, out))
+            except Exception as e:  # noqa: BLE001 - raised once every member was taken
+                error = error or e
+        if error is not None:
+            raise error
+        return [s for s in states if s is not None]
+
+    def _new(self, m: New, job: Run, ranks, out: RunResult) -> StepState | None:
         try:  # encoded here, so the driver never waits for it
-            return self._adapter(model).prepare([m.request])[0]
+            state = self._adapter(job.model).prepare([m.request])[0]
         except Exception as e:  # noqa: BLE001 - bad input fails this request only
             out.failed[m.rid] = _reason(e)
             return None
+        _pad(self.spec.faults, state)
+        return state
 
-    def _resident(self, m: Resident, model: str, out: RunResult) -> StepState:
+    def _resident(self, m: Resident, job: Run, ranks, out: RunResult) -> StepState:
         return self.store.get(m.rid)
 
-    def _moved(self, m: Moved, model: str, out: RunResult) -> StepState:
+    def _held(self, m: Held, job: Run, ranks, out: RunResult) -> StepState | None:
+        """Rank `m.src` of the job holds the state: it broadcasts it to the others."""
+        if len(ranks) == 1:
+            return self._resident(Resident(m.rid), job, ranks, out)
+        mine = parcel = None
+        if self.rank == m.src:
+            try:
+                mine = self.store.get(m.rid)
+                parcel = Parcel.of(mine, self.dev)
+            except KeyError as e:
+                parcel = Parcel.lost(f"worker {self.rank}: {e}")
+        parcel = share(parcel, self.groups.world_rank(m.src), self._group_of(ranks), self.dev)
+        return self._arrived(m.rid, parcel, out, mine)
+
+    def _incoming(self, m: Incoming, job: Run, ranks, out: RunResult) -> StepState | None:
+        """The state comes from worker `m.src`: the first rank receives it (this job waits for
+        it, the driver does not), and shares it with the others of the group."""
+        parcel = None
+        if self.rank == ranks[0]:
+            parcel = receive(self.links, m.src, self.rank, m.transfer, self.dev)
+        if len(ranks) > 1:
+            parcel = share(parcel, self.groups.world_rank(ranks[0]), self._group_of(ranks),
+                           self.dev)
+        return self._arrived(m.rid, parcel, out)
+
+    def _arrived(self, rid: str, parcel: Parcel, out: RunResult,
+                 mine: StepState | None = None) -> StepState | None:
+        why = parcel.why_lost
+        if why is not None:  # every member of the group sees the same parcel
+            out.lost[rid] = why
+            self.store.pop([rid])  # no stale copy outlives it
+            return None
+        return mine if mine is not None else parcel.state()
+
+    def _moved(self, m: Moved, job: Run, ranks, out: RunResult) -> StepState:
         return StepState.from_bytes(m.state).to(self.dev)
 
     def _run(self, ranks: tuple[int, ...], job: Run) -> RunResult:
         """The engine's job: take each member's state, run up to `job.steps` steps, decode the
         finished ones; keep the rest resident."""
         out = RunResult()
-        states = [handler(self._members, m)(m, job.model, out) for m in job.members]
-        states = [s for s in states if s is not None]
+        states = self._take(job, ranks, out)
         adapter = self._adapter(job.model)
         group = self._group_of(ranks)
         src = 0 if group is None else self.groups.world_rank(ranks[0])  # no world needed alone
@@ -285,7 +359,8 @@ class Control(threading.Thread):
     def __init__(self, worker: Worker, ctl):
         super().__init__(daemon=True, name=f"genserve-control-{worker.rank}")
         self.worker, self.ctl = worker, ctl
-        self._handlers = {Fetch: self._fetch, Drop: self._drop, Cancel: self._cancel}
+        self._handlers = {Fetch: self._fetch, Drop: self._drop, Cancel: self._cancel,
+                          SendState: self._send_state}
 
     def run(self) -> None:
         while not isinstance(msg := self.ctl.get(), Shutdown):
@@ -304,7 +379,10 @@ class Control(threading.Thread):
         self.ctl.put(Shutdown())
         self.join(timeout=5)
 
-    def _fetch(self, msg: Fetch) -> None:  # for a move: the states leave this worker
+    def _send_state(self, msg: SendState) -> None:  # served by the transfer thread, in order
+        self.worker.mover.put(msg)
+
+    def _fetch(self, msg: Fetch) -> None:  # the states leave this worker
         states = {s.request_id: s.to_bytes() for s in self.worker.store.pop(msg.rids)}
         self.worker.outbox.put(Fetched(msg.req_id, states))
 
@@ -412,6 +490,18 @@ def _step(adapter, states, faults: dict, rank: int, degree: int, out: RunResult
 
 class _Fault(Exception):
     pass
+
+
+def _pad(faults: dict, state: StepState) -> None:
+    """Bench hook (bench/data_path.py): {"kind": "ballast", "step": "prepare", "tensors": {name:
+    (shape, dtype name)}} adds zero tensors of those shapes to a new request's state, on its live
+    scheduler, so that they travel with the state everywhere and no step reads them: a state the
+    size of a large model's on a tiny one."""
+    f = faults.get(state.request_id)
+    if f and f.get("kind") == "ballast":
+        state.scheduler.genserve_ballast = {
+            n: torch.zeros(shape, dtype=getattr(torch, dt), device=state.latents.device)
+            for n, (shape, dt) in f["tensors"].items()}
 
 
 def _inject(faults: dict, states: list[StepState], rank: int) -> None:

@@ -7,14 +7,16 @@ job names its ranks (the GPU set; SP degree = its size).  Two ways to use the po
   may use another worker set of another degree: elastic re-sharding via host memory.  Simple, and
   what `genserve generate --sp K` uses.
 - `submit(ranks, Run(...))`: the engine's job.  States stay resident on the workers that stepped
-  them; a state is fetched (`fetch`) only to move it to another set or to keep a host-side
-  checkpoint.
+  them; to move one to another set the driver asks its holder to send it (`send_state`) straight
+  to the job that takes it (`transfer.py`); the bytes of a state come to the driver only as a
+  host-side checkpoint (or by `fetch`, the old way of moving, kept for comparison).
 
 The engine's API: `submit(ranks, job) -> job id`; `finished(timeout_s) -> [job id]`;
 `result(job id) -> Done | JobError | JobLost` (a `Run` is `Done` with a `RunResult`); `outputs()
 -> [Output]` (a `Run`'s encoded outputs, sent apart from its result);
 `wait(job id, timeout_s) -> Done.result` (raises `WorkerError` / `WorkerLost`); `fetch(rank,
-rids) -> {rid: bytes}`; `drop` / `cancel(ranks, rids)`; and the life cycle (`alive`, `dead`,
+rids) -> {rid: bytes}`; `transfer_id()` and `send_state(holder, rid, dst, transfer)`; `drop` /
+`cancel(ranks, rids)`; and the life cycle (`alive`, `dead`,
 `down`, `replace`, `ready`, `close`).
 
 Failures: a job error comes back as `JobError` and the worker stays up.  A worker that dies is
@@ -43,6 +45,7 @@ import time
 from multiprocessing.connection import wait as wait_for
 
 from .channel import Receiver, Sender
+from .protocol import SendState
 from .protocol import (JOBS, TO_DRIVER, Cancel, Decode, Done, Drop, Fetch, Fetched, Job, JobError,
                        JobLost, MakeGroup, Outcome, Output, Prepare, Ready, Rendezvous, Restart,
                        Shutdown, StartFailed, Steps, Task, handler)
@@ -90,6 +93,7 @@ class PoolBase:
         self._members: tuple[int, ...] = ()  # the current world (see `_next_world`)
         self._made: set[tuple[int, ...]] = set()  # its process groups
         self._generation = 0  # its number
+        self._prefix = ""  # its key prefix: names it in `SendState`
 
     def _open_store(self, host: str) -> None:
         """The driver-hosted TCPStore every world meets in (see `world.rendezvous`)."""
@@ -106,7 +110,8 @@ class PoolBase:
             abandon(self._store, f"world{self._generation}/")
         self._generation += 1
         self._members, self._made = tuple(members), set()
-        return Rendezvous(self._host, self._store.port, f"world{self._generation}/")
+        self._prefix = f"world{self._generation}/"
+        return Rendezvous(self._host, self._store.port, self._prefix)
 
     # ----- transport (subclasses) -----
     def _send(self, rank: int, msg) -> None:
@@ -260,6 +265,19 @@ class PoolBase:
         if reply.error is not None:
             raise WorkerError(reply.error)
         return dict(reply.states)
+
+    def transfer_id(self) -> int:
+        """A new transfer's id (the job's `Incoming` names it, and so does its `send_state`)."""
+        return next(self._ids)
+
+    def send_state(self, holder: int, rid: str, dst: int, transfer: int) -> None:
+        """Have worker `holder` send its state of `rid` to worker `dst` (the first rank of a job
+        that takes it as `Incoming(rid, holder, transfer)`), in the current world.  Does not
+        wait: the job waits for the state.  Send it after the job, in the order of the jobs, so
+        that both ends take their transfers in one order (see `transfer.py`); a dead holder is
+        skipped (its receiver sees it dead and reports the state lost)."""
+        if self._alive(holder):
+            self._send_ctl(holder, SendState(rid, dst, transfer, self._prefix))
 
     def drop(self, ranks, rids: list[str]) -> None:
         """Forget resident states (a request moved, finished elsewhere, failed or was cancelled)."""
