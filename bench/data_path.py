@@ -19,7 +19,8 @@ the prompt and for the negative prompt (CFG), 27.7 MB.  No 14B model is needed t
     Goal: < 5 ms.  Checkpoints are off, so only moves cross (or do not cross) the driver.  On a
     machine with fewer cores than workers a maximum also catches the driver descheduled: the
     median decision is printed beside it.
-(c) Bytes that cross the driver per finished 720p 81-frame video: see `TODO(issue 12 part 4)`.
+(c) Bytes that cross the driver per finished 720p 81-frame video: see `TODO(issue 12 part 4)`
+    (bench/data_path_outputs.py measures the output part of it meanwhile).
 
     python bench/data_path.py [--reps 5] [--steps 10]
 """
@@ -181,12 +182,14 @@ def loop_blocked(pool, lat, steps: int) -> None:
 
 # ----- (c) -----
 def driver_bytes_per_video() -> None:
-    # TODO(issue 12 part 4): bytes that cross the driver per finished 720p 81-frame video, once
-    # outputs are encoded on the workers (another engineer is changing the output path now and
-    # fills this in; this bench does not touch it).  Expected shape: (c) raw frames
-    # (81 x 720 x 1280 x 3 B) against the encoded MP4, plus the checkpoints (`want` blobs) and
-    # any `Moved` from a host checkpoint, which still go through the driver.
-    print("(c) bytes through the driver per finished 720p 81-frame video: TODO (issue 12 part 4)")
+    # TODO(issue 12 part 4): bytes that cross the driver per finished 720p 81-frame video, now
+    # that outputs are encoded on the workers (its engineer fills this in; this bench does not
+    # touch the output path).  bench/data_path_outputs.py measures the output alone (raw frames
+    # 224 MB against the MP4); a whole video also sends its checkpoints (`want` blobs, one state
+    # every `checkpoint_every` steps) and any `Moved` from a host checkpoint through the driver,
+    # and, since this change, no move.
+    print("(c) bytes through the driver per finished 720p 81-frame video: TODO (issue 12 part 4; "
+          "outputs alone: bench/data_path_outputs.py)")
 
 
 def main() -> int:
