@@ -155,6 +155,22 @@ def _all_finished_once(reqs) -> None:
         assert sum(s.is_final for s in states) == 1, (r.id, states)
 
 
+def test_a_state_moves_worker_to_worker_across_nodes(pool, latency):
+    """A paused video planned on another node gets its state straight from its holder (the
+    actors' transfer threads, `SendState` on the control channel): 0 -> 2 -> 1, nothing through
+    the driver, the output exact."""
+    from test_moves import Route, Watched
+
+    vid = Request(id="ray-move", model="tiny-t2v", kind=Kind.VIDEO, steps=9, prompt="a heron",
+                  seed=7, height=32, width=32, frames=9)
+    watched = Watched(pool)
+    res = Engine(Route({vid.id: [((0,), 3), ((2,), 3), ((1,), 99)]}), watched, latency).run([vid])
+    _all_finished_once([vid])
+    assert [q[2] for q in res.timeline[vid.id]] == [(0,), (2,), (1,)]
+    assert watched.members == ["New", "Incoming", "Incoming"] and res.moves_bytes == 0
+    _check_outputs([vid], res)
+
+
 def test_a_killed_actor_is_replaced_and_joins_a_new_world(pool, latency):
     killed: list[int] = []
 
