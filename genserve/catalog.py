@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .request import Kind
+from .kinds import Kind
 
 
 class ShapeError(ValueError):

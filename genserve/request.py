@@ -1,8 +1,9 @@
 """The one request object and its status machine.
 
-Only the engine (the simulator today, the real engine later) calls the transition methods; policies
-read requests and never mutate them.  Every transition checks the prior status and records the time,
-so a request's timeline can always be reconstructed and an illegal move fails loudly.
+Only the executor (`genserve.executor`, under the simulator and the engine) calls the transition
+methods; policies read requests and never mutate them.  Every transition checks the prior status
+and records the time, so a request's timeline can always be reconstructed and an illegal move
+fails loudly.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+from .catalog import batch_key
+from .kinds import Kind
 
 
 class Status(enum.Enum):
@@ -27,11 +31,6 @@ class Status(enum.Enum):
 
 
 _FINAL = frozenset({Status.FINISHED, Status.CANCELLED, Status.FAILED, Status.REJECTED})
-
-
-class Kind(enum.Enum):
-    IMAGE = "image"
-    VIDEO = "video"
 
 
 class InvalidTransition(RuntimeError):
@@ -70,8 +69,6 @@ class Request:
             self.kind = Kind(self.kind)
         if not self.history:
             self.history.append((self.arrival, self.status))
-        from .catalog import batch_key  # the catalog imports Kind from here
-
         self._shape = batch_key(self.model, self.height, self.width, self.frames, self.guidance)
 
     # ----- derived, read by policies -----

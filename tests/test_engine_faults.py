@@ -399,8 +399,8 @@ def test_bad_input_fails_alone_and_names_the_field(pool, latency):
         assert_ended_once(r, Status.FINISHED)
         assert_alone(res, r)
 
-    # In one batch with good requests of the same shape.
-    batch = [image("badb-a"), image("badb-b", guidance=-1.0), image("badb-c")]
+    # In one batch with good requests of the same batch key (infinite guidance: CFG on, as theirs).
+    batch = [image("badb-a"), image("badb-b", guidance=float("inf")), image("badb-c")]
     res = Engine(Pinned(), pool, latency).run(batch)
     assert len({q[2] for r in batch for q in res.timeline[r.id]}) == 1
     assert_ended_once(batch[1], Status.FAILED)
