@@ -18,6 +18,9 @@ engine.  What differs:
   message is a whole object handed to the queue actor by one call, so a worker that dies while
   sending takes only its own message with it, and holds no lock the others need.  The driver
   does not need to know who sent a message either: worker deaths come from the actors' loop refs.
+  A move never takes this way (checkpoints do): it is a `SendState` on the holder's control
+  channel, and the state goes actor to actor over the world's transfer groups
+  (`parallel/transfer.py`), across nodes over their own link.
 - Loss.  An actor (or its whole node) that dies is noticed within `poll_s`, its jobs end as lost,
   and `replace` asks Ray for a new actor in the same bundle: Ray re-places the bundle on any node
   with room.  Until it is placed the rank is `down` (the engine plans without it) and the survivors
