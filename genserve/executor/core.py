@@ -44,6 +44,15 @@ class Stepped:
 
 
 @dataclass(frozen=True)
+class Finishing:
+    """Every step is done and the GPUs are free, but the output is still on its way (encoded on
+    the worker): the member stays RUNNING, off the queue, until the backend calls
+    `ExecutorCore.complete` (or ends or rolls it back)."""
+
+    steps_done: int
+
+
+@dataclass(frozen=True)
 class Failed:
     reason: str
 
@@ -60,7 +69,7 @@ class RolledBack:
     steps_done: int
 
 
-Outcome = Stepped | Failed | Cancelled | RolledBack
+Outcome = Stepped | Finishing | Failed | Cancelled | RolledBack
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,7 @@ class ExecutorCore:
         self.arrivals: list[tuple[float, str]] = []
         self.queue: dict[str, Request] = {}         # active, not in flight
         self.inflight: dict[int, Quantum] = {}
+        self.finishing: dict[str, Request] = {}     # off the GPUs, output on its way
         self.free = set(range(cluster.num_gpus))
         self.wakes: list[float] = []                # every wake-up asked for (stale ones too)
         self._pending_wake: float | None = None
@@ -186,12 +196,24 @@ class ExecutorCore:
         elif cancelled:
             r.cancel(max(now, r.arrival))  # cancelled before it arrived: at its arrival
         self.queue.pop(r.id, None)
+        self.finishing.pop(r.id, None)
         self.backend.on_end(r)
         self.notify(r)
 
+    def complete(self, r: Request, now: float, output) -> None:
+        """A request every step of which is done has its output: it finishes."""
+        self.finishing.pop(r.id, None)
+        r.finish(now)
+        self.backend.on_end(r)
+        self.notify(r, output)
+
     def roll_back(self, r: Request, now: float, steps_done: int) -> None:
+        """`r`'s state is lost: back to a checkpoint at `steps_done` (0: anew), plannable."""
+        self.finishing.pop(r.id, None)
         r.rollback(now, steps_done)
         self.res.recovered += 1
+        self.queue[r.id] = r
+        self.notify(r)
 
     def in_flight(self, rid: str) -> Quantum | None:
         return next((q for q in self.inflight.values() if rid in q.requests), None)
@@ -229,7 +251,7 @@ class ExecutorCore:
             if changed and self.queue and self.free - self.backend.unavailable():
                 self._decide(now)
             if self.queue and not (self.arrivals or self.inflight or self.wakes or self.replan
-                                   or self.backend.expecting()):
+                                   or self.finishing or self.backend.expecting()):
                 raise PlanError(f"policy {self.policy.describe()} stalled at t={now:.3f}: "
                                 f"{len(self.queue)} requests wait, nothing runs")
             due = [t for t in (self.arrivals[0][0] if self.arrivals else None,
@@ -248,7 +270,7 @@ class ExecutorCore:
 
     def drained(self) -> bool:
         """Every request known has ended."""
-        return not (self.arrivals or self.queue or self.inflight)
+        return not (self.arrivals or self.queue or self.inflight or self.finishing)
 
     def _close(self, now: float) -> None:
         for q in self.inflight.values():  # horizon cut: count the part that ran
@@ -323,11 +345,14 @@ class ExecutorCore:
                 if o.steps_done > r.steps_done:
                     r.advance(o.steps_done - r.steps_done)
                 if r.remaining_steps == 0:
-                    r.finish(now)
-                    self.backend.on_end(r)
-                    self.notify(r, o.output)
+                    self.complete(r, now, o.output)
                     continue
                 self.queue[rid] = r
+                self.notify(r)
+            elif isinstance(o, Finishing):
+                if o.steps_done > r.steps_done:
+                    r.advance(o.steps_done - r.steps_done)
+                self.finishing[rid] = r
                 self.notify(r)
             elif isinstance(o, Failed):
                 self.end(r, now, failed=o.reason)
@@ -335,7 +360,5 @@ class ExecutorCore:
                 self.end(r, now, cancelled=True)
             elif isinstance(o, RolledBack):
                 self.roll_back(r, now, o.steps_done)
-                self.queue[rid] = r
-                self.notify(r)
             else:
                 raise TypeError(f"unknown outcome {o!r} for {rid}")
