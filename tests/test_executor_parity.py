@@ -11,7 +11,8 @@ import pytest
 
 from genserve.engine import Engine
 from genserve.executor.clock import VirtualClock
-from genserve.parallel.protocol import Done, Moved, New, Resident, Run, RunResult
+from genserve.parallel.protocol import (Done, Held, Incoming, Moved, New, Resident, Run,
+                                        RunResult)
 from genserve.policies import Cluster, make_policy
 from genserve.request import Kind, Request, Status
 from genserve.sim import Simulator
@@ -58,7 +59,7 @@ class PredictedPool:
             if isinstance(m, New):
                 self._step[m.rid], self._total[m.rid] = 0, m.request.steps
             else:
-                assert isinstance(m, (Resident, Moved))
+                assert isinstance(m, (Resident, Held, Incoming, Moved))
             step = min(self._step[m.rid] + job.steps, self._total[m.rid])
             self._step[m.rid] = res.steps[m.rid] = step
             if step == self._total[m.rid]:
@@ -73,8 +74,11 @@ class PredictedPool:
     def result(self, jid: int):
         return Done(jid, self._jobs.pop(jid))
 
-    def fetch(self, rank, rids, timeout_s: float = 60.0) -> dict[str, bytes]:
-        return {rid: b"state" for rid in rids}
+    def transfer_id(self) -> int:
+        return next(self._ids)
+
+    def send_state(self, holder: int, rid: str, dst: int, transfer: int) -> None:
+        self.kinds.append("SendState")
 
     def drop(self, ranks, rids) -> None:
         pass
@@ -136,7 +140,8 @@ def test_engine_on_predicted_times_plans_exactly_as_the_simulator(policy, latenc
     assert all(r.status is Status.FINISHED for r in eng_reqs)
     if policy == "genserve":  # the trace exercises what the executor must get right
         assert sim.preemptions > 0 and res.preemptions >= sim.preemptions
-        assert sim.migrations > 0 and "Moved" in pool.kinds and "Resident" in pool.kinds
+        assert sim.migrations > 0 and "Incoming" in pool.kinds and "Resident" in pool.kinds
+        assert pool.kinds.count("Incoming") == pool.kinds.count("SendState")
         batched = [a for p in sim_pol.plans for a in p[4] if len(a.requests) > 1]
         degrees = {}
         for p in sim_pol.plans:

@@ -12,7 +12,7 @@ host memory: the restart point if its worker dies.
 
 Outputs: raw arrays in the run's result (`output=None`: exactness tests, replay), or encoded on
 the worker (`OutputFormat`: the server).  An encoded output comes in an `Output` message of its
-own after decode (see `worker_main.Encoder`); meanwhile its request is *set aside*: off the GPUs
+own after decode (see `worker_main.Encoder`); meanwhile its request is `Finishing`: off the GPUs
 (the quantum ends and frees them at the run's `Done`), all steps done, still RUNNING.  It
 finishes when its `Output` arrives (fails if encoding failed); if its worker dies first, it rolls
 back to its checkpoint and runs again, like any request a dead worker held.
@@ -26,16 +26,14 @@ it is back, and the others carry the load meanwhile.
 
 from __future__ import annotations
 
-import dataclasses
 import queue as queue_mod
 
-from ..executor import (Backend, Cancelled, Ended, Failed, Outcome, Quantum, RolledBack,
-                        Stepped)
+from ..executor import (Backend, Cancelled, Ended, Failed, Finishing, Outcome, Quantum,
+                        RolledBack, Stepped)
 from ..models.base import GenRequest
 from ..models.output import Encoded
-from ..parallel.protocol import (JobError, JobLost, Moved, New, Output, OutputFormat, Resident,
-                                 Run, RunResult)
-from ..parallel.protocol import Held, Incoming  # moves worker to worker
+from ..parallel.protocol import (Held, Incoming, JobError, JobLost, Moved, New, Output,
+                                 OutputFormat, Resident, Run, RunResult)
 from ..parallel.workers import PoolBase, WorkerError, WorkerLost
 from ..policies.base import Assignment, Cluster
 from ..request import Request
@@ -61,7 +59,7 @@ class WorkerBackend(Backend):
         self.cancel_pending: set[str] = set()
         self.jobs: dict[int, int] = {}  # pool job id -> quantum key
         self.down: tuple[int, ...] = ()
-        self.awaiting: dict[str, int] = {}  # request set aside -> the rank encoding its output
+        self.awaiting: dict[str, int] = {}  # Finishing request -> the rank encoding its output
         self._early: list[Output] = []  # outputs that came before their run's result
 
     def cluster(self) -> Cluster:
@@ -104,7 +102,7 @@ class WorkerBackend(Backend):
         return set(self.down)
 
     def expecting(self) -> bool:
-        return bool(self.down or self.awaiting)
+        return bool(self.down)
 
     # ----- starting a quantum -----
     def source(self, a: Assignment, members: list[Request], now: float) -> Run | None:
@@ -187,8 +185,6 @@ class WorkerBackend(Backend):
                     self.core.end(r, q.start, cancelled=True)
                 else:
                     self.core.roll_back(r, q.start, o.steps_done)
-                    self.core.queue[rid] = r
-                    self.core.notify(r)
             return False
         self.jobs[jid] = q.key
         # Asked for after the job, assignment after assignment: the holders send in the order the
@@ -205,7 +201,7 @@ class WorkerBackend(Backend):
             return
         if not (self.incoming.empty() and self.cancels.empty()):
             return
-        wait = self.poll_s if self.core.inflight or self.awaiting else self.idle_poll_s
+        wait = self.poll_s if self.core.inflight or self.core.finishing else self.idle_poll_s
         if until is not None:
             wait = min(wait, self.clock.seconds_until(until))
         self.pool.finished(timeout_s=wait)
@@ -232,13 +228,13 @@ class WorkerBackend(Backend):
                     for rid in (x for x in q.requests if x not in res.result.lost):
                         self.res.timeline.setdefault(rid, []).append((q.start, now, q.gpus))
                 outcomes = {rid: self._outcome(rid, res.result, q) for rid in q.requests}
-                self._set_aside(q, outcomes)
             ran = q.cost if self.clock.virtual else now - q.start
             out.append(Ended(q.key, ran, outcomes))
         return out
 
-    def _outcome(self, rid: str, res: RunResult, q: Quantum) -> Outcome | None:
-        """`rid`'s outcome of the run; None: it finished and its output is being encoded."""
+    def _outcome(self, rid: str, res: RunResult, q: Quantum) -> Outcome:
+        """`rid`'s outcome of the run (`Finishing`: every step done, its output is being encoded
+        on the job's first rank and comes in an `Output` message of its own)."""
         r = self.core.by_id[rid]
         if rid in res.lost:  # its state never came (its holder died): back to its checkpoint
             return (Cancelled() if rid in self.cancel_pending
@@ -253,7 +249,7 @@ class WorkerBackend(Backend):
         if steps == r.steps:
             if self.output is not None:
                 self.awaiting[rid] = min(q.gpus)  # the first rank decodes and encodes
-                return None
+                return Finishing(steps)
             out = res.outputs[rid]
             self.res.output_bytes += out.nbytes
             if self.keep:
@@ -265,24 +261,8 @@ class WorkerBackend(Backend):
         return Stepped(steps)
 
     # ----- encoded outputs -----
-    def _set_aside(self, q: Quantum, outcomes: dict) -> None:
-        """Members whose output is being encoded (outcome None) leave the quantum before the
-        core applies it: it frees the GPUs and moves the others on, while these stay RUNNING
-        with every step done until `_take_outputs` (or `_recover`) ends them.  The core knows
-        no outcome for "off the GPUs, not ended yet", hence the narrowed assignment."""
-        aside = [rid for rid, o in outcomes.items() if o is None]
-        if not aside:
-            return
-        for rid in aside:
-            del outcomes[rid]
-            r = self.core.by_id[rid]
-            if r.remaining_steps:
-                r.advance(r.remaining_steps)
-            self.core.notify(r)
-        q.assignment = dataclasses.replace(q.assignment, requests=tuple(outcomes))
-
     def _take_outputs(self, now: float) -> bool:
-        """End the requests set aside whose `Output` came.  One that comes before its run's result
+        """Finish the requests whose `Output` came (`core.finishing`).  One that comes before its run's result
         waits for it; one for a request no longer awaited (cancelled, or rolled back after its
         worker was taken for dead) is dropped."""
         got, self._early = self._early + self.pool.outputs(), []
@@ -302,21 +282,16 @@ class WorkerBackend(Backend):
             self.res.output_bytes += len(o.data)
             if self.keep:
                 self.res.outputs[o.rid] = out
-            r.finish(now)
-            self.on_end(r)
-            self.core.notify(r, out)
+            self.core.complete(r, now, out)
         return changed
 
     def _lost_outputs(self, dead: set[int], now: float) -> None:
-        """Requests set aside whose encoding worker died: their output is gone with it; they run
+        """Finishing requests whose encoding worker died: their output is gone with it; they run
         again from their checkpoints (or the start)."""
         for rid, rank in list(self.awaiting.items()):
             if rank in dead:
                 del self.awaiting[rid]
-                r = self.core.by_id[rid]
-                self._roll_back(r, now)
-                self.core.queue[rid] = r
-                self.core.notify(r)
+                self._roll_back(self.core.by_id[rid], now)
 
     def on_end(self, r: Request) -> None:
         self.awaiting.pop(r.id, None)  # a cancel while its output was being encoded

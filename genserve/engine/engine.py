@@ -113,7 +113,7 @@ class Engine:
             self.core.add(r)
         self.res.requests = list(requests)
         self.backend.timed_cancels = sorted((t, rid) for rid, t in (cancel_at or {}).items())
-        self.core.run(lambda: self._halt or self._drained())
+        self.core.run(lambda: self._halt or self.core.drained())
         return self.res
 
     def serve(self, stop) -> EngineResult:
@@ -122,11 +122,6 @@ class Engine:
         incoming, cancels = self.backend.incoming, self.backend.cancels
         self._new_core(keep=False)
         self.backend.incoming, self.backend.cancels = incoming, cancels
-        self.core.run(lambda: self._halt or (stop.is_set() and self._drained()
+        self.core.run(lambda: self._halt or (stop.is_set() and self.core.drained()
                                             and self.backend.incoming.empty()))
         return self.res
-
-    def _drained(self) -> bool:
-        """Every request known has ended, also those off the GPUs awaiting their encoded output
-        (the core does not see them: they are in no queue and no quantum)."""
-        return self.core.drained() and not self.backend.awaiting
