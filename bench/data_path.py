@@ -19,8 +19,9 @@ the prompt and for the negative prompt (CFG), 27.7 MB.  No 14B model is needed t
     Goal: < 5 ms.  Checkpoints are off, so only moves cross (or do not cross) the driver.  On a
     machine with fewer cores than workers a maximum also catches the driver descheduled: the
     median decision is printed beside it.
-(c) Bytes that cross the driver per finished 720p 81-frame video: see `TODO(issue 12 part 4)`
-    (bench/data_path_outputs.py measures the output part of it meanwhile).
+(c) Bytes that cross the driver per finished 720p 81-frame video: its output (decoded frames
+    before, the worker's MP4 now: bench/data_path_outputs.py's encoder path on a synthetic
+    scene), its moves, and its host checkpoints.
 
     python bench/data_path.py [--reps 5] [--steps 10]
 """
@@ -181,15 +182,24 @@ def loop_blocked(pool, lat, steps: int) -> None:
 
 
 # ----- (c) -----
-def driver_bytes_per_video() -> None:
-    # TODO(issue 12 part 4): bytes that cross the driver per finished 720p 81-frame video, now
-    # that outputs are encoded on the workers (its engineer fills this in; this bench does not
-    # touch the output path).  bench/data_path_outputs.py measures the output alone (raw frames
-    # 224 MB against the MP4); a whole video also sends its checkpoints (`want` blobs, one state
-    # every `checkpoint_every` steps) and any `Moved` from a host checkpoint through the driver,
-    # and, since this change, no move.
-    print("(c) bytes through the driver per finished 720p 81-frame video: TODO (issue 12 part 4; "
-          "outputs alone: bench/data_path_outputs.py)")
+def driver_bytes_per_video(fps: int = 16, checkpoint_every: int = 4) -> None:
+    """What crosses the driver for one finished 720p 81-frame Wan2.1-14B video of 50 steps: its
+    output (the MP4 now, the decoded frames before), its moves (none now; one state each before)
+    and its host checkpoints (one state every `checkpoint_every` steps, both ways: the driver's
+    one job).  The output goes through the worker's real encoder thread
+    (bench/data_path_outputs.py) with a synthetic smooth scene, so its size is indicative."""
+    from data_path_outputs import encoded_path, raw_path, scene
+
+    video = scene(F, H, W)
+    raw = raw_path(video)
+    framed, mp4, _ = encoded_path(video, fps)
+    state = SPEC.state_bytes(H, W, F)
+    steps = SPEC.steps
+    checkpoints = len([k for k in range(checkpoint_every, steps, checkpoint_every)])
+    print(f"(c) per finished {W}x{H}x{F} video ({steps} steps, a checkpoint every "
+          f"{checkpoint_every}): output {raw:,} B of frames before, {framed:,} B of MP4 now "
+          f"({raw / framed:.0f}x less); each move {state:,} B before, 0 now; "
+          f"checkpoints {checkpoints} x {state:,} = {checkpoints * state:,} B, unchanged")
 
 
 def main() -> int:
