@@ -1,20 +1,22 @@
-"""Spawned processes for the multi-process tests.
+"""Processes for the multi-process tests.
 
-`run_world(target, world, tmp_path, *args)`: a fresh world of `world` processes for one call;
-`target(rank, world, init_method, *args, out_queue)` must put `(rank, result)` on the queue.
+`run_world(target, world, tmp_path, *args)`: a fresh world of `world` spawned processes for one
+call; `target(rank, world, init_method, *args, out_queue)` must put `(rank, result)` on the queue.
 
 `WorldPool`: processes started once and reused by many calls (the `world_pool` session fixture in
 conftest.py).  Spawning a process that imports torch and diffusers costs several CPU-seconds, far
 more than the tiny-model work the tests then do, so the tests share these; and they are forked
-from a fork server that imported those modules once (`preload`), rather than each importing them
-again (nothing else runs in the fork server: no threads of torch's own have started, no model
-was built).  Each call gets a fresh
-world all the same: `pool.run(target, world, *args)` runs `target(rank, world, init_method, *args)`
-on ranks 0..world-1 with a new rendezvous, and returns `{rank: what target returned}`.  A target
-that uses torch.distributed initialises the default group from `init_method` and destroys it
-before returning, as it would in a process of its own.  A call whose rank raises, dies or times
-out fails with the rank's traceback, and the pool is torn down (ranks still blocked in a
-collective cannot be trusted again); the next call spawns new processes.
+from a fork server that imported those modules once (`PRELOAD`) rather than each importing them
+again (the fork server only imports: it builds no model and runs no torch op).  Each call gets a
+fresh world all the same: `pool.run(target, world, *args)` runs
+`target(rank, world, init_method, *args)` on ranks 0..world-1 with a new rendezvous and returns
+`{rank: what target returned}`.  A target that uses torch.distributed initialises the default
+group from `init_method` and destroys it before returning, as it would in a process of its own.
+A call whose rank raises, dies or times out fails with the rank's traceback (and the pool
+processes' output), and the pool is torn down (ranks still blocked in a collective cannot be
+trusted again); the next call starts new processes.
+
+`forked_worker_pools()`: genserve WorkerPools made inside fork their workers from the same server.
 """
 
 from __future__ import annotations
