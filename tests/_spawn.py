@@ -256,19 +256,6 @@ class WorldPool:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-class _ForkServerContexts:
-    """multiprocessing as genserve.parallel.workers sees it inside `forked_worker_pools`."""
-
-    def __init__(self, real):
-        self._real = real
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def get_context(self, method=None):
-        return self._real.get_context("forkserver" if method in (None, "spawn") else method)
-
-
 @contextlib.contextmanager
 def forked_worker_pools():
     """genserve `WorkerPool`s made inside start their workers from the fork server above (torch,
@@ -277,12 +264,11 @@ def forked_worker_pools():
     arguments; what differs from spawn: they see the environment of the fork server's start, not
     os.environ at the pool's start, and modules come pre-imported.  Keep some tests on spawn (the
     production path): test_workers does."""
-    import genserve.parallel.workers as workers
+    from genserve.parallel.workers import WorkerPool
 
     start_fork_server()
-    real = workers.mp
-    workers.mp = _ForkServerContexts(real)
+    WorkerPool.start_method = "forkserver"
     try:
         yield
     finally:
-        workers.mp = real
+        WorkerPool.start_method = "spawn"

@@ -19,6 +19,11 @@ from genserve.workload import WorkloadConfig, generate  # noqa: E402
 MIX = "tiny-t2i@64x64=3,tiny-t2v@32x32x9=1"
 
 
+# Workers fork from the tests' fork server (tests/_spawn.py); test_engine_acceptance and the
+# serve processes of test_server_drain keep the production spawn path covered.
+pytestmark = pytest.mark.usefixtures("forked_worker_pools")
+
+
 @pytest.fixture(scope="module")
 def latency(tmp_path_factory):
     out = tmp_path_factory.mktemp("prof")
@@ -28,7 +33,7 @@ def latency(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pool():
+def pool(forked_worker_pools):
     with WorkerPool(("tiny-t2i", "tiny-t2v"), 2) as p:
         yield p
 

@@ -39,8 +39,13 @@ FAULTS = {
 }
 
 
+# Workers fork from the tests' fork server (tests/_spawn.py); test_engine_acceptance and the
+# serve processes of test_server_drain keep the production spawn path covered.
+pytestmark = pytest.mark.usefixtures("forked_worker_pools")
+
+
 @pytest.fixture(scope="module")
-def pool():
+def pool(forked_worker_pools):
     with WorkerPool(PRESETS, 4, faults=FAULTS, collective_timeout_s=20) as p:
         yield p
 

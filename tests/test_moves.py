@@ -49,6 +49,11 @@ FAULTS = {"mv-stall": {"kind": "stall_send", "step": "send", "seconds": STALL_S}
 
 # ----- without workers -----
 
+# Workers fork from the tests' fork server (tests/_spawn.py); test_engine_acceptance and the
+# serve processes of test_server_drain keep the production spawn path covered.
+pytestmark = pytest.mark.usefixtures("forked_worker_pools")
+
+
 def test_the_move_messages_are_frozen_values_and_send_state_is_a_control_message():
     for msg in (SendState("r", 2, 7, "world3/"), Incoming("r", 1, 7), Held("r", 1)):
         assert pickle.loads(pickle.dumps(msg)) == msg
@@ -210,7 +215,7 @@ def test_the_pool_names_the_current_world_in_a_send_state():
 # ----- on workers -----
 
 @pytest.fixture(scope="module")
-def pool():
+def pool(forked_worker_pools):
     with WorkerPool(("tiny-t2v",), 4, faults=FAULTS, collective_timeout_s=20) as p:
         yield p
 

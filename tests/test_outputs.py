@@ -42,6 +42,11 @@ FMT = OutputFormat(fps=8)
 
 
 # ----- the encoder thread alone -----
+# Workers fork from the tests' fork server (tests/_spawn.py); test_engine_acceptance and the
+# serve processes of test_server_drain keep the production spawn path covered.
+pytestmark = pytest.mark.usefixtures("forked_worker_pools")
+
+
 def test_the_encoder_thread_sends_files_and_errors_as_outputs():
     from genserve.parallel.worker_main import Encoder
 
@@ -66,7 +71,7 @@ def test_the_encoder_thread_sends_files_and_errors_as_outputs():
 
 # ----- through the engine -----
 @pytest.fixture(scope="module")
-def pool():
+def pool(forked_worker_pools):
     with WorkerPool(PRESETS, 2, faults=FAULTS, collective_timeout_s=20) as p:
         yield p
 

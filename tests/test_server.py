@@ -47,7 +47,10 @@ from genserve.server.schemas import ImageBody, VideoBody, parse, to_spec
 from genserve.server.service import ApiError
 
 # The openai client marks the Sora (videos) API deprecated.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# Workers fork from the tests' fork server (tests/_spawn.py); test_engine_acceptance and the
+# serve processes of test_server_drain keep the production spawn path covered.
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("forked_worker_pools")]
 
 PRESETS = ("tiny-t2i", "tiny-t2v")
 FINAL = ("completed", "failed")
@@ -94,7 +97,7 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(forked_worker_pools, tmp_path_factory):
     with LiveServer(ServeConfig(workers=2, results_dir=str(tmp_path_factory.mktemp("res")))) as s:
         yield s
 
@@ -822,7 +825,7 @@ def test_http_requests_never_500(http, data):
 
 # ----------------------------------------------------------------------------- API keys
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory):
+def keyed(forked_worker_pools, tmp_path_factory):
     cfg = ServeConfig(workers=1, api_keys=("k1", "k2"),
                       results_dir=str(tmp_path_factory.mktemp("keyed")))
     with TestClient(create_app(cfg)) as c:

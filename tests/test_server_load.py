@@ -27,6 +27,11 @@ MAX_WAITING_IMAGES, MAX_WAITING_VIDEOS = 50, 10
 FINAL = ("completed", "failed")
 
 
+# Workers fork from the tests' fork server (tests/_spawn.py); test_engine_acceptance and the
+# serve processes of test_server_drain keep the production spawn path covered.
+pytestmark = pytest.mark.usefixtures("forked_worker_pools")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,7 +39,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(forked_worker_pools, tmp_path_factory):
     cfg = ServeConfig(workers=2, results_dir=str(tmp_path_factory.mktemp("load")),
                       max_waiting_images=MAX_WAITING_IMAGES,
                       max_waiting_videos=MAX_WAITING_VIDEOS)

@@ -18,8 +18,13 @@ from genserve.parallel.workers import WorkerError, WorkerLost, WorkerPool  # noq
 SHAPE = dict(height=32, width=48, frames=9)  # 18 tokens: padding at degree 4
 
 
+# Workers fork from the tests' fork server (tests/_spawn.py); test_engine_acceptance and the
+# serve processes of test_server_drain keep the production spawn path covered.
+pytestmark = pytest.mark.usefixtures("forked_worker_pools")
+
+
 @pytest.fixture(scope="module")
-def pool():
+def pool(forked_worker_pools):
     with WorkerPool("tiny-t2v", 4, collective_timeout_s=20) as p:
         yield p
 

@@ -350,6 +350,10 @@ class PoolBase:
 class WorkerPool(PoolBase):
     """`n` worker processes on this machine serving one or more presets; jobs run on any subset."""
 
+    # How worker processes start: "spawn" (a fresh interpreter each), or "forkserver" (forked
+    # from a server that imported torch & co. once; the tests use it, see tests/_spawn.py).
+    start_method: str = "spawn"
+
     def __init__(self, preset: str | tuple[str, ...], n: int, model_path: str | None = None,
                  device: str = "cpu", collective_timeout_s: float = 60.0,
                  start_timeout_s: float = 300.0, poll_s: float = 0.2,
@@ -359,7 +363,7 @@ class WorkerPool(PoolBase):
         `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory."""
         self._setup(preset, n, poll_s, model_path, device, collective_timeout_s, faults,
                     min_free_bytes)
-        self._ctx = mp.get_context("spawn")
+        self._ctx = mp.get_context(self.start_method)
         self._open_store("127.0.0.1")
         self._inboxes: list = [None] * n
         self._ctls: list = [None] * n
