@@ -178,8 +178,6 @@ class ExecutorCore:
         if r.id in self.by_id:
             raise ValueError(f"request id {r.id!r} is already in the engine")
         self.by_id[r.id] = r
-        if self.keep:
-            self.res.requests.append(r)
         heapq.heappush(self.arrivals, (r.arrival, r.id))
 
     def notify(self, r: Request, output=None) -> None:
