@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 from genserve.models import GenRequest, load_preset  # noqa: E402
 from genserve.request import Kind  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 # Short enough for the tiny presets' 32-token, character-level T5 tokenizer (no truncation).
 PROMPT = "a fox in the snow"
@@ -59,10 +60,10 @@ SMALL_T2I, LARGE_T2I = (64, 64, 1), (128, 128, 1)
 SMALL_T2V, LARGE_T2V = (32, 32, 9), (256, 256, 17)
 
 
-def _request(h: int, w: int, frames: int, steps: int, guidance: float, rid: str = "r0",
-             seed: int = 0) -> GenRequest:
-    return GenRequest(id=rid, prompt=PROMPT, height=h, width=w, frames=frames, steps=steps,
-                      guidance=guidance, seed=seed)
+def _request(adapter, h: int, w: int, frames: int, steps: int, guidance: float,
+             rid: str = "r0", seed: int = 0) -> GenRequest:
+    return GenRequest(rid, GenSpec(adapter.name, h, w, frames=frames, steps=steps,
+                                   guidance=guidance, seed=seed, prompt=PROMPT))
 
 
 def _bare_run(adapter, h: int, w: int, frames: int, steps: int, guidance: float):
@@ -82,7 +83,7 @@ def _bare_run(adapter, h: int, w: int, frames: int, steps: int, guidance: float)
 
 def _adapter_run(adapter, h: int, w: int, frames: int, steps: int, guidance: float):
     """The adapter: prepare (which encodes) + `steps` single-state step() calls, no decode."""
-    req = _request(h, w, frames, steps, guidance)
+    req = _request(adapter, h, w, frames, steps, guidance)
 
     def run():
         (st,) = adapter.prepare([req])
@@ -93,7 +94,7 @@ def _adapter_run(adapter, h: int, w: int, frames: int, steps: int, guidance: flo
 
 def _direct_step_ms(adapter, h, w, frames, guidance, repeats) -> float:
     """Median of single adapter.step([state]) calls (after prepare), in ms."""
-    (st,) = adapter.prepare([_request(h, w, frames, repeats + 3, guidance)])
+    (st,) = adapter.prepare([_request(adapter, h, w, frames, repeats + 3, guidance)])
     adapter.step([st])  # warm-up; also leaves UniPC's first (lower-order) step behind
     ts = []
     while not st.done:
@@ -134,7 +135,8 @@ def batch_scaling(adapter, label: str, h: int, w: int, frames: int, repeats: int
                   sizes=(1, 2, 4, 8)) -> None:
     bmax, offset, warmup = max(sizes), 3, 2
     steps = offset * (bmax - 1) + (warmup + repeats) * len(sizes) + 2
-    reqs = [_request(h, w, frames, steps, 5.0, rid=f"r{i}", seed=i) for i in range(bmax)]
+    reqs = [_request(adapter, h, w, frames, steps, 5.0, rid=f"r{i}", seed=i)
+            for i in range(bmax)]
     states = adapter.prepare(reqs)
     for i, s in enumerate(states):  # state i starts at step offset*i
         for _ in range(offset * i):

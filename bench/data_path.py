@@ -50,6 +50,7 @@ from genserve.policies import Plan, Policy  # noqa: E402
 from genserve.policies.base import Assignment  # noqa: E402
 from genserve.profiler import profile_workers, write_profile  # noqa: E402
 from genserve.request import Kind, Request  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 PRESET = "tiny-t2v"
 SPEC = get_model("wan2.1-14b")
@@ -153,8 +154,9 @@ class TimedEngine(Engine):
 
 
 def videos(steps: int) -> list[Request]:
-    return [Request(id=f"b-vid{i}", model=PRESET, kind=Kind.VIDEO, height=32, width=32, frames=9,
-                    steps=steps, seed=i, prompt=f"video {i}", deadline=1e9) for i in range(2)]
+    return [Request(f"b-vid{i}", Kind.VIDEO,
+                    GenSpec(PRESET, 32, 32, frames=9, steps=steps, seed=i, prompt=f"video {i}"),
+                    deadline=1e9) for i in range(2)]
 
 
 def loop_blocked(pool, lat, steps: int) -> None:

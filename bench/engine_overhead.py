@@ -29,22 +29,22 @@ from genserve.parallel.workers import WorkerPool  # noqa: E402
 from genserve.policies import Policy, make_policy  # noqa: E402
 from genserve.profiler import profile_workers, write_profile  # noqa: E402
 from genserve.request import Kind, Request  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 
 def direct(pool: WorkerPool, req: GenRequest, per_job: int) -> float:
     """The video through bare `run` jobs of `per_job` steps; returns wall seconds."""
     t0 = time.perf_counter()
-    src, done = New(req.id, req), 0
-    while done < req.steps:
-        n = min(per_job, req.steps - done)
+    src, done = New(req.id, req.spec), 0
+    while done < req.spec.steps:
+        n = min(per_job, req.spec.steps - done)
         out = pool.wait(pool.submit((0,), Run("tiny-t2v", (src,), n)))
         done, src = out.steps[req.id], Resident(req.id)
     return time.perf_counter() - t0
 
 
 def through_engine(pool, lat, req: GenRequest, policy: str) -> float:
-    r = Request(req.id, "tiny-t2v", Kind.VIDEO, req.height, req.width, req.frames,
-                steps=req.steps, seed=req.seed, prompt=req.prompt, deadline=1e9)
+    r = Request(req.id, Kind.VIDEO, req.spec, deadline=1e9)
     t0 = time.perf_counter()
     Engine(make_policy(policy), pool, lat).run([r])
     return time.perf_counter() - t0
@@ -85,7 +85,9 @@ def main() -> int:
         rows = {"direct, 1 step per job": [], "engine genserve (1 step per quantum)": [],
                 "direct, all steps in one job": [], "engine fcfs (all steps in one quantum)": []}
         for rep in range(a.reps + 1):  # rep 0 warms up
-            req = GenRequest(f"v{rep}", "a fox in the snow", h, w, f, steps=a.steps, seed=rep)
+            req = GenRequest(f"v{rep}",
+                             GenSpec("tiny-t2v", h, w, frames=f, steps=a.steps, seed=rep,
+                                     prompt="a fox in the snow"))
             got = [direct(pool, req, 1), through_engine(pool, lat, req, "genserve"),
                    direct(pool, req, a.steps), through_engine(pool, lat, req, "fcfs")]
             if rep:
@@ -105,7 +107,8 @@ def main() -> int:
         reqs = []
         for i in range(a.active):
             m, k, hh, ww, ff = mix[i % 5 == 4]
-            r = Request(f"r{i}", m, k, hh, ww, ff, steps=8, seed=i, prompt="x", arrival=0.0)
+            r = Request(f"r{i}", k, GenSpec(m, hh, ww, frames=ff, steps=8, seed=i, prompt="x"),
+                        arrival=0.0)
             r.deadline = 60.0 + i * 0.1
             reqs.append(r)
         t0 = time.perf_counter()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from genserve.models.base import GenRequest  # noqa: E402
+from genserve.spec import GenRequest, GenSpec  # noqa: E402
 from genserve.models.families import SD3Adapter, WanAdapter  # noqa: E402
 
 PROFILES = Path(__file__).resolve().parents[1] / "genserve/data/profiles"
@@ -119,10 +119,12 @@ def main() -> int:
     blocks = {(r["model"], r["size"], r["batch"], r["sp"]): r["step_ms"]
               for r in json.loads(BLOCKS.read_text())["rows"]}
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    cases = [("sd3-medium", "512", sd3, GenRequest("a", "", 512, 512, 1, steps=1000), 333, 2048),
-             ("sd3-medium", "1024", sd3, GenRequest("b", "", 1024, 1024, 1, steps=1000), 333, 2048),
-             ("wan2.1-1.3b", "480p-81f", wan, GenRequest("c", "", 480, 832, 81, steps=1000), 512,
-              None)]
+    sd3_512, sd3_1024 = GenSpec("sd3-medium", 512, 512, steps=1000), GenSpec(
+        "sd3-medium", 1024, 1024, steps=1000)
+    wan_480p = GenSpec("wan2.1-1.3b", 480, 832, 81, steps=1000)
+    cases = [("sd3-medium", "512", sd3, GenRequest("a", sd3_512), 333, 2048),
+             ("sd3-medium", "1024", sd3, GenRequest("b", sd3_1024), 333, 2048),
+             ("wan2.1-1.3b", "480p-81f", wan, GenRequest("c", wan_480p), 512, None)]
     ad = None
     for model, size, build, req, text_len, pooled in cases:
         if build is not None:

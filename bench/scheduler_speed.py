@@ -23,6 +23,7 @@ from genserve.policies import Cluster, Plan, Policy, SchedulerState, make_policy
 from genserve.request import Request  # noqa: E402
 from genserve.sim import SimConfig, Simulator  # noqa: E402
 from genserve.workload import WorkloadConfig, default_mix, generate  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 
 def mean_gpu_seconds(lat: LatencyModel, share: float) -> float:
@@ -33,7 +34,8 @@ def mean_gpu_seconds(lat: LatencyModel, share: float) -> float:
     acc = 0.0
     for it in items:
         spec = get_model(it.model)
-        r = Request("x", it.model, spec.kind, it.height, it.width, it.frames, steps=spec.steps)
+        r = Request("x", spec.kind,
+                    GenSpec(it.model, it.height, it.width, frames=it.frames, steps=spec.steps))
         acc += it.weight / tot * lat.standalone(r, 1)
     return acc
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genserve.models import GenRequest  # noqa: E402
 from genserve.parallel.workers import WorkerPool  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 
 def main() -> int:
@@ -29,8 +30,9 @@ def main() -> int:
     a = ap.parse_args()
     h, w, f = (int(x) for x in a.size.split("x"))
     with WorkerPool("tiny-t2v", 4) as pool:
-        (s,) = pool.prepare([GenRequest("r", "a fox", steps=10_000, seed=1, height=h, width=w,
-                                        frames=f)])
+        (s,) = pool.prepare([GenRequest("r",
+                                        GenSpec("tiny-t2v", h, w, frames=f, steps=10_000, seed=1,
+                                                prompt="a fox"))])
         state_kb = len(s.to_bytes()) / 1e3
         print(f"tiny-t2v {a.size}, state {state_kb:.0f} kB, 4 CPU workers (gloo), "
               f"{a.steps} steps per call, median of {a.reps}")

@@ -159,16 +159,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
         raise ValueError(f"--model {a.model!r}: unknown preset; known: "
                          f"{', '.join(GENERATE_DEFAULTS)}")
     h, w, f, st = GENERATE_DEFAULTS[a.model]
-    from .models import GenRequest, ModelInputError, ModelLoadError, load_preset
+    from .models import GenRequest, GenSpec, ModelInputError, ModelLoadError, load_preset
     from .models.output import write_mp4, write_png
 
     def pick(v, default):
         return default if v is None else v
 
-    req = GenRequest(id="cli", prompt=a.prompt, height=pick(a.height, h), width=pick(a.width, w),
-                     frames=pick(a.frames, f), steps=pick(a.steps, st),
-                     guidance=pick(a.guidance, 3.5 if "flux" in a.model else 5.0),
-                     seed=a.seed)
+    req = GenRequest("cli", GenSpec(
+        a.model, pick(a.height, h), pick(a.width, w), frames=pick(a.frames, f),
+        steps=pick(a.steps, st), guidance=pick(a.guidance, 3.5 if "flux" in a.model else 5.0),
+        seed=a.seed, prompt=a.prompt))
     video = a.model in ("tiny-t2v", "wan2.1-1.3b", "wan2.1-14b")
     want = ".mp4" if video else ".png"
     if not a.out.lower().endswith(want):
@@ -181,10 +181,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     try:
-        with tqdm(total=req.steps, desc=f"{a.model} steps (SP {a.sp})", disable=a.quiet) as bar:
+        with tqdm(total=req.spec.steps, desc=f"{a.model} steps (SP {a.sp})",
+                  disable=a.quiet) as bar:
             if a.sp == 1:
                 adapter = load_preset(a.model, a.model_path, a.device)
-                adapter.validate(req)
+                adapter.validate(req.spec)
                 out = adapter.generate(req, progress=lambda i, n: bar.update(1))
             else:
                 out = _generate_sp(req, a, bar)

@@ -44,7 +44,7 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
     `adapters` (preset -> loaded adapter) skips loading, e.g. inside a worker."""
     import torch
 
-    from .models import GenRequest, load_preset
+    from .models import GenRequest, GenSpec, load_preset
     from .models.base import StepState
 
     def sync():
@@ -64,8 +64,9 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
         params = sum(p.numel() for p in adapter.transformer.parameters())
         for (w, h, f) in spec.sizes:
             label = size_label(w, h, f)
-            req = GenRequest("profile", "a photo of a fox in the snow", h, w, f, steps=1000,
-                             guidance=5.0 if spec.cfg else 3.5)
+            req = GenRequest("profile", GenSpec(name, h, w, f, steps=1000,
+                                                guidance=5.0 if spec.cfg else 3.5,
+                                                prompt="a photo of a fox in the snow"))
             enc = adapter.encode([req])
             meta["encode_ms"][name] = round(_median_ms(lambda: adapter.encode([req]), reps, sync), 4)
             (state,) = adapter.prepare([req], enc)
@@ -99,7 +100,7 @@ def profile_workers(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), re
     threads, same process layout and load as serving), plus the engine's fixed cost per quantum
     (`dispatch_ms`): a job that steps a resident state zero times, submitted and collected the
     way the engine does.  (This module does not start pools: a worker imports it to profile.)"""
-    from .models import GenRequest
+    from .spec import GenSpec
     from .parallel.protocol import New, Profile, Resident, Run
 
     # Every worker profiles at once, as under load (CPU workers share cores and memory
@@ -118,9 +119,9 @@ def profile_workers(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), re
             meta[key][k] = round(statistics.median(run[2][key][k] for run in runs), 4)
     spec = get_model(presets[0])
     w, h, f = spec.sizes[0]
-    req = GenRequest("dispatch-probe", "a fox", h, w, f, steps=1000)
-    pool.wait(pool.submit((0,), Run(presets[0], (New(req.id, req),), steps=1)))
-    probe = Run(presets[0], (Resident(req.id),), steps=0)
+    rid, gen = "dispatch-probe", GenSpec(presets[0], h, w, f, steps=1000, prompt="a fox")
+    pool.wait(pool.submit((0,), Run(presets[0], (New(rid, gen),), steps=1)))
+    probe = Run(presets[0], (Resident(rid),), steps=0)
     times = []
     for _ in range(max(20, 4 * reps)):
         t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def profile_workers(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), re
             pass
         pool.result(job)
         times.append((time.perf_counter() - t0) * 1e3)
-    pool.drop((0,), [req.id])
+    pool.drop((0,), [rid])
     meta["dispatch_ms"] = round(statistics.median(times[2:]), 4)
     meta["workers"] = pool.n
     return fwd, blk, meta

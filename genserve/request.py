@@ -12,8 +12,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .catalog import batch_key
 from .kinds import Kind
+from .spec import GenSpec
 
 
 class Status(enum.Enum):
@@ -39,18 +39,12 @@ class InvalidTransition(RuntimeError):
 
 @dataclass(eq=False)
 class Request:
-    """One generation request.  `deadline` is absolute (seconds on the engine's clock)."""
+    """One generation request: what to make (`spec`) and when it is due.  `deadline` is absolute
+    (seconds on the engine's clock)."""
 
     id: str
-    model: str
     kind: Kind
-    height: int
-    width: int
-    frames: int = 1
-    steps: int = 28
-    guidance: float = 5.0
-    seed: int = 0
-    prompt: str = ""
+    spec: GenSpec
     arrival: float = 0.0
     deadline: float = float("inf")
     steps_done: int = 0
@@ -69,7 +63,40 @@ class Request:
             self.kind = Kind(self.kind)
         if not self.history:
             self.history.append((self.arrival, self.status))
-        self._shape = batch_key(self.model, self.height, self.width, self.frames, self.guidance)
+        self._shape = self.spec.batch_key
+
+    # ----- the spec's fields, read by policies and the latency model -----
+    @property
+    def model(self) -> str:
+        return self.spec.model
+
+    @property
+    def height(self) -> int:
+        return self.spec.height
+
+    @property
+    def width(self) -> int:
+        return self.spec.width
+
+    @property
+    def frames(self) -> int:
+        return self.spec.frames
+
+    @property
+    def steps(self) -> int:
+        return self.spec.steps
+
+    @property
+    def guidance(self) -> float:
+        return self.spec.guidance
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    @property
+    def prompt(self) -> str:
+        return self.spec.prompt
 
     # ----- derived, read by policies -----
     @property
@@ -82,7 +109,7 @@ class Request:
 
     @property
     def shape(self) -> tuple:
-        """Requests with equal shape may share one batched step: `catalog.batch_key`, the key
+        """Requests with equal shape may share one batched step: the spec's batch key, the key
         the model adapters group states by (CFG on or off included)."""
         return self._shape
 
@@ -174,13 +201,19 @@ class Request:
                 "height": self.height, "width": self.width, "frames": self.frames,
                 "steps": self.steps, "guidance": self.guidance, "seed": self.seed,
                 "prompt": self.prompt, "arrival": self.arrival, "deadline": self.deadline,
-                "standalone": self.standalone}
+                "standalone": self.standalone,
+                **({"negative_prompt": self.spec.negative_prompt}
+                   if self.spec.negative_prompt else {})}
 
     @classmethod
     def from_trace(cls, d: dict[str, Any]) -> "Request":
-        known = {"id", "model", "kind", "height", "width", "frames", "steps", "guidance", "seed",
-                 "prompt", "arrival", "deadline", "standalone"}
         missing = {"id", "model", "kind", "height", "width", "arrival", "deadline"} - d.keys()
         if missing:
             raise ValueError(f"trace record lacks {sorted(missing)}: {d}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        spec = GenSpec(**{k: d[k] for k in _SPEC_KEYS if k in d})
+        return cls(id=d["id"], kind=d["kind"], spec=spec,
+                   **{k: d[k] for k in ("arrival", "deadline", "standalone") if k in d})
+
+
+_SPEC_KEYS = ("model", "height", "width", "frames", "steps", "guidance", "seed", "prompt",
+              "negative_prompt")

@@ -18,6 +18,7 @@ import numpy as np
 from .catalog import MODELS, get_model
 from .latency import LatencyModel
 from .request import Kind, Request
+from .spec import GenSpec
 
 ARRIVALS = ("poisson", "gamma")
 
@@ -142,10 +143,10 @@ def generate(cfg: WorkloadConfig, latency: LatencyModel, num_gpus: int) -> list[
     for i, (t, p, s) in enumerate(zip(times, picks, seeds)):
         it = items[p]
         spec = get_model(it.model)
-        r = Request(id=f"r{i:06d}", model=it.model, kind=spec.kind, height=it.height,
-                    width=it.width, frames=it.frames, steps=spec.steps,
-                    guidance=5.0 if spec.cfg else 3.5, seed=int(s),
-                    prompt=f"{it.label} #{i}", arrival=float(t))
+        r = Request(f"r{i:06d}", spec.kind,
+                    GenSpec(it.model, it.height, it.width, frames=it.frames, steps=spec.steps,
+                            guidance=5.0 if spec.cfg else 3.5, seed=int(s),
+                            prompt=f"{it.label} #{i}"), arrival=float(t))
         if it not in standalone_cache:
             k = standalone_sp(it.model, it.height, it.width, it.frames, latency, num_gpus)
             standalone_cache[it] = latency.standalone(r, k)

@@ -41,8 +41,7 @@ def pool(forked_worker_pools):
 def alone(r):
     torch.set_num_threads(1)
     ad = load_preset(r.model)
-    return ad.generate(GenRequest(r.id, r.prompt, r.height, r.width, r.frames, r.steps,
-                                  r.guidance, r.seed))
+    return ad.generate(GenRequest(r.id, r.spec))
 
 
 @pytest.mark.parametrize("policy", ["genserve", "fcfs"])

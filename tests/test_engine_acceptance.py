@@ -86,8 +86,7 @@ def test_mixed_trace_of_100_requests_finishes_with_outputs_equal_to_running_alon
     adapters = {m: load_preset(m) for m in PRESETS}
     worst = 0
     for r in reqs:
-        ref = adapters[r.model].generate(GenRequest(r.id, r.prompt, r.height, r.width, r.frames,
-                                                    r.steps, r.guidance, r.seed))
+        ref = adapters[r.model].generate(GenRequest(r.id, r.spec))
         got = res.outputs[r.id]
         assert got.shape == ref.shape, r.id
         diff = int(np.abs(got.astype(int) - ref.astype(int)).max())

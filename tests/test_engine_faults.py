@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from genserve.engine import Engine  # noqa: E402
 from genserve.latency import LatencyModel  # noqa: E402
-from genserve.models import GenRequest, load_preset  # noqa: E402
+from genserve.models import GenRequest, GenSpec, load_preset  # noqa: E402
 from genserve.parallel.workers import WorkerLost, WorkerPool  # noqa: E402
 from genserve.policies import Plan, Policy, make_policy  # noqa: E402
 from genserve.policies.base import Assignment  # noqa: E402
@@ -70,8 +70,7 @@ def alone(r: Request) -> np.ndarray:
     """Reference output: the request run start to finish in this process, alone."""
     torch.set_num_threads(1)
     ad = _ADAPTERS.get(r.model) or _ADAPTERS.setdefault(r.model, load_preset(r.model))
-    return ad.generate(GenRequest(r.id, r.prompt, r.height, r.width, r.frames, r.steps,
-                                  r.guidance, r.seed))
+    return ad.generate(GenRequest(r.id, r.spec))
 
 
 def assert_alone(res, r: Request) -> None:
@@ -81,16 +80,16 @@ def assert_alone(res, r: Request) -> None:
 
 
 def image(rid: str, arrival: float = 0.0, size: tuple[int, int] = (64, 64), steps: int = 8,
-          **kw) -> Request:
-    return Request(id=rid, model="tiny-t2i", kind=Kind.IMAGE, height=size[0], width=size[1],
-                   steps=steps, seed=zlib.crc32(rid.encode()) % 1000, prompt=f"image {rid}",
-                   arrival=arrival, **kw)
+          guidance: float = 5.0, **kw) -> Request:
+    spec = GenSpec("tiny-t2i", size[0], size[1], steps=steps, guidance=guidance,
+                   seed=zlib.crc32(rid.encode()) % 1000, prompt=f"image {rid}")
+    return Request(rid, Kind.IMAGE, spec, arrival=arrival, **kw)
 
 
 def video(rid: str, arrival: float = 0.0, steps: int = 30, frames: int = 9, **kw) -> Request:
-    return Request(id=rid, model="tiny-t2v", kind=Kind.VIDEO, height=32, width=32, frames=frames,
-                   steps=steps, seed=zlib.crc32(rid.encode()) % 1000, prompt=f"video {rid}",
-                   arrival=arrival, **kw)
+    spec = GenSpec("tiny-t2v", 32, 32, frames=frames, steps=steps,
+                   seed=zlib.crc32(rid.encode()) % 1000, prompt=f"video {rid}")
+    return Request(rid, Kind.VIDEO, spec, arrival=arrival, **kw)
 
 
 def statuses(r: Request) -> list[Status]:

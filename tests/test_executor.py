@@ -9,6 +9,7 @@ from genserve.latency import LatencyModel
 from genserve.executor.clock import VirtualClock
 from genserve.policies import make_policy
 from genserve.request import Kind, Request, Status
+from genserve.spec import GenSpec
 
 from test_executor_parity import PredictedPool
 
@@ -33,7 +34,7 @@ def _served(requests, cancels=()) -> list[Request]:
 
 
 def test_a_request_cancelled_in_the_turn_it_arrives_is_skipped_not_looked_up(latency):
-    r = Request("a", "sd3-medium", Kind.IMAGE, 512, 512, arrival=0.0, deadline=10.0)
+    r = Request("a", Kind.IMAGE, GenSpec("sd3-medium", 512, 512), arrival=0.0, deadline=10.0)
     seen = _served([r], cancels=["a"])
     assert r.status is Status.CANCELLED and seen[-1] is r
 
@@ -46,7 +47,7 @@ def test_a_batch_mixing_cfg_on_and_off_is_refused_and_never_planned(latency):
     from genserve.sim import Simulator
     from genserve.policies import Cluster
 
-    mk = [Request(f"r{i}", "sd3-medium", Kind.IMAGE, 512, 512, guidance=g, deadline=60.0)
+    mk = [Request(f"r{i}", Kind.IMAGE, GenSpec("sd3-medium", 512, 512, guidance=g), deadline=60.0)
           for i, g in enumerate((5.0, 1.0, 5.0, 1.0))]
     with pytest.raises(PlanError, match="shapes differ"):
         validate_assignment(Assignment((0,), ("r0", "r1"), 1), {0}, {r.id: r for r in mk},

@@ -57,7 +57,7 @@ class PredictedPool:
         for m in job.members:
             self.kinds.append(type(m).__name__)
             if isinstance(m, New):
-                self._step[m.rid], self._total[m.rid] = 0, m.request.steps
+                self._step[m.rid], self._total[m.rid] = 0, m.spec.steps
             else:
                 assert isinstance(m, (Resident, Held, Incoming, Moved))
             step = min(self._step[m.rid] + job.steps, self._total[m.rid])

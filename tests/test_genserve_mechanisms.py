@@ -8,6 +8,7 @@ from genserve.policies import Cluster, InFlight, SchedulerState, make_policy
 from genserve.policies.base import HELD_FOR_EARLIER, NOT_ADMITTED
 from genserve.request import Request, Status
 from genserve.sim import Simulator
+from genserve.spec import GenSpec
 
 LAT = LatencyModel()
 
@@ -15,14 +16,14 @@ LAT = LatencyModel()
 def video(rid: str, model: str = "wan2.1-14b", h: int = 480, w: int = 832, frames: int = 81,
           arrival: float = 0.0, deadline: float = 1e9) -> Request:
     spec = get_model(model)
-    return Request(id=rid, model=model, kind=spec.kind, height=h, width=w, frames=frames,
-                   steps=spec.steps, arrival=arrival, deadline=deadline)
+    return Request(rid, spec.kind, GenSpec(model, h, w, frames=frames, steps=spec.steps),
+                   arrival=arrival, deadline=deadline)
 
 
 def image(rid: str, arrival: float = 0.0, deadline: float = 1e9) -> Request:
     spec = get_model("sd3-medium")
-    return Request(id=rid, model="sd3-medium", kind=spec.kind, height=512, width=512,
-                   steps=spec.steps, arrival=arrival, deadline=deadline)
+    return Request(rid, spec.kind, GenSpec("sd3-medium", 512, 512, steps=spec.steps),
+                   arrival=arrival, deadline=deadline)
 
 
 def st(n: int, queue, now=0.0, free=None, inflight=(), running=()) -> SchedulerState:

@@ -7,6 +7,7 @@ import pytest
 from genserve.catalog import MODELS, get_model
 from genserve.latency import Bandwidth, CostEstimates, LatencyModel
 from genserve.request import Kind, Request
+from genserve.spec import GenSpec
 
 PROFILE_DIR = resources.files("genserve") / "data" / "profiles"
 
@@ -182,7 +183,7 @@ def test_nonpositive_bandwidth_rejected(intra, cross):
 
 
 def test_move_time_uses_bandwidth(latency):
-    r = Request(id="m", model="wan2.1-14b", kind=Kind.VIDEO, height=480, width=832, frames=81)
+    r = Request("m", Kind.VIDEO, GenSpec("wan2.1-14b", 480, 832, frames=81))
     nbytes = get_model("wan2.1-14b").state_bytes(480, 832, 81)
     assert latency.move_time(r, False) == pytest.approx(0.005 + nbytes / 450e9)
     assert latency.move_time(r, True) == pytest.approx(0.005 + nbytes / 50e9)
@@ -261,8 +262,7 @@ def test_profile_directory_values_are_used(tmp_path, latency):
 ])
 def test_standalone_is_encode_steps_decode(latency, model, h, w, f, sp):
     spec = get_model(model)
-    r = Request(id="s", model=model, kind=spec.kind, height=h, width=w, frames=f,
-                steps=spec.steps)
+    r = Request("s", spec.kind, GenSpec(model, h, w, frames=f, steps=spec.steps))
     step = latency.step_time(model, spec.tokens(h, w, f), 1, sp)
     rate = 0.040 if spec.kind is Kind.IMAGE else 0.060
     expected = (latency.costs.encode_s[model] + spec.steps * step + rate * h * w * f / 1e6)
@@ -273,7 +273,7 @@ def test_standalone_is_encode_steps_decode(latency, model, h, w, f, sp):
 def test_standalone_uses_custom_costs():
     costs = CostEstimates(encode_s={"sd3-medium": 1.0}, image_decode_s_per_mpix=10.0)
     lm = LatencyModel(costs=costs)
-    r = Request(id="s", model="sd3-medium", kind=Kind.IMAGE, height=1024, width=1024, steps=10)
+    r = Request("s", Kind.IMAGE, GenSpec("sd3-medium", 1024, 1024, steps=10))
     step = lm.step_time("sd3-medium", 4096, 1, 1)
     assert lm.standalone(r, 1) == pytest.approx(1.0 + 10 * step + 10.0 * 1024 * 1024 / 1e6)
     assert lm.encode_time("flux-dev") == costs.default_encode_s  # not in the custom dict

@@ -5,14 +5,15 @@ import pytest
 
 from genserve.metrics import summarize
 from genserve.request import Kind, Request
+from genserve.spec import GenSpec
 
 
 def req(i, kind="image", arrival=0.0, deadline=10.0, standalone=2.0, finish=None, end=None):
     """finish=t: FINISHED at t; end=('cancel'|'fail'|'reject'|'running'|'preempted'|None)."""
     model, h, w, f = (("sd3-medium", 512, 512, 1) if kind == "image"
                       else ("wan2.1-14b", 480, 832, 81))
-    r = Request(id=f"r{i}", model=model, kind=Kind(kind), height=h, width=w, frames=f, steps=2,
-                arrival=arrival, deadline=deadline, standalone=standalone)
+    r = Request(f"r{i}", Kind(kind), GenSpec(model, h, w, frames=f, steps=2), arrival=arrival,
+                deadline=deadline, standalone=standalone)
     if finish is not None:
         r.start(arrival, (0,))
         r.advance(2)

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 from genserve.models import (GenRequest, ModelInputError, ModelLoadError, StepState,  # noqa: E402
                              load_preset)
 from genserve.models.output import read_mp4, write_mp4, write_png  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 SHAPES = {"tiny-t2i": dict(height=64, width=64), "tiny-flux": dict(height=64, width=64),
           "tiny-t2v": dict(height=32, width=32, frames=9)}
@@ -31,8 +32,8 @@ def adapter(request):
 
 
 def req(adapter, rid="r", seed=3, prompt="a red cat", **kw):
-    return GenRequest(id=rid, prompt=prompt, steps=kw.pop("steps", STEPS), seed=seed,
-                      guidance=kw.pop("guidance", 5.0), **{**SHAPES[adapter.name], **kw})
+    kw = {"steps": STEPS, "guidance": 5.0, **SHAPES[adapter.name], **kw}
+    return GenRequest(rid, GenSpec(adapter.name, seed=seed, prompt=prompt, **kw))
 
 
 def run_all(adapter, state):
@@ -105,7 +106,7 @@ def test_batch_at_mixed_step_positions_matches_running_alone(adapter):
 
 def test_adapter_matches_the_pipelines_own_loop(adapter):
     """Same latents as diffusers' pipeline call (Wan: it runs CFG as two forwards, we batch)."""
-    r = req(adapter)
+    r = req(adapter).spec
     kw = dict(height=r.height, width=r.width, num_inference_steps=r.steps,
               guidance_scale=r.guidance, output_type="latent", max_sequence_length=32,
               generator=torch.Generator().manual_seed(r.seed))
@@ -113,7 +114,7 @@ def test_adapter_matches_the_pipelines_own_loop(adapter):
         theirs = adapter.pipe(r.prompt, num_frames=r.frames, **kw).frames
     else:
         theirs = adapter.pipe(r.prompt, **kw).images
-    ours = run_all(adapter, adapter.prepare([r])[0]).latents
+    ours = run_all(adapter, adapter.prepare([req(adapter)])[0]).latents
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
@@ -133,7 +134,7 @@ def test_the_policy_batches_on_the_key_the_adapter_groups_by(adapter, guidance):
 
     g = req(adapter, guidance=guidance)
     (state,) = adapter.prepare([g])
-    r = Request("r", adapter.name, adapter.kind, g.height, g.width, g.frames, guidance=guidance)
+    r = Request("r", adapter.kind, g.spec)
     assert r.shape == state.shape_key
     assert r.shape[-1] == state.cfg == (guidance > 1.0 and adapter.name != "tiny-flux")
 
@@ -232,6 +233,6 @@ def test_real_presets_load_a_local_diffusers_directory(preset, tmp_path):
     tiny.pipe.save_pretrained(tmp_path)
     real = load_local(preset, tmp_path, dtype=torch.float32)
     real.max_sequence_length = tiny.max_sequence_length  # the tiny T5 tokenizer holds 32 tokens
-    r = GenRequest(id="r", prompt="a cat", steps=3, seed=1, **SHAPES[name])
+    r = GenRequest("r", GenSpec(name, **SHAPES[name], steps=3, seed=1, prompt="a cat"))
     assert real.name == preset and type(real) is type(tiny)
     assert np.array_equal(real.generate(r), tiny.generate(r))

@@ -42,6 +42,7 @@ from genserve.policies import Plan, Policy  # noqa: E402
 from genserve.policies.base import Assignment  # noqa: E402
 from genserve.profiler import profile_workers, write_profile  # noqa: E402
 from genserve.request import Kind, Request, Status  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 STALL_S = 6.0
 FAULTS = {"mv-stall": {"kind": "stall_send", "step": "send", "seconds": STALL_S}}
@@ -143,8 +144,7 @@ class FakePool:
 
 
 def _paused(gpus) -> Request:
-    r = Request(id="v", model="tiny-t2v", kind=Kind.VIDEO, height=32, width=32, frames=9,
-                steps=12, prompt="p")
+    r = Request("v", Kind.VIDEO, GenSpec("tiny-t2v", 32, 32, frames=9, steps=12, prompt="p"))
     r.start(0.0, gpus)
     r.advance(4)
     r.preempt(0.1)
@@ -231,8 +231,9 @@ def latency(pool, tmp_path_factory):
 
 
 def video(rid: str, steps: int = 12) -> Request:
-    return Request(id=rid, model="tiny-t2v", kind=Kind.VIDEO, height=32, width=32, frames=9,
-                   steps=steps, seed=zlib.crc32(rid.encode()) % 1000, prompt=f"video {rid}")
+    return Request(rid, Kind.VIDEO,
+                   GenSpec("tiny-t2v", 32, 32, frames=9, steps=steps,
+                           seed=zlib.crc32(rid.encode()) % 1000, prompt=f"video {rid}"))
 
 
 _ADAPTER: list = []
@@ -242,8 +243,7 @@ def alone(r: Request) -> np.ndarray:
     torch.set_num_threads(1)
     if not _ADAPTER:
         _ADAPTER.append(load_preset("tiny-t2v"))
-    return _ADAPTER[0].generate(GenRequest(r.id, r.prompt, r.height, r.width, r.frames, r.steps,
-                                           r.guidance, r.seed))
+    return _ADAPTER[0].generate(GenRequest(r.id, r.spec))
 
 
 class Route(Policy):
@@ -405,12 +405,12 @@ def test_a_worker_whose_world_was_abandoned_answers_moves_lost_at_once():
         time.sleep(0.5)
         assert abandon(store, "x1/")  # worker 1 never came
         assert outbox.get(timeout=120) == Ready(0)
-        g = GenRequest("a", "a fox", height=32, width=32, frames=9, steps=3, seed=1)
+        g = GenSpec("tiny-t2v", 32, 32, frames=9, steps=3, seed=1, prompt="a fox")
         inbox.put(Task(1, (0,), Run("tiny-t2v", (New("a", g),), 1)))
         assert outbox.get(timeout=60).result.steps == {"a": 1}
         ctl.put(SendState("a", 1, 5, "x1/"))  # nowhere to send: dropped, nothing hangs
         t0 = time.monotonic()
-        c = GenRequest("c", "a hen", height=32, width=32, frames=9, steps=3, seed=2)
+        c = GenSpec("tiny-t2v", 32, 32, frames=9, steps=3, seed=2, prompt="a hen")
         inbox.put(Task(2, (0,), Run("tiny-t2v", (Incoming("b", 1, 6), New("c", c)), 1)))
         done = outbox.get(timeout=60)
         assert time.monotonic() - t0 < 10

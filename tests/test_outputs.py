@@ -30,6 +30,7 @@ from genserve.policies import Plan, Policy  # noqa: E402
 from genserve.policies.base import Assignment  # noqa: E402
 from genserve.profiler import profile_workers, write_profile  # noqa: E402
 from genserve.request import Kind, Request, Status  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 PRESETS = ("tiny-t2i", "tiny-t2v")
 SLOW_S = 1.5
@@ -108,21 +109,22 @@ class Fifo(Policy):
 
 
 def image(rid: str, arrival: float = 0.0) -> Request:
-    return Request(id=rid, model="tiny-t2i", kind=Kind.IMAGE, height=64, width=64, steps=4,
-                   seed=zlib.crc32(rid.encode()) % 1000, prompt=f"image {rid}", arrival=arrival)
+    return Request(rid, Kind.IMAGE,
+                   GenSpec("tiny-t2i", 64, 64, steps=4, seed=zlib.crc32(rid.encode()) % 1000,
+                           prompt=f"image {rid}"), arrival=arrival)
 
 
 def video(rid: str, steps: int = 8, like: str | None = None) -> Request:
     """`like`: the same prompt and seed as the video of that id (the same output)."""
     key = like or rid
-    return Request(id=rid, model="tiny-t2v", kind=Kind.VIDEO, height=32, width=32, frames=9,
-                   steps=steps, seed=zlib.crc32(key.encode()) % 1000, prompt=f"video {key}")
+    return Request(rid, Kind.VIDEO,
+                   GenSpec("tiny-t2v", 32, 32, frames=9, steps=steps,
+                           seed=zlib.crc32(key.encode()) % 1000, prompt=f"video {key}"))
 
 
 def alone(r: Request) -> np.ndarray:
     torch.set_num_threads(1)
-    return load_preset(r.model).generate(GenRequest(r.id, r.prompt, r.height, r.width, r.frames,
-                                                    r.steps, r.guidance, r.seed))
+    return load_preset(r.model).generate(GenRequest(r.id, r.spec))
 
 
 def ended_once(r: Request, status: Status) -> bool:
@@ -207,7 +209,7 @@ def test_the_service_writes_the_workers_files_and_answers_images_from_memory(tmp
 
     svc = Service(ServeConfig(results_dir=str(tmp_path)))
     svc.engine = types.SimpleNamespace(cancel=lambda rid: None)  # what `_fail` calls
-    spec = JobSpec(Kind.IMAGE, "tiny-t2i", "p", 16, 16, 1, 4, 5.0, 0, n=2)
+    spec = JobSpec(Kind.IMAGE, GenSpec("tiny-t2i", 16, 16, 1, 4, 5.0, 0, prompt="p"), n=2)
     job = Job(id="img_mem", spec=spec, owner=None, created_at=time.time(),
               request_ids=["img_mem-0", "img_mem-1"], deadline=0.0)
     svc.jobs[job.id] = job
@@ -227,7 +229,7 @@ def test_the_service_writes_the_workers_files_and_answers_images_from_memory(tmp
     again = Service(ServeConfig(results_dir=str(tmp_path)))  # a restart: job.json is enough
     assert again.jobs[job.id].status == "completed" and again.jobs[job.id].files == job.files
 
-    vid = Job(id="video_wrong", spec=JobSpec(Kind.VIDEO, "tiny-t2v", "p", 16, 16, 5, 4, 5.0, 0),
+    vid = Job(id="video_wrong", spec=JobSpec(Kind.VIDEO, GenSpec("tiny-t2v", 16, 16, 5, 4, 5.0, 0, prompt="p")),
               owner=None, created_at=time.time(), request_ids=["video_wrong-0"], deadline=0.0)
     svc._write(vid, "video_wrong-0", pngs[0])
     assert vid.status == "failed" and vid.error["code"] == "output_error", vid.error

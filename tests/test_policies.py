@@ -23,6 +23,7 @@ from genserve.policies.common import finish_cost
 from genserve.request import Kind, Request, Status
 from genserve.sim import SimConfig, Simulator
 from genserve.workload import WorkloadConfig, generate
+from genserve.spec import GenSpec
 
 LAT = LatencyModel()  # shipped H200 profile; read-only apart from its query cache
 
@@ -32,8 +33,8 @@ def req(rid: str, model: str, height: int, width: int, frames: int = 1, *, arriv
         deadline: float | None = None, slo: float | None = None, sp: int = 1) -> Request:
     """A request with the model's step count; deadline absolute, or arrival + slo x standalone(sp)."""
     spec = get_model(model)
-    r = Request(id=rid, model=model, kind=spec.kind, height=height, width=width, frames=frames,
-                steps=spec.steps, arrival=arrival)
+    r = Request(rid, spec.kind, GenSpec(model, height, width, frames=frames, steps=spec.steps),
+                arrival=arrival)
     r.standalone = LAT.standalone(r, sp)
     if deadline is not None:
         r.deadline = deadline

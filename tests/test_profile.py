@@ -14,6 +14,7 @@ pytest.importorskip("torch")
 from genserve.cli import main  # noqa: E402
 from genserve.latency import LatencyModel  # noqa: E402
 from genserve.workload import default_mix  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_profile_on_workers_measures_the_dispatch_cost_the_simulator_charges(tmp
         def schedule(self, s):
             return Plan([Assignment((0,), (s.queue[0].id,), 3)])
 
-    r = Request("a", "tiny-t2i", Kind.IMAGE, 64, 64, steps=3)
+    r = Request("a", Kind.IMAGE, GenSpec("tiny-t2i", 64, 64, steps=3))
     Simulator(Cluster(1), lat, Once()).run([r])
     tokens = get_model("tiny-t2i").tokens(64, 64, 1)
     assert r.finish_time == pytest.approx(lat.dispatch_time() + lat.encode_time("tiny-t2i")

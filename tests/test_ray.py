@@ -33,6 +33,7 @@ from genserve.models import GenRequest, load_preset  # noqa: E402
 from genserve.policies import make_policy  # noqa: E402
 from genserve.profiler import profile_workers, write_profile  # noqa: E402
 from genserve.request import Kind, Request, Status  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 PRESETS = ("tiny-t2i", "tiny-t2v")
 VIDEO = dict(height=128, width=128, frames=17)
@@ -103,8 +104,8 @@ def test_serve_with_ray_answers_images_and_videos(cluster, tmp_path):
 def test_ranks_follow_nodes_and_sp_groups_inside_and_across_nodes_match_one_device(pool):
     assert pool.nodes == (0, 0, 1, 1)
     assert pool._node_ids[0] != pool._node_ids[2]
-    g = GenRequest("sp", "a fox", steps=6, seed=4, height=32, width=48, frames=9)
-    (s,) = pool.prepare([g], model="tiny-t2v")
+    g = GenRequest("sp", GenSpec("tiny-t2v", 32, 48, frames=9, steps=6, seed=4, prompt="a fox"))
+    (s,) = pool.prepare([g])
     for ranks in ((0, 1), (2, 3), (1, 2), (0,)):  # in node 0, in node 1, across both, alone
         (s,) = pool.steps(ranks, [s], 1 if ranks != (0,) else 3)
     assert s.done
@@ -119,14 +120,14 @@ def test_ranks_follow_nodes_and_sp_groups_inside_and_across_nodes_match_one_devi
 def _workload() -> list[Request]:
     reqs = []
     for i in range(4):  # one video per worker at t=0, so the lost node holds running videos
-        reqs.append(Request(id=f"vid{i}", model="tiny-t2v", kind=Kind.VIDEO, arrival=0.0,
-                            deadline=600.0, steps=40, prompt=f"a river {i}", seed=10 + i,
-                            **VIDEO))
+        reqs.append(Request(f"vid{i}", Kind.VIDEO,
+                            GenSpec("tiny-t2v", **VIDEO, steps=40, seed=10 + i,
+                                    prompt=f"a river {i}"), arrival=0.0, deadline=600.0))
     for i in range(12):
         t = 0.5 + 0.4 * i
-        reqs.append(Request(id=f"img{i}", model="tiny-t2i", kind=Kind.IMAGE, arrival=t,
-                            deadline=t + 60.0, steps=8, prompt=f"a fox {i}", seed=100 + i,
-                            **IMAGE))
+        reqs.append(Request(f"img{i}", Kind.IMAGE,
+                            GenSpec("tiny-t2i", **IMAGE, steps=8, seed=100 + i,
+                                    prompt=f"a fox {i}"), arrival=t, deadline=t + 60.0))
     return reqs
 
 
@@ -142,8 +143,7 @@ def _check_outputs(reqs, res) -> None:
     torch.set_num_threads(1)
     adapters = {m: load_preset(m) for m in PRESETS}
     for r in reqs:
-        ref = adapters[r.model].generate(GenRequest(r.id, r.prompt, r.height, r.width, r.frames,
-                                                    r.steps, r.guidance, r.seed))
+        ref = adapters[r.model].generate(GenRequest(r.id, r.spec))
         diff = int(np.abs(res.outputs[r.id].astype(int) - ref.astype(int)).max())
         assert diff <= 1, (r.id, diff)
 
@@ -161,8 +161,8 @@ def test_a_state_moves_worker_to_worker_across_nodes(pool, latency):
     the driver, the output exact."""
     from test_moves import Route, Watched
 
-    vid = Request(id="ray-move", model="tiny-t2v", kind=Kind.VIDEO, steps=9, prompt="a heron",
-                  seed=7, height=32, width=32, frames=9)
+    vid = Request("ray-move", Kind.VIDEO,
+                  GenSpec("tiny-t2v", 32, 32, frames=9, steps=9, seed=7, prompt="a heron"))
     watched = Watched(pool)
     res = Engine(Route({vid.id: [((0,), 3), ((2,), 3), ((1,), 99)]}), watched, latency).run([vid])
     _all_finished_once([vid])
@@ -192,8 +192,8 @@ def test_a_killed_actor_is_replaced_and_joins_a_new_world(pool, latency):
         assert time.monotonic() < deadline, "the replacement never came up"
         time.sleep(0.2)
     assert pool.alive() == [0, 1, 2, 3] and pool.nodes == (0, 0, 1, 1)
-    g = GenRequest("again", "a fox", steps=2, seed=4, height=32, width=48, frames=9)
-    (s,) = pool.prepare([g], rank=killed[0], model="tiny-t2v")
+    g = GenRequest("again", GenSpec("tiny-t2v", 32, 48, frames=9, steps=2, seed=4, prompt="a fox"))
+    (s,) = pool.prepare([g], rank=killed[0])
     (s,) = pool.steps((killed[0], 3 - killed[0]), [s], 2)  # with a worker of the other node
     assert s.done
     _check_outputs(reqs, res)
@@ -219,8 +219,9 @@ def test_a_replacement_that_dies_while_starting_is_asked_for_again(pool, caplog)
     assert pool.restarts == before + 1
     assert any("died while starting" in m for m in caplog.messages), caplog.messages
     assert pool.alive() == [0, 1, 2, 3] and pool.nodes == (0, 0, 1, 1)
-    g = GenRequest("again2", "a fox", steps=2, seed=4, height=32, width=48, frames=9)
-    (s,) = pool.prepare([g], rank=0, model="tiny-t2v")
+    g = GenRequest("again2",
+                   GenSpec("tiny-t2v", 32, 48, frames=9, steps=2, seed=4, prompt="a fox"))
+    (s,) = pool.prepare([g], rank=0)
     (s,) = pool.steps((0, 1, 2), [s], 2)  # the new actor in a group across both nodes
     assert s.done
 

@@ -18,6 +18,7 @@ import torch.distributed as dist  # noqa: E402
 from genserve.parallel.protocol import (Done, JobLost, MakeGroup, New, Noop, Ready,  # noqa: E402
                                         Rendezvous, Restart, Run, Shutdown, Task)
 from genserve.parallel.world import abandon  # noqa: E402
+from genserve.spec import GenSpec  # noqa: E402
 
 
 def _member(rank, members, init, timeout_s, q):
@@ -96,8 +97,6 @@ def _worker(init, members, inbox, ctl, outbox):
 
 
 def test_a_worker_whose_world_was_abandoned_runs_alone_and_answers_group_jobs_lost(store):
-    from genserve.models import GenRequest
-
     ctx = mp.get_context("spawn")
     inbox, ctl, outbox = ctx.Queue(), ctx.Queue(), ctx.Queue()
     # Worker 1 of its first world never comes (it died): the driver abandons the world.
@@ -108,7 +107,7 @@ def test_a_worker_whose_world_was_abandoned_runs_alone_and_answers_group_jobs_lo
         time.sleep(0.5)
         assert abandon(store, "a1/")
         assert outbox.get(timeout=120) == Ready(0)
-        g = GenRequest("x", "a fox", height=32, width=32, frames=1, steps=2, seed=1)
+        g = GenSpec("tiny-t2i", 32, 32, steps=2, seed=1, prompt="a fox")
         inbox.put(MakeGroup((0, 1)))  # sent to a world that never formed: skipped
         inbox.put(Task(2, (0, 1), Run("tiny-t2i", (New("x", g),), 1)))
         inbox.put(Task(3, (0,), Run("tiny-t2i", (New("x", g),), 2)))

@@ -4,13 +4,16 @@ import math
 import pytest
 
 from genserve.request import InvalidTransition, Kind, Request, Status
+from genserve.spec import GenSpec
 
 
 def make(**kw):
-    base = dict(id="r1", model="sd3-medium", kind=Kind.IMAGE, height=512, width=512, steps=4,
-                arrival=1.0, deadline=10.0)
+    """A request; keyword arguments name `GenSpec` or `Request` fields."""
+    spec = dict(model="sd3-medium", height=512, width=512, steps=4)
+    spec.update({k: kw.pop(k) for k in list(kw) if k in GenSpec.__dataclass_fields__})
+    base = dict(arrival=1.0, deadline=10.0)
     base.update(kw)
-    return Request(**base)
+    return Request(base.pop("id", "r1"), base.pop("kind", Kind.IMAGE), GenSpec(**spec), **base)
 
 
 def running(now=2.0, gpus=(0,), **kw):
@@ -381,7 +384,7 @@ def test_from_trace_optional_keys(optional):
 
 
 def test_rollback_returns_to_a_checkpoint_and_forgets_the_gpus():
-    r = Request("a", "sd3-medium", Kind.IMAGE, 512, 512, steps=10)
+    r = Request("a", Kind.IMAGE, GenSpec("sd3-medium", 512, 512, steps=10))
     r.start(1.0, (0, 1))
     r.advance(7)
     r.rollback(2.0, 4)
@@ -397,7 +400,7 @@ def test_rollback_returns_to_a_checkpoint_and_forgets_the_gpus():
 
 @pytest.mark.parametrize("bad", [-1, 6])
 def test_rollback_cannot_go_forward_or_below_zero(bad):
-    r = Request("a", "sd3-medium", Kind.IMAGE, 512, 512, steps=10)
+    r = Request("a", Kind.IMAGE, GenSpec("sd3-medium", 512, 512, steps=10))
     r.start(1.0, (0,))
     r.advance(5)
     with pytest.raises(InvalidTransition, match="roll back"):
@@ -405,7 +408,7 @@ def test_rollback_cannot_go_forward_or_below_zero(bad):
 
 
 def test_rollback_and_relocate_refuse_waiting_and_final_requests():
-    r = Request("a", "sd3-medium", Kind.IMAGE, 512, 512, steps=2)
+    r = Request("a", Kind.IMAGE, GenSpec("sd3-medium", 512, 512, steps=2))
     with pytest.raises(InvalidTransition):
         r.rollback(1.0, 0)
     with pytest.raises(InvalidTransition, match="relocated"):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from genserve.spec import GenRequest, GenSpec
+
 torch = pytest.importorskip("torch")
 
 # Token counts not divisible by 2 or 4, so padding is exercised:
@@ -17,11 +19,15 @@ SHAPES = {"tiny-t2v": dict(height=32, width=48, frames=9), "tiny-t2i": dict(heig
 STEPS = 6
 
 
+def _request(preset: str) -> GenRequest:
+    return GenRequest("r", GenSpec(preset, **SHAPES[preset], steps=STEPS, seed=5, prompt="a fox"))
+
+
 def _worker(rank, world, init, preset, schedules):
     import torch
     import torch.distributed as dist
 
-    from genserve.models import GenRequest, load_preset
+    from genserve.models import load_preset
     from genserve.parallel import GroupCache
     from genserve.parallel.sequence import install
 
@@ -36,7 +42,7 @@ def _worker(rank, world, init, preset, schedules):
         sp = install(ad.transformer)
         results = []
         for degrees in schedules:
-            (s,) = ad.prepare([GenRequest("r", "a fox", steps=STEPS, seed=5, **SHAPES[preset])])
+            (s,) = ad.prepare([_request(preset)])
             for k in degrees:
                 if k == 1:
                     group = None
@@ -55,13 +61,13 @@ def _worker(rank, world, init, preset, schedules):
 
 @pytest.mark.parametrize("preset", list(SHAPES))
 def test_sp_degrees_and_switching_match_sp1(preset, world_pool):
-    from genserve.models import GenRequest, load_preset
+    from genserve.models import load_preset
 
     schedules = [[2] * STEPS, [4] * STEPS, [1, 2, 4, 1, 4, 2]]
     job = world_pool.submit(_worker, 4, preset, schedules, label=f"SP world for {preset}")
     torch.set_num_threads(1)
     ad = load_preset(preset)  # the reference, while the world runs
-    (ref,) = ad.prepare([GenRequest("r", "a fox", steps=STEPS, seed=5, **SHAPES[preset])])
+    (ref,) = ad.prepare([_request(preset)])
     while not ref.done:
         ad.step([ref])
     res = world_pool.wait(job)
@@ -73,14 +79,14 @@ def test_sp_degrees_and_switching_match_sp1(preset, world_pool):
 
 @pytest.mark.parametrize("preset", list(SHAPES))
 def test_no_group_leaves_the_model_unchanged(preset):
-    from genserve.models import GenRequest, load_preset
+    from genserve.models import load_preset
     from genserve.parallel.sequence import install
 
     a, b = load_preset(preset), load_preset(preset)
     install(b.transformer)
     with pytest.raises(ValueError, match="already installed"):
         install(b.transformer)
-    r = GenRequest("r", "a fox", steps=3, seed=2, **SHAPES[preset])
+    r = GenRequest("r", GenSpec(preset, **SHAPES[preset], steps=3, seed=2, prompt="a fox"))
     sa, sb = a.prepare([r])[0], b.prepare([r])[0]
     while not sa.done:
         a.step([sa])

@@ -45,6 +45,7 @@ from genserve.server.app import create_app
 from genserve.server.config import ServeConfig
 from genserve.server.schemas import ImageBody, VideoBody, parse, to_spec
 from genserve.server.service import ApiError
+from genserve.spec import GenSpec
 
 # The openai client marks the Sora (videos) API deprecated.
 # Workers fork from the tests' fork server (tests/_spawn.py); test_engine_acceptance and the
@@ -324,11 +325,14 @@ def test_queue_position_while_workers_are_busy(http):
     try:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not positions:
-            # one GET per video is no snapshot: take the second of two passes that saw the same
-            # statuses (a status only moves forward, so none changed in between)
-            first, objs = ([http.get(f"/v1/videos/{i}").json() for i in ids] for _ in range(2))
+            # one GET per video is no snapshot: take the middle of three passes when the first
+            # and the last saw the same statuses (a status only moves forward, so none changed
+            # while the middle one read them; two passes are not enough: a video that started
+            # after its own read in the second pass was still counted ahead by the later ones)
+            first, objs, last = ([http.get(f"/v1/videos/{i}").json() for i in ids]
+                                 for _ in range(3))
             queued = [o for o in objs if o["status"] == "queued"]
-            if ([o["status"] for o in first] == [o["status"] for o in objs]
+            if ([o["status"] for o in first] == [o["status"] for o in last]
                     and queued and len(queued) < len(objs)):
                 positions = {o["id"]: o["queue_position"] for o in queued}
             time.sleep(0.02)
@@ -487,7 +491,7 @@ def test_sse_final_event_is_never_lost(tmp_path, monkeypatch):
 
     app = create_app(ServeConfig(results_dir=str(tmp_path)))  # not started: no engine needed
     svc = app.state.service
-    job = Job(id="video_race", spec=JobSpec(Kind.VIDEO, "tiny-t2v", "p", 32, 32, 9, 8, 5.0, 0),
+    job = Job(id="video_race", spec=JobSpec(Kind.VIDEO, GenSpec("tiny-t2v", 32, 32, 9, 8, 5.0, 0, prompt="p")),
               owner=None, created_at=time.time(), request_ids=["video_race-0"], deadline=0.0,
               status="in_progress")
     svc.jobs[job.id] = job
@@ -754,14 +758,15 @@ def test_schema_raises_only_api_errors(data):
             assert e.param in _FIELDS or e.param == "body", e.param
         return
     event("valid")
-    m = MODELS[spec.model]
-    assert spec.model in PRESETS and m.kind is kind is spec.kind
-    m.validate_shape(spec.height, spec.width, spec.frames, spec.steps)
-    assert 1 <= spec.n <= 4 and 1 <= len(spec.prompt) <= 2000
-    assert 0 <= spec.seed <= 2**31 - 1 and math.isfinite(spec.guidance)
+    gen = spec.gen
+    m = MODELS[gen.model]
+    assert gen.model in PRESETS and m.kind is kind is spec.kind
+    m.validate_shape(gen.height, gen.width, gen.frames, gen.steps)
+    assert 1 <= spec.n <= 4 and 1 <= len(gen.prompt) <= 2000
+    assert 0 <= gen.seed <= 2**31 - 1 and math.isfinite(gen.guidance)
     assert factor in (0.5, 1.0, 4.0)
     if kind is Kind.VIDEO:
-        assert spec.seconds == (f"{(spec.frames - 1) / 16:g}" if spec.frames > 1 else "0")
+        assert spec.seconds == (f"{(gen.frames - 1) / 16:g}" if gen.frames > 1 else "0")
 
 
 # Over HTTP: every example that validates runs for real, so valid shapes stay small.  A body is

@@ -19,6 +19,7 @@ from genserve.policies import (Assignment, Cluster, Plan, Policy, SchedulerState
 from genserve.request import Request, Status
 from genserve.sim import PlanError, SimConfig, Simulator
 from genserve.workload import WorkloadConfig, generate
+from genserve.spec import GenSpec
 
 LAT = LatencyModel()  # shipped H200 profile
 
@@ -31,8 +32,9 @@ GENSERVE_FAMILY = [n for n in policy_names() if n.startswith("genserve")]
 def req(rid: str, model: str, height: int, width: int, frames: int = 1, *, arrival: float = 0.0,
         deadline: float = float("inf"), steps: int | None = None) -> Request:
     spec = get_model(model)
-    return Request(id=rid, model=model, kind=spec.kind, height=height, width=width,
-                   frames=frames, steps=steps or spec.steps, arrival=arrival, deadline=deadline)
+    return Request(rid, spec.kind,
+                   GenSpec(model, height, width, frames=frames, steps=steps or spec.steps),
+                   arrival=arrival, deadline=deadline)
 
 
 def sd3(rid: str, size: int = 512, **kw) -> Request:

@@ -17,6 +17,7 @@ from genserve.policies.common import GpuPool
 from genserve.request import Request
 from genserve.sim import Simulator
 from genserve.workload import WorkloadConfig, generate
+from genserve.spec import GenSpec
 
 LAT = LatencyModel()
 C4x8 = Cluster(32, 8)
@@ -25,8 +26,8 @@ FRAGMENTED = (0, 1, 8, 9)  # 2 free GPUs on node 0, 2 on node 1, nodes 2-3 busy
 
 def req(rid: str, model: str, h: int, w: int, frames: int = 1, deadline: float = 1e9) -> Request:
     spec = get_model(model)
-    return Request(id=rid, model=model, kind=spec.kind, height=h, width=w, frames=frames,
-                   steps=spec.steps, arrival=0.0, deadline=deadline)
+    return Request(rid, spec.kind, GenSpec(model, h, w, frames=frames, steps=spec.steps),
+                   arrival=0.0, deadline=deadline)
 
 
 def needing(r: Request, k: int, lat: LatencyModel) -> Request:

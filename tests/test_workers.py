@@ -10,12 +10,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from genserve.models import GenRequest, load_preset  # noqa: E402
+from genserve.models import GenRequest, GenSpec, load_preset  # noqa: E402
 from genserve.models.base import StepState  # noqa: E402
 from genserve.parallel.protocol import Noop, Steps  # noqa: E402
 from genserve.parallel.workers import WorkerError, WorkerLost, WorkerPool  # noqa: E402
 
 SHAPE = dict(height=32, width=48, frames=9)  # 18 tokens: padding at degree 4
+
+
+def _request(rid: str, steps: int, seed: int, prompt: str) -> GenRequest:
+    return GenRequest(rid, GenSpec("tiny-t2v", **SHAPE, steps=steps, seed=seed, prompt=prompt))
 
 
 # Workers fork from the tests' fork server (tests/_spawn.py); test_engine_acceptance and the
@@ -32,14 +36,14 @@ def pool(forked_worker_pools):
 def reference(steps: int):
     torch.set_num_threads(1)
     ad = load_preset("tiny-t2v")
-    (s,) = ad.prepare([GenRequest("r", "a fox", steps=steps, seed=4, **SHAPE)])
+    (s,) = ad.prepare([_request("r", steps, 4, "a fox")])
     while not s.done:
         ad.step([s])
     return s.latents
 
 
 def test_degree_changes_on_changing_worker_sets_match_one_device(pool):
-    (s,) = pool.prepare([GenRequest("r", "a fox", steps=6, seed=4, **SHAPE)])
+    (s,) = pool.prepare([_request("r", 6, 4, "a fox")])
     for ranks, n in (((0,), 1), ((2, 3), 2), ((0, 1, 2, 3), 1), ((1,), 1), ((1, 2), 1)):
         (s,) = pool.steps(ranks, [s], n)  # 1 -> 2 -> 4 -> 1 -> 2 on different (unaligned) sets
     assert s.done
@@ -48,12 +52,14 @@ def test_degree_changes_on_changing_worker_sets_match_one_device(pool):
 
 
 def test_a_job_error_is_reported_and_the_worker_stays_up(pool):
-    (s,) = pool.prepare([GenRequest("r", "x", steps=1, seed=1, **SHAPE)])
+    (s,) = pool.prepare([_request("r", 1, 1, "x")])
     (s,) = pool.steps((0,), [s], 1)
     with pytest.raises(WorkerError, match="no step left"):
         pool.steps((0,), [s], 1)
     with pytest.raises(WorkerError, match="frames"):
-        pool.prepare([GenRequest("bad", "x", steps=2, seed=1, height=32, width=48, frames=10)])
+        pool.prepare([GenRequest("bad",
+                                 GenSpec("tiny-t2v", 32, 48, frames=10, steps=2, seed=1,
+                                         prompt="x"))])
     assert pool.alive() == [0, 1, 2, 3]
 
 
@@ -64,7 +70,7 @@ def test_bad_rank_sets_are_refused(pool):
 
 def test_killing_a_worker_mid_step_is_reported_quickly_and_others_stay_usable():
     with WorkerPool("tiny-t2v", 4, collective_timeout_s=10) as p:
-        (s,) = p.prepare([GenRequest("r", "a fox", steps=400, seed=4, **SHAPE)])
+        (s,) = p.prepare([_request("r", 400, 4, "a fox")])
         job = p.submit((2, 3), Steps((s.to_bytes(),), 400))
         time.sleep(1.0)
         os.kill(p.procs[3].pid, signal.SIGKILL)
@@ -99,7 +105,8 @@ def test_a_worker_killed_inside_a_large_result_is_lost_alone_and_quickly():
         assert time.monotonic() - t0 < 2
         assert p.dead() == [1]
         assert p.wait(job0, timeout_s=30) == bytes(other)
-        (s,) = p.prepare([GenRequest("r", "a fox", steps=2, seed=1, height=32, width=32)])
+        (s,) = p.prepare([GenRequest("r",
+                                     GenSpec("tiny-t2i", 32, 32, steps=2, seed=1, prompt="a fox"))])
         assert p.steps((0,), [s], 1)[0].step_index == 1
         p.replace([1])  # and the rank comes back
         assert p.wait(p.submit((1,), Noop(reply_bytes=5)), timeout_s=120) == bytes(5)
@@ -117,9 +124,10 @@ def test_a_second_death_while_the_world_re_forms_does_not_take_the_survivors_dow
     3 is replaced, and all four meet in the next one, instead of the survivors waiting for 3 until
     the collective timeout (300 s here) and dying in turn."""
     with WorkerPool("tiny-t2v", 4, collective_timeout_s=300) as p:
-        (s,) = p.prepare([GenRequest("r", "a fox", steps=6, seed=4, **SHAPE)])
-        (long,) = p.prepare([GenRequest("long", "a river", steps=3000, seed=4, height=128,
-                                        width=128, frames=17)])
+        (s,) = p.prepare([_request("r", 6, 4, "a fox")])
+        (long,) = p.prepare([GenRequest("long",
+                                        GenSpec("tiny-t2v", 128, 128, frames=17, steps=3000,
+                                                seed=4, prompt="a river"))])
         busy = p.submit((3,), Steps((long.to_bytes(),), 3000))  # about 15 s: 3 comes late
         time.sleep(0.5)
         _kill(p, 2)

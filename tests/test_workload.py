@@ -7,6 +7,7 @@ from genserve.catalog import ShapeError, get_model
 from genserve.request import Kind, Request
 from genserve.workload import (MixItem, WorkloadConfig, arrival_times, default_mix, generate,
                                load_trace, parse_mix, save_trace, standalone_sp)
+from genserve.spec import GenSpec
 
 
 # ----- arrivals -----
@@ -241,8 +242,7 @@ def test_trace_round_trip(tmp_path, latency):
 
 
 def test_trace_without_meta_and_with_blank_lines(tmp_path):
-    r = Request(id="a", model="sd3-medium", kind=Kind.IMAGE, height=512, width=512,
-                arrival=1.0, deadline=5.0)
+    r = Request("a", Kind.IMAGE, GenSpec("sd3-medium", 512, 512), arrival=1.0, deadline=5.0)
     p = tmp_path / "t.jsonl"
     p.write_text("\n" + json.dumps(r.to_trace()) + "\n\n")
     back, meta = load_trace(p)
@@ -255,8 +255,8 @@ def _write(p, lines):
 
 
 def _good(i="a"):
-    return json.dumps(Request(id=i, model="sd3-medium", kind=Kind.IMAGE, height=512, width=512,
-                              arrival=1.0, deadline=5.0).to_trace())
+    return json.dumps(Request(i, Kind.IMAGE, GenSpec("sd3-medium", 512, 512), arrival=1.0,
+                              deadline=5.0).to_trace())
 
 
 def test_load_trace_bad_json_names_file_and_line(tmp_path):

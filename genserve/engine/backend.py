@@ -30,7 +30,6 @@ import queue as queue_mod
 
 from ..executor import (Backend, Cancelled, Ended, Failed, Finishing, Outcome, Quantum,
                         RolledBack, Stepped)
-from ..models.base import GenRequest
 from ..models.output import Encoded
 from ..parallel.protocol import (Held, Incoming, JobError, JobLost, Moved, New, Output,
                                  OutputFormat, Resident, Run, RunResult)
@@ -133,9 +132,7 @@ class WorkerBackend(Backend):
             self._roll_back(r, now)
             if r.id in self.host:
                 return Moved(r.id, self.host[r.id][0])
-        return New(r.id, GenRequest(id=r.id, prompt=r.prompt, height=r.height, width=r.width,
-                                    frames=r.frames, steps=r.steps, guidance=r.guidance,
-                                    seed=r.seed))
+        return New(r.id, r.spec)
 
     def _from_holders(self, r: Request, gpus: tuple[int, ...]
                       ) -> Resident | Held | Incoming | Moved | None:

@@ -1,7 +1,8 @@
 """Models: diffusers pipelines split into encode / prepare / step / decode (needs torch)."""
 
-from .base import DiffusionAdapter, GenRequest, ModelInputError, ModelLoadError, StepState
+from ..spec import GenRequest, GenSpec
+from .base import DiffusionAdapter, ModelInputError, ModelLoadError, StepState
 from .presets import PRESETS, load_preset
 
-__all__ = ["DiffusionAdapter", "GenRequest", "ModelInputError", "ModelLoadError", "StepState",
-           "PRESETS", "load_preset"]
+__all__ = ["DiffusionAdapter", "GenRequest", "GenSpec", "ModelInputError", "ModelLoadError",
+           "StepState", "PRESETS", "load_preset"]

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..catalog import batch_key
-from ..request import Kind
+from ..kinds import Kind
+from ..spec import GenRequest, GenSpec
 
 
 class ModelInputError(ValueError):
@@ -36,21 +37,6 @@ class ModelInputError(ValueError):
 
 class ModelLoadError(RuntimeError):
     """A preset or checkpoint that cannot be loaded (unknown name, missing or unreadable path)."""
-
-
-@dataclass
-class GenRequest:
-    """What a model needs to generate one output."""
-
-    id: str
-    prompt: str
-    height: int
-    width: int
-    frames: int = 1
-    steps: int = 28
-    guidance: float = 5.0
-    seed: int = 0
-    negative_prompt: str = ""
 
 
 @dataclass
@@ -158,26 +144,28 @@ class DiffusionAdapter(ABC):
         self._emb_cache: tuple | None = None
 
     # ----- validation -----
-    def validate(self, req: GenRequest) -> None:
+    def validate(self, spec: GenSpec) -> None:
+        """`spec.model` is not checked: one spec runs on any adapter of its architecture (a
+        checkpoint or its tiny twin); the state's model is the adapter's name."""
         m = self.spatial_multiple
-        for name, v in (("height", req.height), ("width", req.width)):
+        for name, v in (("height", spec.height), ("width", spec.width)):
             if not isinstance(v, int) or isinstance(v, bool) or v < m or v % m:
                 raise ModelInputError(name, f"{v!r} must be a positive multiple of {m} for "
                                             f"{self.name}")
         if self.kind is Kind.IMAGE:
-            if req.frames != 1:
-                raise ModelInputError("frames", f"{req.frames!r}: {self.name} makes images "
+            if spec.frames != 1:
+                raise ModelInputError("frames", f"{spec.frames!r}: {self.name} makes images "
                                                 "(frames must be 1)")
-        elif (not isinstance(req.frames, int) or req.frames < 1
-              or (req.frames - 1) % self.temporal_factor):
-            raise ModelInputError("frames", f"{req.frames!r} must be of the form "
+        elif (not isinstance(spec.frames, int) or spec.frames < 1
+              or (spec.frames - 1) % self.temporal_factor):
+            raise ModelInputError("frames", f"{spec.frames!r} must be of the form "
                                             f"{self.temporal_factor}k+1 for {self.name}")
-        if not isinstance(req.steps, int) or isinstance(req.steps, bool) or req.steps < 1:
-            raise ModelInputError("steps", f"{req.steps!r} must be an integer >= 1")
-        if not isinstance(req.guidance, (int, float)) or not np.isfinite(req.guidance) or (
-                req.guidance < 0):
-            raise ModelInputError("guidance", f"{req.guidance!r} must be a finite number >= 0")
-        if not isinstance(req.prompt, str):
+        if not isinstance(spec.steps, int) or isinstance(spec.steps, bool) or spec.steps < 1:
+            raise ModelInputError("steps", f"{spec.steps!r} must be an integer >= 1")
+        if not isinstance(spec.guidance, (int, float)) or not np.isfinite(spec.guidance) or (
+                spec.guidance < 0):
+            raise ModelInputError("guidance", f"{spec.guidance!r} must be a finite number >= 0")
+        if not isinstance(spec.prompt, str):
             raise ModelInputError("prompt", "must be a string")
 
     # ----- phases -----
@@ -185,8 +173,8 @@ class DiffusionAdapter(ABC):
     def encode(self, reqs: list[GenRequest]) -> list[tuple[dict, dict | None]]:
         """Text encoders, once per request: (cond, uncond-or-None) embeddings."""
         for r in reqs:
-            self.validate(r)
-        return [self._encode(r) for r in reqs]
+            self.validate(r.spec)
+        return [self._encode(r.spec) for r in reqs]
 
     @torch.no_grad()
     def prepare(self, reqs: list[GenRequest],
@@ -195,13 +183,14 @@ class DiffusionAdapter(ABC):
         encoded = encoded if encoded is not None else self.encode(reqs)
         states = []
         for r, (cond, uncond) in zip(reqs, encoded):
-            gen = torch.Generator("cpu").manual_seed(int(r.seed))
-            latents = self._init_latents(r, gen)
+            s = r.spec
+            gen = torch.Generator("cpu").manual_seed(int(s.seed))
+            latents = self._init_latents(s, gen)
             sched = copy.deepcopy(self._scheduler_template)
-            self._set_timesteps(sched, r)
+            self._set_timesteps(sched, s)
             states.append(StepState(
-                request_id=r.id, model=self.name, height=r.height, width=r.width, frames=r.frames,
-                steps=r.steps, guidance=float(r.guidance), step_index=0, latents=latents,
+                request_id=r.id, model=self.name, height=s.height, width=s.width, frames=s.frames,
+                steps=s.steps, guidance=float(s.guidance), step_index=0, latents=latents,
                 cond=cond, uncond=uncond, scheduler_state={}, generator_state=gen.get_state(),
                 scheduler=sched))
         return states
@@ -289,13 +278,13 @@ class DiffusionAdapter(ABC):
 
     # ----- family hooks -----
     @abstractmethod
-    def _encode(self, r: GenRequest) -> tuple[dict, dict | None]: ...
+    def _encode(self, r: GenSpec) -> tuple[dict, dict | None]: ...
 
     @abstractmethod
-    def _init_latents(self, r: GenRequest, gen: torch.Generator) -> torch.Tensor: ...
+    def _init_latents(self, r: GenSpec, gen: torch.Generator) -> torch.Tensor: ...
 
     @abstractmethod
-    def _set_timesteps(self, sched, r: GenRequest) -> None: ...
+    def _set_timesteps(self, sched, r: GenSpec) -> None: ...
 
     @abstractmethod
     def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor,

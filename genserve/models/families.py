@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from ..catalog import uses_cfg
-from ..request import Kind
-from .base import DiffusionAdapter, GenRequest
+from ..kinds import Kind
+from ..spec import GenSpec
+from .base import DiffusionAdapter
 
 
 class SD3Adapter(DiffusionAdapter):
@@ -24,7 +25,7 @@ class SD3Adapter(DiffusionAdapter):
         super().__init__(pipe, name, device, max_sequence_length)
         self.spatial_multiple = pipe.vae_scale_factor * pipe.patch_size
 
-    def _encode(self, r: GenRequest):
+    def _encode(self, r: GenSpec):
         cfg = uses_cfg(self.name, r.guidance)
         pe, npe, pooled, npooled = self.pipe.encode_prompt(
             prompt=r.prompt, prompt_2=r.prompt, prompt_3=r.prompt, device=self.device,
@@ -35,11 +36,11 @@ class SD3Adapter(DiffusionAdapter):
         uncond = {"encoder_hidden_states": npe, "pooled_projections": npooled} if cfg else None
         return cond, uncond
 
-    def _init_latents(self, r: GenRequest, gen: torch.Generator) -> torch.Tensor:
+    def _init_latents(self, r: GenSpec, gen: torch.Generator) -> torch.Tensor:
         return self.pipe.prepare_latents(1, self.transformer.config.in_channels, r.height,
                                          r.width, torch.float32, self.device, gen)
 
-    def _set_timesteps(self, sched, r: GenRequest) -> None:
+    def _set_timesteps(self, sched, r: GenSpec) -> None:
         kwargs = {}
         if sched.config.get("use_dynamic_shifting", None):
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
@@ -74,18 +75,18 @@ class FluxAdapter(DiffusionAdapter):
         super().__init__(pipe, name, device, max_sequence_length)
         self.spatial_multiple = pipe.vae_scale_factor * 2
 
-    def _encode(self, r: GenRequest):
+    def _encode(self, r: GenSpec):
         pe, pooled, _ = self.pipe.encode_prompt(prompt=r.prompt, prompt_2=r.prompt,
                                                 device=self.device,
                                                 max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": pe, "pooled_projections": pooled}, None
 
-    def _init_latents(self, r: GenRequest, gen: torch.Generator) -> torch.Tensor:
+    def _init_latents(self, r: GenSpec, gen: torch.Generator) -> torch.Tensor:
         lat, _ = self.pipe.prepare_latents(1, self.transformer.config.in_channels // 4, r.height,
                                            r.width, torch.float32, self.device, gen)
         return lat
 
-    def _set_timesteps(self, sched, r: GenRequest) -> None:
+    def _set_timesteps(self, sched, r: GenSpec) -> None:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         seq = (r.height // self.spatial_multiple) * (r.width // self.spatial_multiple)
@@ -133,18 +134,18 @@ class WanAdapter(DiffusionAdapter):
         self.spatial_multiple = pipe.vae_scale_factor_spatial * patch
         self.temporal_factor = pipe.vae_scale_factor_temporal
 
-    def _encode(self, r: GenRequest):
+    def _encode(self, r: GenSpec):
         cfg = uses_cfg(self.name, r.guidance)
         pe, npe = self.pipe.encode_prompt(
             prompt=r.prompt, negative_prompt=r.negative_prompt, do_classifier_free_guidance=cfg,
             max_sequence_length=self.max_sequence_length, device=self.device)
         return {"encoder_hidden_states": pe}, ({"encoder_hidden_states": npe} if cfg else None)
 
-    def _init_latents(self, r: GenRequest, gen: torch.Generator) -> torch.Tensor:
+    def _init_latents(self, r: GenSpec, gen: torch.Generator) -> torch.Tensor:
         return self.pipe.prepare_latents(1, self.transformer.config.in_channels, r.height,
                                          r.width, r.frames, torch.float32, self.device, gen)
 
-    def _set_timesteps(self, sched, r: GenRequest) -> None:
+    def _set_timesteps(self, sched, r: GenSpec) -> None:
         sched.set_timesteps(r.steps, device=self.device)
         sched.set_begin_index(0)
 

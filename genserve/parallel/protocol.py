@@ -26,10 +26,9 @@ table is an error that names it.  No torch here: the driver and the policies imp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import Any, Callable, Union
 
-if TYPE_CHECKING:
-    from ..models.base import GenRequest
+from ..spec import GenRequest, GenSpec
 
 
 class UnknownMessage(TypeError):
@@ -70,10 +69,11 @@ class Rendezvous:
 # ----- the members of a run job: where each request's state comes from -----
 @message
 class New:
-    """A request that has no state yet: the worker encodes it (the driver never waits for it)."""
+    """A request that has no state yet: the worker encodes its spec (the driver never waits for
+    it)."""
 
     rid: str
-    request: GenRequest
+    spec: GenSpec
 
 
 @message

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.base import StepState
+from ..spec import GenRequest
 from .protocol import (Cancel, Decode, Done, Drop, Fetch, Fetched, JobError, JobLost, MakeGroup,
                        Moved, New, Noop, Output, OutputFormat, Prepare, Profile, Ready,
                        Rendezvous, Resident, Restart, Run, RunResult, Shutdown, StartFailed, Steps,
@@ -259,7 +260,7 @@ class Worker:
 
     def _new(self, m: New, job: Run, ranks, out: RunResult) -> StepState | None:
         try:  # encoded here, so the driver never waits for it
-            state = self._adapter(job.model).prepare([m.request])[0]
+            state = self._adapter(job.model).prepare([GenRequest(m.rid, m.spec)])[0]
         except Exception as e:  # noqa: BLE001 - bad input fails this request only
             out.failed[m.rid] = _reason(e)
             return None

@@ -292,11 +292,11 @@ class PoolBase:
                 self._send_ctl(r, Cancel(tuple(rids)))
 
     # ----- the simple API: states travel with every call -----
-    def prepare(self, reqs: list, rank: int = 0, model: str | None = None) -> list:
-        """`GenRequest`s -> their `StepState`s, encoded on worker `rank`."""
+    def prepare(self, reqs: list, rank: int = 0) -> list:
+        """`GenRequest`s (all of one model) -> their `StepState`s, encoded on worker `rank`."""
         from ..models.base import StepState
 
-        job = Prepare(model or self.presets[0], tuple(reqs))
+        job = Prepare(reqs[0].spec.model, tuple(reqs))
         return [StepState.from_bytes(b) for b in self.wait(self.submit((rank,), job))]
 
     def steps(self, ranks: tuple[int, ...], states: list, n: int = 1) -> list:

@@ -61,12 +61,12 @@ class _Waiters:
 
 
 def video_object(svc: Service, job: Job) -> dict:
-    s = job.spec
+    s = job.spec.gen
     out = {"id": job.id, "object": "video", "model": s.model, "status": job.status,
            "progress": job.progress, "created_at": int(job.created_at),
            "completed_at": int(job.completed_at) if job.completed_at else None,
            "expires_at": int(job.expires_at) if job.expires_at else None,
-           "size": f"{s.width}x{s.height}", "seconds": s.seconds or "0", "prompt": s.prompt,
+           "size": f"{s.width}x{s.height}", "seconds": job.spec.seconds or "0", "prompt": s.prompt,
            "error": job.error, "remixed_from_video_id": None,
            # genserve extras
            "steps_done": sum(job.steps_done.values()), "steps_total": s.steps * len(job.request_ids),

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..catalog import GENERATE_DEFAULTS, MODELS, ShapeError
 from ..request import Kind
+from ..spec import GenSpec
 from .service import ApiError, JobSpec
 
 MAX_SEED = 2**31 - 1
@@ -130,8 +131,7 @@ def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
         raise ApiError(400, msg, "invalid_request_error", param) from None
     guidance = body.guidance if body.guidance is not None else (3.5 if not spec.cfg else 5.0)
     slo_ms = body.slo_ms
-    return JobSpec(kind=kind, model=model, prompt=body.prompt, height=height, width=width,
-                   frames=frames, steps=steps, guidance=guidance,
-                   seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED),
-                   n=n, slo_ms=slo_ms,
-                   seconds=seconds), PRIORITY_SCALE[body.priority or "normal"]
+    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
+    gen = GenSpec(model, height, width, frames, steps, guidance, seed, prompt=body.prompt)
+    return (JobSpec(kind, gen, n=n, slo_ms=slo_ms, seconds=seconds),
+            PRIORITY_SCALE[body.priority or "normal"])

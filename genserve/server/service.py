@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..catalog import MODELS
@@ -30,6 +30,7 @@ from ..models.output import Encoded
 from ..parallel.protocol import OutputFormat
 from ..policies import make_policy
 from ..request import Kind, Request, Status
+from ..spec import GenSpec
 from ..workload import standalone_sp
 from .config import ServeConfig
 from .metrics import ServeMetrics
@@ -49,17 +50,11 @@ class ApiError(Exception):
 
 @dataclass
 class JobSpec:
-    """A validated request (see `schemas.py`)."""
+    """A validated request (see `schemas.py`): `n` outputs of `gen`, the i-th with seed
+    `gen.seed + i`."""
 
     kind: Kind
-    model: str
-    prompt: str
-    height: int
-    width: int
-    frames: int
-    steps: int
-    guidance: float
-    seed: int
+    gen: GenSpec
     n: int = 1
     slo_ms: float | None = None
     seconds: str | None = None
@@ -87,7 +82,7 @@ class Job:
 
     @property
     def progress(self) -> int:
-        total = self.spec.steps * len(self.request_ids)
+        total = self.spec.gen.steps * len(self.request_ids)
         if self.status == "completed":
             return 100
         return int(100 * sum(self.steps_done.values()) / total) if total else 0
@@ -192,21 +187,19 @@ class Service:
 
     # ----- jobs -----
     def submit(self, spec: JobSpec, owner: str | None, slo_factor: float = 1.0) -> Job:
+        gen = spec.gen
         if self.draining:
             raise ApiError(503, "the server is draining: not taking new requests", "draining",
                            headers={"Retry-After": "30"})
         if not self.healthy():
             raise ApiError(503, f"the engine is not running ({self.engine_error or 'stopped'})",
                            "engine_unavailable")
-        if spec.model not in self.cfg.presets:
-            raise ApiError(400, f"model {spec.model!r} is not served here; served: "
+        if gen.model not in self.cfg.presets:
+            raise ApiError(400, f"model {gen.model!r} is not served here; served: "
                                 f"{', '.join(self.cfg.presets)}", "model_not_found", "model")
-        spec_m = MODELS[spec.model]
-        k = standalone_sp(spec.model, spec.height, spec.width, spec.frames, self.latency,
+        k = standalone_sp(gen.model, gen.height, gen.width, gen.frames, self.latency,
                           self.cfg.workers)
-        probe = Request("probe", spec.model, spec_m.kind, spec.height, spec.width, spec.frames,
-                        steps=spec.steps)
-        alone = self.latency.standalone(probe, k)
+        alone = self.latency.standalone(Request("probe", spec.kind, gen), k)
         with self._lock:
             waiting = sum(1 for j in self.jobs.values()
                           if j.status == "queued" and j.spec.kind is spec.kind)
@@ -237,10 +230,8 @@ class Service:
             self.jobs[job.id] = job
             for i, rid in enumerate(job.request_ids):
                 self.metrics.submitted(spec.kind.value)
-                self.engine.submit(Request(
-                    rid, spec.model, spec_m.kind, spec.height, spec.width, spec.frames,
-                    steps=spec.steps, guidance=spec.guidance, seed=spec.seed + i,
-                    prompt=spec.prompt, arrival=now, deadline=now + slo, standalone=alone))
+                self.engine.submit(Request(rid, spec.kind, replace(gen, seed=gen.seed + i),
+                                           arrival=now, deadline=now + slo, standalone=alone))
         return job
 
     def get(self, job_id: str, owner: str | None) -> Job:
@@ -290,7 +281,7 @@ class Service:
         while it waits or shares GPUs); the completion time once it ended."""
         if job.final:
             return job.completed_at
-        s = job.spec
+        s = job.spec.gen
         step = self.latency.step_time(s.model, MODELS[s.model].tokens(s.height, s.width,
                                                                        s.frames))
         left = sum(s.steps - d for d in job.steps_done.values())
@@ -415,18 +406,20 @@ def _job_record(job: Job) -> dict:
     return {"id": job.id, "owner": job.owner, "created_at": job.created_at,
             "completed_at": job.completed_at, "expires_at": job.expires_at,
             "files": job.files, "request_ids": job.request_ids,
-            "spec": {"kind": s.kind.value, "model": s.model, "prompt": s.prompt,
-                     "height": s.height, "width": s.width, "frames": s.frames,
-                     "steps": s.steps, "guidance": s.guidance, "seed": s.seed, "n": s.n,
-                     "slo_ms": s.slo_ms, "seconds": s.seconds}}
+            "spec": {"kind": s.kind.value, **asdict(s.gen), "n": s.n, "slo_ms": s.slo_ms,
+                     "seconds": s.seconds}}
 
 
 def _job_from_record(rec: dict) -> Job:
-    spec = dict(rec["spec"])
-    spec["kind"] = Kind(spec["kind"])
-    job = Job(id=rec["id"], spec=JobSpec(**spec), owner=rec["owner"],
+    d = rec["spec"]
+    gen = GenSpec(**{k: d[k] for k in _GEN_FIELDS if k in d})
+    spec = JobSpec(Kind(d["kind"]), gen, n=d["n"], slo_ms=d["slo_ms"], seconds=d["seconds"])
+    job = Job(id=rec["id"], spec=spec, owner=rec["owner"],
               created_at=rec["created_at"], request_ids=rec["request_ids"], deadline=0.0,
               status="completed", completed_at=rec["completed_at"], files=rec["files"],
               expires_at=rec["expires_at"])
-    job.steps_done = {rid: job.spec.steps for rid in job.request_ids}
+    job.steps_done = {rid: gen.steps for rid in job.request_ids}
     return job
+
+
+_GEN_FIELDS = tuple(f.name for f in fields(GenSpec))
