@@ -313,7 +313,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
                       max_waiting_videos=a.max_waiting_videos, slo_scale=a.slo_scale,
                       infeasible=a.infeasible, api_keys=tuple(a.api_key or ()),
                       results_dir=a.results_dir, result_ttl_s=a.result_ttl,
-                      drain_timeout_s=a.drain_timeout)
+                      drain_timeout_s=a.drain_timeout, checkpoint_every=a.checkpoint_steps,
+                      worker_timeout_s=a.worker_timeout, max_body_bytes=a.max_body_bytes,
+                      max_upload_bytes=a.max_upload_bytes)
     cfg.validate()
     make_policy(cfg.policy)  # a bad policy is a one-line error now
     app = create_app(cfg)
@@ -489,6 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drain-linger", type=float, default=5.0,
                     help="after the drain, seconds results stay readable before exit (within "
                          "the drain timeout)")
+    sv.add_argument("--checkpoint-steps", type=int, default=4,
+                    help="every this many steps a request's state is saved to --results-dir, "
+                         "where a restarted server resumes it (0: never)")
+    sv.add_argument("--worker-timeout", type=float, default=None,
+                    help="seconds without a heartbeat or step progress before a worker is "
+                         "declared hung, killed and replaced (default: a few times the longest "
+                         "profiled step, at least 60)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                    help="largest JSON request body (larger: 413)")
+    sv.add_argument("--max-upload-bytes", type=int, default=64 << 20,
+                    help="largest uploaded file (larger: 413)")
     sv.add_argument("--log-level", default="warning",
                     choices=("critical", "error", "warning", "info", "debug", "trace"),
                     help="for the HTTP server's log and genserve's own (worker losses, Ray "

@@ -38,7 +38,15 @@ class ServeConfig:
     max_prompt_chars: int = 2000
     max_images: int = 4           # n per image request
     fps: int = 16                 # frames per second of the videos (Wan2.1: 16)
+    # Every this many steps a request's state is copied to the driver and written to
+    # results_dir, so a restarted server resumes it there (0: never).
     checkpoint_every: int = 4
+    # A worker silent (no heartbeat, or no step progress on a job) this long is declared lost,
+    # killed and replaced.  None: a few times the longest profiled step, at least 60 s.
+    worker_timeout_s: float | None = None
+    # Request bodies: JSON up to max_body_bytes, uploaded files up to max_upload_bytes (413).
+    max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20
     defaults: dict = field(default_factory=dict)  # model -> (height, width, frames, steps)
 
     def validate(self) -> None:
@@ -68,6 +76,11 @@ class ServeConfig:
             problems.append("max_prompt_chars, max_images and fps must be >= 1")
         if self.checkpoint_every < 0:
             problems.append(f"checkpoint_every={self.checkpoint_every}: must be >= 0")
+        if self.worker_timeout_s is not None and not self.worker_timeout_s > 0:
+            problems.append(f"worker_timeout_s={self.worker_timeout_s}: must be > 0")
+        if self.max_body_bytes < 1024 or self.max_upload_bytes < self.max_body_bytes:
+            problems.append(f"max_body_bytes={self.max_body_bytes} must be >= 1024 and "
+                            f"max_upload_bytes={self.max_upload_bytes} >= it")
         if any(not k for k in self.api_keys):
             problems.append("api keys must be non-empty")
         if problems:
