@@ -144,7 +144,12 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         who = owner(request)
         body = parse(schema, await body_of(request), svc.cfg.max_prompt_chars)
         spec, factor = to_spec(body, kind, svc.cfg.presets, svc.cfg.max_images, svc.cfg.fps)
-        return svc.submit(spec, who, factor), who
+        key = request.headers.get("idempotency-key")
+        if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
+            raise ApiError(400, "Idempotency-Key: 1 to 255 printable characters",
+                           "invalid_request_error", "Idempotency-Key")
+        # In a thread: the job is written to the store (and synced) before the answer.
+        return await asyncio.to_thread(svc.submit, spec, who, factor, key), who
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
