@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .catalog import GENERATE_DEFAULTS
@@ -322,23 +323,35 @@ def cmd_serve(a: argparse.Namespace) -> int:
     svc = app.state.service
 
     class DrainingServer(uvicorn.Server):
+        """SIGTERM or SIGINT: drain (503 to new requests, running work goes on) for up to the
+        drain timeout, answer whoever still waits (503 `server_shutdown`; the jobs stay in the
+        store for the next start), exit.  A second signal skips what is left of the drain.  The
+        process is gone by drain timeout + 5 s whatever hangs (`_exit_by`)."""
+
         def handle_exit(self, sig, frame) -> None:
-            if sig == signal.SIGTERM and not svc.draining and svc.started:
-                print(f"SIGTERM: draining (up to {cfg.drain_timeout_s:.0f} s); new requests "
-                      f"get 503", file=sys.stderr, flush=True)
+            name = signal.Signals(sig).name
+            if not svc.started:
+                return super().handle_exit(sig, frame)
+            if not svc.draining:
+                print(f"{name}: draining (up to {cfg.drain_timeout_s:g} s); new requests get "
+                      f"503", file=sys.stderr, flush=True)
+                t0 = time.monotonic()
+                _exit_by(t0 + cfg.drain_timeout_s + 4.5)
 
                 def drain_then_exit():
-                    t0 = time.monotonic()
                     ended = svc.drain()
                     print("drained" if ended else "drain timeout: exiting with work left",
                           file=sys.stderr, flush=True)
                     # Results stay readable a little longer for clients that poll.
                     time.sleep(max(0.0, min(a.drain_linger,
                                             cfg.drain_timeout_s - (time.monotonic() - t0))))
+                    svc.release_waiters()  # before uvicorn waits for open connections
                     self.should_exit = True
 
                 threading.Thread(target=drain_then_exit, daemon=True).start()
                 return
+            print(f"{name} again: exiting now", file=sys.stderr, flush=True)
+            svc.release_waiters()
             super().handle_exit(sig, frame)
 
     # genserve's own loggers (genserve.server, genserve.ray) print beside uvicorn's, at its level.
@@ -368,6 +381,21 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if ray is not None:
             ray.shutdown()
     return 0
+
+
+def _exit_by(t: float) -> None:
+    """The last resort of a bounded shutdown: if the process is still here at monotonic time
+    `t` (a shutdown step hung: a worker that will not die, a join), it ends at once.  The jobs
+    are in the store already; the workers die with it (their parent-death signal)."""
+    import threading
+    import time
+
+    def guard():
+        time.sleep(max(0.0, t - time.monotonic()))
+        print("shutdown overran its bound: exiting now", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=guard, name="genserve-exit-guard", daemon=True).start()
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

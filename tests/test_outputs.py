@@ -200,12 +200,12 @@ def test_a_worker_killed_while_encoding_reruns_the_request_from_its_checkpoint(p
 # ----- the server's side: files to disk, images answered from memory -----
 def test_the_service_writes_the_workers_files_and_answers_images_from_memory(tmp_path):
     """No engine: `_write` as the writer thread calls it with what the engine hands over.  The
-    files land on disk with job.json (a new service reads them back), the synchronous answer
+    files land on disk and in the job store (a new service reads them back), the synchronous answer
     takes the PNGs from memory (even with the files gone), once; a file of the wrong kind fails
     the job."""
     from genserve.models.output import encode
     from genserve.server.config import ServeConfig
-    from genserve.server.service import Job, JobSpec, Service
+    from genserve.server.service import Job, JobSpec, Service, _row_of
 
     svc = Service(ServeConfig(results_dir=str(tmp_path)))
     svc.engine = types.SimpleNamespace(cancel=lambda rid: None)  # what `_fail` calls
@@ -213,6 +213,7 @@ def test_the_service_writes_the_workers_files_and_answers_images_from_memory(tmp
     job = Job(id="img_mem", spec=spec, owner=None, created_at=time.time(),
               request_ids=["img_mem-0", "img_mem-1"], deadline=0.0)
     svc.jobs[job.id] = job
+    svc.store.add(_row_of(job))
     pngs = [encode(np.full((16, 16, 3), v, np.uint8)) for v in (10, 200)]
     svc._write(job, "img_mem-1", pngs[1])
     assert job.status == "queued" and job.files == ["1.png"]
@@ -220,16 +221,17 @@ def test_the_service_writes_the_workers_files_and_answers_images_from_memory(tmp
     assert job.status == "completed" and job.files == ["0.png", "1.png"]
     folder = tmp_path / job.id
     assert [(folder / f).read_bytes() for f in job.files] == [p.data for p in pngs]
-    assert (folder / "job.json").exists()
     for f in job.files:
         (folder / f).unlink()  # the answer does not read them back
     assert svc.take_images(job) == {"0.png": pngs[0].data, "1.png": pngs[1].data}
     assert svc.take_images(job) == {}  # they left memory with the answer
 
-    again = Service(ServeConfig(results_dir=str(tmp_path)))  # a restart: job.json is enough
+    svc._writer.shutdown(wait=True)  # what the writer recorded is in the store
+    again = Service(ServeConfig(results_dir=str(tmp_path)))  # a restart: the store is enough
     assert again.jobs[job.id].status == "completed" and again.jobs[job.id].files == job.files
 
-    vid = Job(id="video_wrong", spec=JobSpec(Kind.VIDEO, GenSpec("tiny-t2v", 16, 16, 5, 4, 5.0, 0, prompt="p")),
+    vid = Job(id="video_wrong",
+              spec=JobSpec(Kind.VIDEO, GenSpec("tiny-t2v", 16, 16, 5, 4, 5.0, 0, prompt="p")),
               owner=None, created_at=time.time(), request_ids=["video_wrong-0"], deadline=0.0)
     svc._write(vid, "video_wrong-0", pngs[0])
     assert vid.status == "failed" and vid.error["code"] == "output_error", vid.error

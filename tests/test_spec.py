@@ -15,7 +15,8 @@ from genserve.engine.backend import WorkerBackend
 from genserve.parallel.protocol import New
 from genserve.request import Kind, Request
 from genserve.server.schemas import ImageBody, VideoBody, to_spec
-from genserve.server.service import Job, _job_from_record, _job_record
+from genserve.server.service import Job, _job_of_row, _row_of
+from genserve.server.store import JobStore
 from genserve.spec import GenSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_the_spec_module_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
-def test_the_http_body_becomes_one_spec_that_the_job_record_keeps():
+def test_the_http_body_becomes_one_spec_that_the_job_store_keeps(tmp_path):
     served = ("tiny-t2i", "tiny-t2v")
     img, _ = to_spec(ImageBody(prompt="a fox", model="tiny-t2i", n=3, seed=11, size="64x64"),
                      Kind.IMAGE, served, 4, 16)
@@ -61,12 +62,14 @@ def test_the_http_body_becomes_one_spec_that_the_job_record_keeps():
     vid, _ = to_spec(VideoBody(prompt="a river", model="tiny-t2v", seconds="1", seed=2),
                      Kind.VIDEO, served, 4, 16)
     assert vid.gen.frames == 17 and vid.seconds == "1"
-    for spec in (img, dataclasses.replace(vid, gen=dataclasses.replace(vid.gen,
-                                                                       negative_prompt="blur"))):
-        job = Job(id="j", spec=spec, owner=None, created_at=1.0, request_ids=["j-0"],
+    store = JobStore(tmp_path)
+    for i, spec in enumerate((img, dataclasses.replace(
+            vid, gen=dataclasses.replace(vid.gen, negative_prompt="blur")))):
+        job = Job(id=f"j{i}", spec=spec, owner=None, created_at=1.0 + i, request_ids=[f"j{i}-0"],
                   deadline=0.0)
-        back = _job_from_record(json.loads(json.dumps(_job_record(job))))
-        assert back.spec == spec
+        store.add(_row_of(job))
+    assert [_job_of_row(row).spec for row in store.load()] == [img, dataclasses.replace(
+        vid, gen=dataclasses.replace(vid.gen, negative_prompt="blur"))]
 
 
 def test_a_new_request_reaches_its_worker_as_its_own_spec():

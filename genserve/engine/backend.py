@@ -27,6 +27,7 @@ it is back, and the others carry the load meanwhile.
 from __future__ import annotations
 
 import queue as queue_mod
+from dataclasses import dataclass
 
 from ..executor import (Backend, Cancelled, Ended, Failed, Finishing, Outcome, Quantum,
                         RolledBack, Stepped)
@@ -38,6 +39,15 @@ from ..policies.base import Assignment, Cluster
 from ..request import Request
 
 
+@dataclass(frozen=True)
+class Resume:
+    """A request that comes back with a saved state (`StepState.to_bytes`) at its `steps_done`:
+    a restarted server resuming what it had accepted."""
+
+    request: Request
+    state: bytes
+
+
 class WorkerBackend(Backend):
     # False: the old way of moving a state, through the driver (the decision fetches it from its
     # holder, then ships its bytes in the job).  Kept for bench/data_path.py's comparison; on the
@@ -46,8 +56,9 @@ class WorkerBackend(Backend):
 
     def __init__(self, pool: PoolBase, clock, checkpoint_every: int, poll_s: float,
                  idle_poll_s: float, gpus_per_node: int, keep: bool, result,
-                 output: OutputFormat | None = None):
+                 output: OutputFormat | None = None, on_checkpoint=None):
         self.pool, self.clock, self.output = pool, clock, output
+        self.on_checkpoint = on_checkpoint
         self.checkpoint_every, self.poll_s, self.idle_poll_s = (checkpoint_every, poll_s,
                                                                 idle_poll_s)
         self.gpus_per_node, self.keep, self.res = gpus_per_node, keep, result
@@ -69,7 +80,11 @@ class WorkerBackend(Backend):
     # ----- events from outside the loop -----
     def take_external(self) -> None:
         while not self.incoming.empty():
-            self.core.add(self.incoming.get())
+            item = self.incoming.get()
+            if isinstance(item, Resume):
+                self.host[item.request.id] = (item.state, item.request.steps_done)
+                item = item.request
+            self.core.add(item)
 
     def events(self, now: float) -> bool:
         changed = False
@@ -243,6 +258,8 @@ class WorkerBackend(Backend):
         steps = res.steps[rid]
         if rid in res.blobs:
             self.host[rid] = (res.blobs[rid], steps)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(rid, steps, res.blobs[rid])
         if steps == r.steps:
             if self.output is not None:
                 self.awaiting[rid] = min(q.gpus)  # the first rank decodes and encodes

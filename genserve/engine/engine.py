@@ -22,7 +22,7 @@ from ..parallel.protocol import OutputFormat
 from ..parallel.workers import PoolBase
 from ..policies.base import Policy
 from ..request import Request
-from .backend import WorkerBackend
+from .backend import Resume, WorkerBackend
 
 
 @dataclass
@@ -40,14 +40,16 @@ class Engine:
     def __init__(self, policy: Policy, pool: PoolBase, latency: LatencyModel,
                  gpus_per_node: int = 8, time_scale: float = 1.0, poll_s: float = 0.005,
                  checkpoint_every: int = 4, on_update=None, idle_poll_s: float = 0.05,
-                 clock=None, output: OutputFormat | None = None):
+                 clock=None, output: OutputFormat | None = None, on_checkpoint=None):
         """`on_update(request, output)` is called from the engine's thread whenever a request
         arrives, runs steps, pauses or ends (`output` when it finished: the image/video array, or
         its `Encoded` file).  `output`: None, outputs come back as raw arrays (bit-exact checks);
         an `OutputFormat`, workers encode them (PNG / MP4) and only the files reach the driver,
         each request finishing when its file arrives (see `backend`).
         `clock`: a `RealClock(time_scale)` by default; a `VirtualClock` runs the engine on
-        predicted times (with a pool that honours them: the parity test)."""
+        predicted times (with a pool that honours them: the parity test).
+        `on_checkpoint(request_id, steps_done, state_bytes)` is called from the engine's thread
+        with every host checkpoint (every `checkpoint_every` steps): it must not block."""
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 steps (0: never), got "
                              f"{checkpoint_every}")
@@ -55,7 +57,8 @@ class Engine:
         self.clock = clock or RealClock(time_scale)
         self.on_update = on_update
         self._opts = dict(checkpoint_every=checkpoint_every, poll_s=poll_s,
-                          idle_poll_s=idle_poll_s, gpus_per_node=gpus_per_node, output=output)
+                          idle_poll_s=idle_poll_s, gpus_per_node=gpus_per_node, output=output,
+                          on_checkpoint=on_checkpoint)
         self._halt = False
         self._new_core(keep=True)
 
@@ -82,9 +85,15 @@ class Engine:
         """Cancel a request (thread-safe); it stops at its next step boundary."""
         self.backend.cancels.put(request_id)
 
-    def submit(self, request: Request) -> None:
+    def submit(self, request: Request, state: bytes | None = None) -> None:
         """Add a request while `serve` runs (thread-safe).  Its `arrival` is on the engine clock
-        (`now()`); set it to `now()` for a request arriving now."""
+        (`now()`); set it to `now()` for a request arriving now.  `state`: its saved
+        `StepState` bytes at `request.steps_done` steps (a request resumed after a restart)."""
+        if state is not None:
+            if not 0 < request.steps_done < request.steps:
+                raise ValueError(f"request {request.id}: a saved state needs 0 < steps_done < "
+                                 f"steps, got {request.steps_done}/{request.steps}")
+            request = Resume(request, state)
         self.backend.incoming.put(request)
 
     def halt(self) -> None:

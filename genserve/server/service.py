@@ -5,22 +5,27 @@ The engine runs in its own thread (`Engine.serve`); it reports every change of a
 `on_update`, which updates the job and wakes whoever waits on it in the asyncio loop.  Outputs come
 encoded (PNG / MP4 made by the workers, `Engine(output=...)`): nothing here encodes.  A writer
 thread puts the bytes on disk (never the engine's loop); a job is completed only once its files
-are there, with its `job.json`.  An image job's PNGs also stay in memory until its synchronous
-response takes them, so that answer never reads back what was just written.  Finished jobs stay
-readable from `results_dir` until their TTL passes, also across a restart of the server.
+are there.  An image job's PNGs also stay in memory until its synchronous response takes them, so
+that answer never reads back what was just written.
+
+Every accepted job is in the job store (`store.py`) before its client hears back; the writer
+thread records what happens to it and the engine's periodic checkpoints.  A restarted server
+(after a crash, or a stop with work left) reloads every job: finished ones stay readable until
+their TTL, unfinished ones resume from their newest checkpoint (or the start); one that cannot
+(its model is no longer served) ends failed with `server_restarted`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..catalog import MODELS
@@ -34,6 +39,7 @@ from ..spec import GenSpec
 from ..workload import standalone_sp
 from .config import ServeConfig
 from .metrics import ServeMetrics
+from .store import JobRow, JobStore, spec_from_record, spec_record
 
 log = logging.getLogger("genserve.server")
 
@@ -67,7 +73,7 @@ class Job:
     owner: str | None
     created_at: float
     request_ids: list[str]
-    deadline: float  # engine clock
+    deadline: float  # unix seconds
     status: str = "queued"  # queued | in_progress | completed | failed
     steps_done: dict[str, int] = field(default_factory=dict)
     completed_at: float | None = None
@@ -79,6 +85,7 @@ class Job:
     version: int = 0
     expires_at: float | None = None
     images: dict[str, bytes] = field(default_factory=dict)  # PNGs until the response takes them
+    idempotency_key: str | None = None
 
     @property
     def progress(self) -> int:
@@ -106,7 +113,9 @@ class Service:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="genserve-writer")
         self.results = Path(cfg.results_dir)
         self.results.mkdir(parents=True, exist_ok=True)
-        self._load_results()
+        self.store = JobStore(self.results)
+        self._resume: list[tuple[Job, JobRow]] = []  # unfinished at the last stop: run on start
+        self._load_jobs()
 
     # ----- lifecycle -----
     def start(self) -> None:
@@ -132,7 +141,7 @@ class Service:
             self.latency.profile_of(p)  # a clear error now, not inside the policy
         self.engine = Engine(make_policy(cfg.policy), self.pool, self.latency,
                              checkpoint_every=cfg.checkpoint_every, on_update=self._on_update,
-                             output=OutputFormat(fps=cfg.fps))
+                             output=OutputFormat(fps=cfg.fps), on_checkpoint=self._on_checkpoint)
         self.metrics.watch_engine(self.engine)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run_engine, name="genserve-engine",
@@ -141,6 +150,7 @@ class Service:
         self._janitor = threading.Thread(target=self._expire_loop, daemon=True)
         self._janitor.start()
         self.started = True
+        self._resume_jobs()
 
     def _run_engine(self) -> None:
         try:
@@ -154,21 +164,29 @@ class Service:
                         self._fail(job, "engine_error", self.engine_error)
 
     def stop(self) -> None:
-        """Shut down: requests still running end failed (`server_shutdown`); then the engine
-        thread, the workers and the writer stop."""
+        """Shut down: whoever waits on a job not finished hears `server_shutdown` (the job stays
+        in the store as it was, and the next start resumes it); then the engine thread, the
+        workers, the writer and the store stop."""
         if self.started:
             self.started = False
             self._stop.set()
-            with self._lock:
-                for job in self.jobs.values():
-                    if not job.final:
-                        self._fail(job, "server_shutdown", "the server stopped before this "
-                                   "job finished")
-                        self._changed(job)
+            self.release_waiters()
             self.engine.halt()
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=5)  # a turn of the loop; a stuck one is left behind
             self.pool.close()
         self._writer.shutdown(wait=True)
+        self.store.close()
+
+    def release_waiters(self) -> None:
+        """Answer whoever waits on a job not finished: it reads failed, `server_shutdown`.  Only
+        in memory: the store keeps the job as it was, for the next start to resume."""
+        with self._lock:
+            for job in self.jobs.values():
+                if not job.final:
+                    self._fail(job, "server_shutdown", "the server stopped before this job "
+                               "finished; it resumes when the server starts again",
+                               persist=False)
+                    self._changed(job)
 
     def drain(self, timeout_s: float | None = None) -> bool:
         """Stop admitting; wait for running work to end.  True if everything ended in time."""
@@ -186,8 +204,15 @@ class Service:
         return self.started and self.engine_error is None and self._thread.is_alive()
 
     # ----- jobs -----
-    def submit(self, spec: JobSpec, owner: str | None, slo_factor: float = 1.0) -> Job:
+    def submit(self, spec: JobSpec, owner: str | None, slo_factor: float = 1.0,
+               idempotency_key: str | None = None) -> Job:
+        """Admit a job; it is in the store when this returns.  A repeated `idempotency_key` of
+        the same owner returns the job it made (409 if the request differs)."""
         gen = spec.gen
+        if idempotency_key is not None:
+            again = self._idempotent(spec, owner, idempotency_key)
+            if again is not None:
+                return again
         if self.draining:
             raise ApiError(503, "the server is draining: not taking new requests", "draining",
                            headers={"Retry-After": "30"})
@@ -197,9 +222,7 @@ class Service:
         if gen.model not in self.cfg.presets:
             raise ApiError(400, f"model {gen.model!r} is not served here; served: "
                                 f"{', '.join(self.cfg.presets)}", "model_not_found", "model")
-        k = standalone_sp(gen.model, gen.height, gen.width, gen.frames, self.latency,
-                          self.cfg.workers)
-        alone = self.latency.standalone(Request("probe", spec.kind, gen), k)
+        alone = self._standalone(spec.kind, gen)
         with self._lock:
             waiting = sum(1 for j in self.jobs.values()
                           if j.status == "queued" and j.spec.kind is spec.kind)
@@ -219,19 +242,45 @@ class Service:
                 raise ApiError(422, f"slo_ms={slo * 1e3:.0f} cannot be met: this request takes "
                                     f"about {alone * 1e3:.0f} ms alone", "slo_infeasible",
                                "slo_ms")
-            now = self.engine.now()
+            now, created = self.engine.now(), time.time()
             job = Job(id=("video_" if spec.kind is Kind.VIDEO else "img_") + uuid.uuid4().hex,
-                      spec=spec, owner=owner, created_at=time.time(), request_ids=[],
-                      deadline=now + slo, best_effort=best_effort)
+                      spec=spec, owner=owner, created_at=created, request_ids=[],
+                      deadline=created + slo, best_effort=best_effort,
+                      idempotency_key=idempotency_key)
             for i in range(spec.n):
                 rid = f"{job.id}-{i}"
                 job.request_ids.append(rid)
                 job.steps_done[rid] = 0
+            try:
+                self.store.add(_row_of(job))
+            except sqlite3.IntegrityError:  # the same key, submitted meanwhile
+                again = self._idempotent(spec, owner, idempotency_key)
+                if again is None:
+                    raise
+                return again
             self.jobs[job.id] = job
             for i, rid in enumerate(job.request_ids):
                 self.metrics.submitted(spec.kind.value)
                 self.engine.submit(Request(rid, spec.kind, replace(gen, seed=gen.seed + i),
                                            arrival=now, deadline=now + slo, standalone=alone))
+        return job
+
+    def _standalone(self, kind: Kind, gen: GenSpec) -> float:
+        """Seconds `gen` takes alone on its default SP degree (the SLO's unit)."""
+        k = standalone_sp(gen.model, gen.height, gen.width, gen.frames, self.latency,
+                          self.cfg.workers)
+        return self.latency.standalone(Request("probe", kind, gen), k)
+
+    def _idempotent(self, spec: JobSpec, owner: str | None, key: str) -> Job | None:
+        job_id = self.store.find(owner, key)
+        job = self.jobs.get(job_id) if job_id else None
+        if job is None:
+            return None
+        # The seed is left out: a client that names none gets a random one per submission, and
+        # its retry must still find the first.
+        if _unseeded(job.spec) != _unseeded(spec):
+            raise ApiError(409, "this Idempotency-Key was used for a different request",
+                           "idempotency_key_reused", "Idempotency-Key")
         return job
 
     def get(self, job_id: str, owner: str | None) -> Job:
@@ -252,6 +301,7 @@ class Service:
         with self._lock:
             if not job.final:
                 job.cancelled = True
+                self._later(self.store.cancel, job.id)
                 for rid in job.request_ids:
                     self.engine.cancel(rid)
         return job
@@ -263,6 +313,7 @@ class Service:
             if not job.final:
                 return self.cancel(job_id, owner)
             self.jobs.pop(job.id, None)
+        self.store.delete([job.id])
         shutil.rmtree(self.results / job.id, ignore_errors=True)
         return job
 
@@ -301,6 +352,7 @@ class Service:
             job.steps_done[r.id] = r.steps_done
             if r.status in (Status.RUNNING, Status.PREEMPTED) and job.status == "queued":
                 job.status = "in_progress"
+                self._later(self.store.set_status, job.id, job.status)
             if r.status is Status.FINISHED:
                 self._writer.submit(self._write, job, r.id, output)
             elif r.status is Status.CANCELLED:
@@ -319,25 +371,65 @@ class Service:
             if output.suffix != path.suffix:
                 raise ValueError(f"a {job.spec.kind.value} came as {output.media_type}")
             d.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(output.data)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(output.data)
+            tmp.replace(path)  # a file under its name is whole, even after a crash
+            self.store.request_file(rid, path.name)
         except Exception as e:  # noqa: BLE001 - a job fails with the reason, the server goes on
             with self._lock:
                 self._fail(job, "output_error", f"writing the output: {e}")
                 self._changed(job)
             return
+        self.store.drop_checkpoints(rid)
         with self._lock:
-            job.ended.add(rid)
-            job.files.append(path.name)
             if not video and not job.final:
                 job.images[path.name] = output.data
-            if len(job.ended) == len(job.request_ids) and not job.final:
-                job.files.sort()
-                job.status, job.completed_at = "completed", time.time()
-                job.expires_at = job.completed_at + self.cfg.result_ttl_s
-                (d / "job.json").write_text(json.dumps(_job_record(job)))
+            completed = self._file_done(job, rid, path.name)
+        if completed:  # the store's write outside the lock: the engine's updates never wait
+            self._persist(self.store.end, job.id, job.status, job.completed_at, job.expires_at,
+                          job.files, None)
+        with self._lock:
             self._changed(job)
 
-    def _fail(self, job: Job, code: str, message: str) -> None:
+    def _file_done(self, job: Job, rid: str, name: str) -> bool:
+        """`rid`'s output is on disk; True: that was the job's last one, it completed."""
+        job.ended.add(rid)
+        job.files.append(name)
+        if len(job.ended) == len(job.request_ids) and not job.final:
+            job.files.sort()
+            job.status, job.completed_at = "completed", time.time()
+            job.expires_at = job.completed_at + self.cfg.result_ttl_s
+            return True
+        return False
+
+    def _on_checkpoint(self, rid: str, steps: int, state: bytes) -> None:
+        """The engine's thread: a request's state at `steps`; the writer saves it."""
+        self._later(self._save_checkpoint, rid, steps, state)
+
+    def _save_checkpoint(self, rid: str, steps: int, state: bytes) -> None:
+        job = self.jobs.get(_job_of(rid))
+        if job is None or job.final or rid in job.ended:
+            return  # it ended while this waited: nothing to resume
+        self.store.save_checkpoint(rid, steps, state)
+
+    def _later(self, fn, *args) -> None:
+        """`fn(*args)` on the writer thread, after what is queued there (outputs, checkpoints)."""
+        try:
+            self._writer.submit(self._persist, fn, *args)
+        except RuntimeError:  # the writer stopped (shutdown): the store keeps the last state
+            log.warning("job store: %s after shutdown, not recorded", fn.__name__)
+
+    def _persist(self, fn, *args) -> None:
+        """A store write from the writer thread: a failure (disk full) is logged, and the server
+        goes on serving from memory; what it lost is what a crash now would lose."""
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("job store: %s%r failed", fn.__name__, args[:2])
+
+    def _fail(self, job: Job, code: str, message: str, persist: bool = True) -> None:
+        """End `job` failed; `persist`: also in the store (not on a shutdown: the job resumes at
+        the next start)."""
         if job.final:
             return
         # Error first: readers that do not take the lock must never see "failed" without it.
@@ -346,9 +438,17 @@ class Service:
         job.completed_at = time.time()
         job.expires_at = job.completed_at + self.cfg.result_ttl_s
         job.status = "failed"
+        if persist:
+            self._later(self._store_failed, job)
+        engine = getattr(self, "engine", None)  # none yet: a job failed while resuming
         for rid in job.request_ids:  # the rest of an image batch is not worth finishing
-            if rid not in job.ended:
-                self.engine.cancel(rid)
+            if rid not in job.ended and engine is not None:
+                engine.cancel(rid)
+
+    def _store_failed(self, job: Job) -> None:
+        self.store.end(job.id, "failed", job.completed_at, job.expires_at, job.files, job.error)
+        for rid in job.request_ids:
+            self.store.drop_checkpoints(rid)
 
     def _changed(self, job: Job) -> None:
         job.version += 1
@@ -366,19 +466,70 @@ class Service:
             kept, job.images = job.images, {}
         return kept
 
-    def _load_results(self) -> None:
-        now = time.time()
-        for meta in self.results.glob("*/job.json"):
+    # ----- restart -----
+    def _load_jobs(self) -> None:
+        """The store's jobs: finished ones readable until their TTL; unfinished ones wait for
+        `start` to resume them."""
+        now, expired = time.time(), []
+        for row in self.store.load():
             try:
-                rec = json.loads(meta.read_text())
-                if rec["expires_at"] <= now:
-                    shutil.rmtree(meta.parent, ignore_errors=True)
-                    continue
-                job = _job_from_record(rec)
+                job = _job_of_row(row)
             except (ValueError, KeyError, TypeError) as e:
-                log.warning("ignoring %s: %s", meta, e)
+                log.warning("job store: ignoring job %s: %s", row.id, e)
                 continue
+            if job.final and job.expires_at is not None and job.expires_at <= now:
+                expired.append(job.id)
+                continue
+            if not job.final:
+                self._resume.append(job)
             self.jobs[job.id] = job
+        self._forget(expired)
+
+    def _resume_jobs(self) -> None:
+        """Put the jobs the last run left unfinished back into the engine, each request from
+        its newest checkpoint (or its start)."""
+        for job in self._resume:
+            with self._lock:
+                if not job.final:
+                    self._resume_job(job)
+                self._changed(job)
+        self._resume = []
+
+    def _resume_job(self, job: Job) -> None:
+        gen = job.spec.gen
+        if job.cancelled:
+            self._fail(job, "cancelled", "cancelled by the client")
+            return
+        if gen.model not in self.cfg.presets:
+            self._fail(job, "server_restarted", f"the server restarted without {gen.model!r}, "
+                       f"which this job needs (served now: {', '.join(self.cfg.presets)})")
+            return
+        left = [rid for rid in job.request_ids if rid not in job.ended]
+        if not left:  # every file was written before the stop, the completion was not
+            job.status, job.completed_at = "completed", time.time()
+            job.expires_at = job.completed_at + self.cfg.result_ttl_s
+            self._later(self.store.end, job.id, job.status, job.completed_at, job.expires_at,
+                        job.files, None)
+            return
+        now = self.engine.now()
+        deadline = now + max(0.0, job.deadline - time.time())
+        alone = self._standalone(job.spec.kind, gen)
+        for rid in left:
+            i = int(rid.rpartition("-")[2])
+            r = Request(rid, job.spec.kind, replace(gen, seed=gen.seed + i), arrival=now,
+                        deadline=deadline, standalone=alone)
+            state, ck = None, self.store.newest_checkpoint(rid)
+            if ck is not None and 0 < ck[0] < gen.steps:
+                try:
+                    state, r.steps_done = ck[1].read_bytes(), ck[0]
+                except OSError as e:
+                    log.warning("job store: checkpoint of %s unreadable (%s): from the start",
+                                rid, e)
+            job.steps_done[rid] = r.steps_done
+            self.metrics.submitted(job.spec.kind.value)
+            self.engine.submit(r, state)
+        log.info("resumed job %s: %s", job.id, ", ".join(
+            f"{rid} at step {job.steps_done[rid]}" for rid in left))
 
     def _expire_loop(self) -> None:
         while not self._stop.wait(min(60.0, self.cfg.result_ttl_s / 4)):
@@ -391,9 +542,15 @@ class Service:
                     if j.final and j.expires_at is not None and j.expires_at <= now]
             for j in gone:
                 del self.jobs[j.id]
-        for j in gone:
-            shutil.rmtree(self.results / j.id, ignore_errors=True)
+        self._forget([j.id for j in gone])
         return len(gone)
+
+    def _forget(self, job_ids: list[str]) -> None:
+        """Expired or deleted jobs: out of the store, then their files."""
+        if job_ids:
+            self.store.delete(job_ids)
+        for job_id in job_ids:
+            shutil.rmtree(self.results / job_id, ignore_errors=True)
 
 
 def _job_of(request_id: str) -> str:
@@ -401,25 +558,34 @@ def _job_of(request_id: str) -> str:
     return request_id.rpartition("-")[0]
 
 
-def _job_record(job: Job) -> dict:
+def _unseeded(spec: JobSpec) -> JobSpec:
+    return replace(spec, gen=replace(spec.gen, seed=0))
+
+
+def _row_of(job: Job) -> JobRow:
     s = job.spec
-    return {"id": job.id, "owner": job.owner, "created_at": job.created_at,
-            "completed_at": job.completed_at, "expires_at": job.expires_at,
-            "files": job.files, "request_ids": job.request_ids,
-            "spec": {"kind": s.kind.value, **asdict(s.gen), "n": s.n, "slo_ms": s.slo_ms,
-                     "seconds": s.seconds}}
+    return JobRow(id=job.id, owner=job.owner, idempotency_key=job.idempotency_key,
+                  created_at=job.created_at, deadline_at=job.deadline,
+                  best_effort=job.best_effort,
+                  spec=spec_record(s.kind, s.gen, s.n, s.slo_ms, s.seconds), status=job.status,
+                  cancelled=job.cancelled, error=job.error, completed_at=job.completed_at,
+                  expires_at=job.expires_at, files=list(job.files),
+                  requests={rid: (0, None) for rid in job.request_ids})
 
 
-def _job_from_record(rec: dict) -> Job:
-    d = rec["spec"]
-    gen = GenSpec(**{k: d[k] for k in _GEN_FIELDS if k in d})
-    spec = JobSpec(Kind(d["kind"]), gen, n=d["n"], slo_ms=d["slo_ms"], seconds=d["seconds"])
-    job = Job(id=rec["id"], spec=spec, owner=rec["owner"],
-              created_at=rec["created_at"], request_ids=rec["request_ids"], deadline=0.0,
-              status="completed", completed_at=rec["completed_at"], files=rec["files"],
-              expires_at=rec["expires_at"])
-    job.steps_done = {rid: gen.steps for rid in job.request_ids}
+def _job_of_row(row: JobRow) -> Job:
+    kind, gen, rest = spec_from_record(row.spec)
+    spec = JobSpec(kind, gen, n=rest["n"], slo_ms=rest["slo_ms"], seconds=rest["seconds"])
+    rids = sorted(row.requests, key=lambda rid: int(rid.rpartition("-")[2]))
+    job = Job(id=row.id, spec=spec, owner=row.owner, created_at=row.created_at,
+              request_ids=rids, deadline=row.deadline_at, status=row.status,
+              completed_at=row.completed_at, error=row.error, files=list(row.files),
+              cancelled=row.cancelled, best_effort=row.best_effort, expires_at=row.expires_at,
+              idempotency_key=row.idempotency_key)
+    done = job.status == "completed"
+    job.steps_done = {rid: gen.steps if done or row.requests[rid][1] else row.requests[rid][0]
+                      for rid in rids}
+    job.ended = {rid for rid in rids if done or row.requests[rid][1]}
+    if not job.final:
+        job.files = sorted(row.requests[rid][1] for rid in job.ended)
     return job
-
-
-_GEN_FIELDS = tuple(f.name for f in fields(GenSpec))

@@ -1,0 +1,65 @@
+"""`genserve serve` as a process, for the tests that signal, kill and restart it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`genserve serve` on a free port with 2 CPU workers; in a session of its own, so that
+    `crash` can take it down with its workers at once, as a lost machine would."""
+
+    def __init__(self, tmp_path: Path, *args: str, log_name: str = "serve.log"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.results = tmp_path / "results"
+        self.log = tmp_path / log_name
+        cmd = [sys.executable, "-m", "genserve.cli", "serve", "--port", str(self.port),
+               "--workers", "2", "--results-dir", str(self.results), *args]
+        with open(self.log, "wb") as log:  # a file, not a pipe: nobody has to drain it
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                         start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.proc.poll() is None, f"serve exited early:\n{self.output()}"
+            assert time.monotonic() < deadline, f"serve did not start:\n{self.output()}"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def crash(self) -> None:
+        """SIGKILL the server and every process of its session (its workers)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+
+    def close(self) -> None:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.crash()
