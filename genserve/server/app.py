@@ -3,6 +3,7 @@
 Handlers never block the event loop: the service's calls are short and lock-protected, waiting for
 a job is an asyncio event the engine thread sets (through `call_soon_threadsafe`), and file reads
 go through a thread.  Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`.
+API keys and owners: `auth.py` (a job's owner is a keyed hash of its key, never the key).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..catalog import MODELS
 from ..request import Kind
+from .auth import Keys
 from .config import ServeConfig
 from .schemas import ImageBody, VideoBody, parse, to_spec
 from .service import ApiError, Job, Service
@@ -86,6 +88,7 @@ def job_object(svc: Service, job: Job) -> dict:
 def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -> FastAPI:
     """The app; the service (worker processes, engine thread) starts in its lifespan."""
     svc = service or Service(cfg or ServeConfig())
+    keys = Keys(svc.cfg.api_keys, svc.cfg.results_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -115,14 +118,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
                       else "http_error")
 
     def owner(request: Request) -> str | None:
-        if not svc.cfg.api_keys:
-            return None
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        if key not in svc.cfg.api_keys:
-            raise ApiError(401, "missing or unknown API key (Authorization: Bearer KEY)",
-                           "invalid_api_key")
-        return key
+        return keys.owner(request.headers.get("authorization", ""))
 
     async def body_of(request: Request) -> dict:
         ctype = request.headers.get("content-type", "")
