@@ -13,7 +13,9 @@ run (owners on disk, cancel vs finish) share one live server with API keys and o
 from __future__ import annotations
 
 import hmac
+import json
 import os
+import re
 import socket
 import threading
 import time
@@ -137,6 +139,141 @@ def live(app, monkeypatch):
     no_engine(monkeypatch, app.state.service)
     with Uvicorn(app) as s:
         yield s
+
+
+# ----------------------------------------------------------------------------- body size
+def raw_request(port: int, head: bytes, chunks, timeout: float = 10.0) -> tuple[bytes, int]:
+    """Send `head`, then the byte strings of `chunks` until the server answers (or they run
+    out); (what it answered, body bytes sent)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head)
+        answer = b""
+        try:
+            for chunk in chunks:
+                s.settimeout(0)
+                try:
+                    answer += s.recv(65536)
+                    break  # the server spoke (or closed) before the body was all sent
+                except BlockingIOError:
+                    pass
+                s.settimeout(timeout)
+                s.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        s.settimeout(timeout)
+        while not _complete(answer):
+            try:
+                more = s.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not more:
+                break
+            answer += more
+    return answer, sent
+
+
+def _complete(raw: bytes) -> bool:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    m = re.search(rb"(?i)content-length: *(\d+)", head)
+    return bool(sep) and m is not None and len(body) >= int(m.group(1))
+
+
+def parse_answer(raw: bytes) -> tuple[int, dict, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body[:int(headers["content-length"])])
+
+
+def test_declared_length_over_the_limit_is_413_before_the_body_is_read(live):
+    """Content-Length says 300 MB, a few bytes come: the 413 comes at once (the server does not
+    wait for, let alone hold, the rest)."""
+    head = (f"POST {VID} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            f"content-length: 300000000\r\n\r\n").encode()
+    answer, _ = raw_request(live.port, head, [b'{"prompt": "a"'], timeout=10)
+    status, headers, body = parse_answer(answer)
+    assert status == 413, answer[:300]
+    assert body["error"]["param"] == "body" and body["error"]["code"] == "request_too_large"
+    assert headers.get("connection") == "close"  # the rest of the body is never read
+
+
+def test_chunked_body_is_counted_while_read(live):
+    """No Content-Length (chunked): the server answers 413 once the body passes the limit, with
+    the body still coming (the client never ends it)."""
+    head = (f"POST {IMG} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            f"transfer-encoding: chunked\r\n\r\n").encode()
+    piece = b" " * 1024
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    answer, sent = raw_request(live.port, head, (chunk for _ in range(4096)))  # 4 MiB at most
+    status, _, body = parse_answer(answer)
+    assert status == 413 and body["error"]["param"] == "body", answer[:300]
+    assert sent < 1 << 20, sent  # answered long before the client would have stopped
+
+
+@pytest.mark.parametrize("path", [IMG, VID])
+def test_json_body_over_the_limit_is_413(client, path):
+    body = json.dumps({"prompt": "a", "pad": "x" * LIMIT_JSON}).encode()
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert_error(r, 413, param="body", code="request_too_large")
+    # at the limit it is read (and then refused for another reason: the engine is not running)
+    r = client.post(path, content=b'{"prompt": "a"}'.ljust(LIMIT_JSON),
+                    headers={"content-type": "application/json"})
+    assert r.status_code != 413, r.text
+
+
+def test_form_bodies_have_the_upload_limit(client):
+    fields = {"prompt": (None, "a"), "steps": (None, "2")}
+    bigger_than_json = {**fields, "input_reference": ("ref.png", b"x" * (LIMIT_JSON * 2))}
+    r = client.post(VID, files=bigger_than_json)
+    assert r.status_code != 413, r.text  # over the JSON limit, within the upload limit
+    too_big = {**fields, "input_reference": ("ref.png", b"x" * LIMIT_FORM)}
+    assert_error(client.post(VID, files=too_big), 413, param="body", code="request_too_large")
+
+
+# ----------------------------------------------------------------------------- content types
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "",
+                                   "application/json; charset=latin-1",
+                                   "application/jsonx", "text/json"])
+def test_other_content_types_are_415_naming_content_type(client, ctype):
+    headers = {"content-type": ctype} if ctype else {}
+    r = client.post(IMG, content=b'{"prompt": "a", "steps": 1}', headers=headers)
+    assert_error(r, 415, param="content-type", code="unsupported_media_type")
+
+
+@pytest.mark.parametrize("ctype", ["application/json", "application/json; charset=utf-8",
+                                   'Application/JSON; charset="UTF-8"'])
+def test_json_content_types_are_read(client, ctype):
+    r = client.post(IMG, content=b'{"prompt": "a", "steps": "x"}',
+                    headers={"content-type": ctype})
+    assert_error(r, 400, param="steps")  # parsed and validated
+
+
+# ----------------------------------------------------------------------------- strict types
+STRICT = [(IMG, "n", True), (IMG, "n", "2"), (IMG, "n", 2.0), (IMG, "seed", "5"),
+          (IMG, "seed", False), (IMG, "steps", True), (IMG, "steps", "2"),
+          (IMG, "guidance", True), (IMG, "guidance", "1.5"), (IMG, "slo_ms", "100"),
+          (IMG, "slo_ms", True), (VID, "frames", "9"), (VID, "frames", True),
+          (VID, "seconds", True), (VID, "steps", "2")]
+
+
+@pytest.mark.parametrize("path,field,value", STRICT,
+                         ids=[f"{p.rsplit('/', 1)[1]}-{f}-{v!r}" for p, f, v in STRICT])
+def test_booleans_and_numeric_strings_are_not_numbers(client, path, field, value):
+    r = client.post(path, json={"prompt": "a", field: value})
+    err = assert_error(r, 400, param=field)
+    assert err["message"].startswith(f"{field}: "), err
+
+
+def test_form_numbers_are_text_and_still_parsed(client):
+    """A multipart form carries only text (the openai client's `extra_body` fields come so):
+    its numbers are parsed, and a bad one still names its field."""
+    r = client.post(VID, files={"prompt": (None, "a"), "steps": (None, "2"),
+                                "seconds": (None, "1")})
+    assert_error(r, 503, code="engine_unavailable")  # valid: it reached submit
+    r = client.post(VID, files={"prompt": (None, "a"), "steps": (None, "true")})
+    assert_error(r, 400, param="steps")
 
 
 # ----------------------------------------------------------------------------- API keys

@@ -3,7 +3,8 @@
 Handlers never block the event loop: the service's calls are short and lock-protected, waiting for
 a job is an asyncio event the engine thread sets (through `call_soon_threadsafe`), and file reads
 go through a thread.  Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`.
-API keys and owners: `auth.py` (a job's owner is a keyed hash of its key, never the key).
+Bodies: JSON or multipart only (415 otherwise), size-limited (413), see `transfer.py`; API keys
+and owners: `auth.py` (a job's owner is a keyed hash of its key, never the key).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .auth import Keys
 from .config import ServeConfig
 from .schemas import ImageBody, VideoBody, parse, to_spec
 from .service import ApiError, Job, Service
+from .transfer import read_body
 
 
 def _error(status: int, message: str, code: str, param: str | None = None,
@@ -120,25 +122,13 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
     def owner(request: Request) -> str | None:
         return keys.owner(request.headers.get("authorization", ""))
 
-    async def body_of(request: Request) -> dict:
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data") or ctype.startswith(
-                "application/x-www-form-urlencoded"):
-            try:
-                form = await request.form()
-            except Exception as e:  # noqa: BLE001 - malformed form: the client's error
-                raise ApiError(400, f"malformed form body: {e}", "invalid_request_error") from None
-            return {k: v for k, v in form.items() if isinstance(v, str)}
-        raw = await request.body()
-        try:
-            return json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ApiError(400, f"malformed JSON body: {e}", "invalid_request_error") from None
-
     async def admit(request: Request, schema, kind: Kind) -> tuple[Job, str | None]:
-        """Authenticate, validate and submit a generation request."""
+        """Authenticate, validate and submit a generation request (the key before the body: a
+        client without one gets its 401 before it uploads anything)."""
         who = owner(request)
-        body = parse(schema, await body_of(request), svc.cfg.max_prompt_chars)
+        data, strict = await read_body(request, svc.cfg.max_body_bytes,
+                                       svc.cfg.max_upload_bytes)
+        body = parse(schema, data, svc.cfg.max_prompt_chars, strict)
         spec, factor = to_spec(body, kind, svc.cfg.presets, svc.cfg.max_images, svc.cfg.fps)
         key = request.headers.get("idempotency-key")
         if key is not None and not (0 < len(key) <= 255 and key.isprintable()):

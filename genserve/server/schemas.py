@@ -1,14 +1,17 @@
 """Request bodies of the HTTP API and their validation into a `JobSpec`.
 
 Every bad field becomes an `ApiError(400)` naming the field and the allowed range; nothing a client
-sends can raise anything else.  Unknown fields are ignored, as OpenAI's API does.
+sends can raise anything else.  Unknown fields are ignored, as OpenAI's API does.  JSON bodies are
+typed strictly: a boolean is not a number and neither is a numeric string (`"n": "2"`, `"seed":
+true` are 400s naming the field); `seconds` is OpenAI's string ("4") or a number.  Form bodies
+(multipart) carry only text, so their numbers are parsed from it.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,22 +42,27 @@ class ImageBody(_Common):
 
 
 class VideoBody(_Common):
-    seconds: str | int | float | None = None
+    seconds: Annotated[str, Field(max_length=32)] | int | float | None = None
     frames: int | None = Field(None, ge=1, le=10_000)
 
 
-def parse(cls, data, max_prompt_chars: int):
-    """Validate a decoded body (dict) into `cls`, or raise ApiError naming the field."""
+def parse(cls, data, max_prompt_chars: int, strict: bool = True):
+    """Validate a decoded body (dict) into `cls`, or raise ApiError naming the field.  `strict`:
+    the values are JSON's typed ones (no bool or string for a number); False for a form's text."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_request_error")
     try:
-        body = cls.model_validate(data)
+        body = cls.model_validate(data, strict=strict)
     except ValidationError as e:
         err = e.errors()[0]
         # The top-level field (deeper parts of loc name union members, not fields).
         field = str(err["loc"][0]) if err["loc"] else "body"
-        raise ApiError(400, f"{field}: {err['msg']}", "invalid_request_error",
-                       field) from None
+        msg = err["msg"]
+        if strict and isinstance(data.get(field), (bool, str)) and err["type"] in (
+                "int_type", "float_type"):
+            msg += (" (a JSON number, not a "
+                    f"{'boolean' if isinstance(data[field], bool) else 'string'})")
+        raise ApiError(400, f"{field}: {msg}", "invalid_request_error", field) from None
     if len(body.prompt) > max_prompt_chars:
         raise ApiError(400, f"prompt: {len(body.prompt)} characters; at most {max_prompt_chars}",
                        "invalid_request_error", "prompt")
