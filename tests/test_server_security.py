@@ -12,14 +12,17 @@ run (owners on disk, cancel vs finish) share one live server with API keys and o
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -276,6 +279,243 @@ def test_form_numbers_are_text_and_still_parsed(client):
     assert_error(r, 400, param="steps")
 
 
+def test_bad_query_parameters_are_named(client):
+    assert_error(client.get(VID, params={"limit": "many"}), 400, param="limit")
+    assert_error(client.get(VID, params={"limit": "true"}), 400, param="limit")
+
+
+# ----------------------------------------------------------------------------- JSON errors
+def test_an_unexpected_exception_is_a_json_500(app, client, monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("/secret/path: something broke")
+
+    monkeypatch.setattr(app.state.service, "list", broken)
+    r = client.get(VID)
+    err = assert_error(r, 500, code="internal_error")
+    assert "secret" not in r.text and "Traceback" not in r.text, r.text
+
+
+class _StuckJob:
+    """svc.submit's stand-in: a job of one image that runs until `end` fails it."""
+
+    def __init__(self, svc, monkeypatch):
+        self.job = Job(id="img_" + uuid.uuid4().hex,
+                       spec=JobSpec(Kind.IMAGE, GenSpec("tiny-t2i", 32, 32, 1, 1, 3.5, 0,
+                                                        prompt="p")),
+                       owner=None, created_at=time.time(), request_ids=["x-0"], deadline=0.0,
+                       status="in_progress")
+        self.submitted = threading.Event()
+        self.svc = svc
+        monkeypatch.setattr(svc, "submit", self.submit)
+
+    def submit(self, *args, **kw):
+        self.submitted.set()
+        return self.job
+
+    def end(self, code: str) -> None:  # what Service._fail does
+        self.job.error = {"code": code, "message": f"ended: {code}"}
+        self.job.status = "failed"
+        self.job.version += 1
+        for fn in self.svc._listeners:
+            fn(self.job)
+
+
+@pytest.mark.parametrize("code,status", [("server_shutdown", 503), ("server_restarted", 503),
+                                         ("cancelled", 409), ("generation_failed", 500)])
+def test_a_blocking_image_request_answers_how_its_job_ended(live, monkeypatch, code, status):
+    """The service fails open jobs with server_shutdown when it stops (and server_restarted for
+    one that could not resume): the client waiting on it hears 503, retry, in JSON."""
+    stuck = _StuckJob(live.svc, monkeypatch)
+    answer = {}
+    t = threading.Thread(target=lambda: answer.setdefault(
+        "r", httpx.post(live.url + IMG, json={"prompt": "a", "steps": 1}, timeout=30)))
+    t.start()
+    assert stuck.submitted.wait(10)
+    time.sleep(0.1)  # the handler waits on the job now
+    stuck.end(code)
+    t.join(30)
+    assert_error(answer["r"], status, code=code)
+    if status == 503:
+        assert int(answer["r"].headers["retry-after"]) > 0
+
+
+def test_a_request_open_past_the_shutdown_grace_gets_a_json_503(app, monkeypatch):
+    """uvicorn cancels the handlers still running when its graceful-shutdown time is over, and
+    answers those a plain-text 500; a blocking image request answers 503 server_shutdown."""
+    svc = app.state.service
+    no_engine(monkeypatch, svc)
+    stuck = _StuckJob(svc, monkeypatch)  # never ends
+    answer = {}
+    with Uvicorn(app, timeout_graceful_shutdown=1) as s:
+        t = threading.Thread(target=lambda: answer.setdefault(
+            "r", httpx.post(s.url + IMG, json={"prompt": "a", "steps": 1}, timeout=30)))
+        t.start()
+        assert stuck.submitted.wait(10)
+        time.sleep(0.2)
+    t.join(30)
+    assert_error(answer["r"], 503, code="server_shutdown")
+
+
+# ----------------------------------------------------------------------------- races
+def test_content_vs_delete_is_404_not_500(app, client, monkeypatch):
+    """Deterministic: the DELETE (record and files) lands after the content request found the
+    video and before its file is read."""
+    svc = app.state.service
+    job = finished_video(svc)
+    path_of = svc.result_path
+
+    def deleted_meanwhile(j, name):
+        svc.delete(j.id, None)
+        return path_of(j, name)
+
+    monkeypatch.setattr(svc, "result_path", deleted_meanwhile)
+    r = client.get(f"{VID}/{job.id}/content")
+    assert_error(r, 404, param="id", code="not_found")
+
+
+def test_content_and_delete_concurrently(live):
+    """Many rounds of GET content and DELETE at once: the content is whole (200) or 404, the
+    delete 200 (or 404 for a video already gone), every error in JSON."""
+    data = os.urandom(3 << 20)
+    seen = set()
+    with httpx.Client(base_url=live.url, timeout=30) as c, ThreadPoolExecutor(4) as pool:
+        for i in range(60):
+            job = finished_video(live.svc, data)
+            get = pool.submit(c.get, f"{VID}/{job.id}/content")
+            if i % 3:
+                time.sleep(0.001 * (i % 7))
+            delete = pool.submit(c.delete, f"{VID}/{job.id}")
+            g, d = get.result(), delete.result()
+            assert d.status_code == 200, d.text
+            if g.status_code == 200:
+                assert g.content == data
+            else:
+                assert_error(g, 404, code="not_found")
+            seen.add(g.status_code)
+            assert not (live.svc.results / job.id).exists()
+    print("content answers seen:", sorted(seen))
+
+
+def test_delete_removes_files_off_the_event_loop(app, client, monkeypatch):
+    svc = app.state.service
+    job = finished_video(svc)
+    calls = []
+    real = shutil.rmtree
+
+    def spy(path, *a, **kw):
+        try:
+            asyncio.get_running_loop()
+            calls.append(("event loop", str(path)))
+        except RuntimeError:
+            calls.append(("thread", str(path)))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", spy)
+    r = client.delete(f"{VID}/{job.id}")
+    assert r.status_code == 200, r.text
+    assert calls and all(where == "thread" for where, _ in calls), calls
+    assert not (svc.results / job.id).exists()
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+def test_list_pages_on_past_a_cursor_that_expired(app, client, order):
+    """GET /v1/videos?after=ID where ID was the last of the previous page and expired (or was
+    deleted) since: the next page starts where it stood, not a 400."""
+    svc = app.state.service
+    t0 = time.time() - 100
+    made = [finished_video(svc, created_at=t0 + i) for i in range(4)]
+    page = client.get(VID, params={"limit": 2, "order": order}).json()
+    cursor = page["last_id"]
+    svc.jobs[cursor].expires_at = time.time() - 1
+    assert svc.expire() == 1
+    r = client.get(VID, params={"limit": 2, "order": order, "after": cursor})
+    assert r.status_code == 200, r.text
+    ids = [j.id for j in made]
+    want = ids[::-1][2:] if order == "desc" else ids[2:]
+    assert [v["id"] for v in r.json()["data"]] == want
+    # an id no page ever showed is still a 400 naming it
+    assert_error(client.get(VID, params={"after": "video_" + "0" * 32}), 400, param="after")
+
+
+def test_list_while_videos_expire(live):
+    """Pages read while the janitor expires videos under them: every page 200, newest first,
+    no video twice."""
+    svc = live.svc
+    t0 = time.time() - 1000
+    jobs = [finished_video(svc, created_at=t0 + i, ttl=0.2 + 0.01 * (i % 50))
+            for i in range(150)]
+    stop = threading.Event()
+
+    def janitor():
+        while not stop.is_set():
+            svc.expire()
+            time.sleep(0.002)
+
+    t = threading.Thread(target=janitor)
+    t.start()
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as c:
+            for _ in range(20):
+                ids, params = [], {"limit": 7}
+                while True:
+                    r = c.get(VID, params=params)
+                    assert r.status_code == 200, r.text
+                    page = r.json()
+                    ids += [v["id"] for v in page["data"]]
+                    if not page["has_more"]:
+                        break
+                    params["after"] = page["last_id"]
+                assert len(ids) == len(set(ids))
+                order = {j.id: i for i, j in enumerate(jobs)}
+                assert [order[i] for i in ids] == sorted((order[i] for i in ids), reverse=True)
+                if not svc.jobs:
+                    break
+    finally:
+        stop.set()
+        t.join()
+
+
+# ----------------------------------------------------------------------------- 404s and HEAD
+def test_404_messages_repeat_only_a_short_prefix_of_the_id(client):
+    long_id = "video_" + "A" * 40 + "SECRET-TAIL" + "B" * 200
+    for r in (client.get(f"{VID}/{long_id}"), client.get(f"{VID}/{long_id}/content"),
+              client.delete(f"{VID}/{long_id}"), client.get(f"/v1/jobs/{long_id}"),
+              client.delete(f"/v1/jobs/{long_id}"), client.get(f"/v1/jobs/{long_id}/events")):
+        err = assert_error(r, 404, param="id", code="not_found")
+        assert "SECRET-TAIL" not in err["message"] and len(err["message"]) < 60, err
+
+
+def test_head_works_wherever_get_does(app, client):
+    svc = app.state.service
+    job = finished_video(svc)
+    get_routes = {r.path for r in app.routes if "GET" in getattr(r, "methods", ())}
+    head_routes = {r.path for r in app.routes if "HEAD" in getattr(r, "methods", ())}
+    assert get_routes and get_routes <= head_routes, get_routes - head_routes
+    for path in (VID, f"{VID}/{job.id}", f"{VID}/{job.id}/content", f"/v1/jobs/{job.id}",
+                 f"/v1/jobs/{job.id}/events", "/v1/models", "/health", "/metrics",
+                 f"{VID}/nope", f"{VID}/{job.id}/content?variant=x"):
+        g, h = client.get(path), client.head(path)
+        assert h.status_code == g.status_code, (path, h.status_code, g.status_code)
+        assert h.headers["content-type"] == g.headers["content-type"], path
+        assert h.content == b"", path
+        if "events" not in path:
+            assert int(h.headers["content-length"]) == len(g.content), path
+
+
+def test_content_ranges(app, client):
+    data = bytes(range(256)) * 100
+    job = finished_video(app.state.service, data)
+    url = f"{VID}/{job.id}/content"
+    whole = client.get(url)
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["content-type"] == "video/mp4"
+    part = client.get(url, headers={"Range": "bytes=100-299"})
+    assert part.status_code == 206 and part.content == data[100:300]
+    assert part.headers["content-range"] == f"bytes 100-299/{len(data)}"
+    assert client.get(url, headers={"Range": "bytes=-10"}).content == data[-10:]
+    assert client.get(url, headers={"Range": f"bytes={len(data)}-"}).status_code == 416
+
+
 # ----------------------------------------------------------------------------- API keys
 def test_secret_is_made_once_private_and_kept(tmp_path):
     from genserve.server.auth import SECRET_FILE, Keys
@@ -367,3 +607,67 @@ def test_api_keys_never_reach_the_disk(keyed):
             assert form not in raw, p
     job = svc.jobs[v.json()["id"]]
     assert job.owner != KEY and len(job.owner) == 64
+
+
+def test_delete_vs_finish_never_leaves_a_deleted_video(keyed, monkeypatch):
+    """Deterministic: DELETE lands while the engine has finished the video and its file is being
+    written (the cancel cannot stop it any more).  `deleted: true` must hold: the video ends
+    cancelled or is gone, never completed and downloadable."""
+    svc = keyed.svc
+    entered, release = threading.Event(), threading.Event()
+    write = svc._write
+
+    def slow_write(job, *a, **kw):
+        entered.set()
+        assert release.wait(30)
+        return write(job, *a, **kw)
+
+    monkeypatch.setattr(svc, "_write", slow_write)
+    with httpx.Client(base_url=keyed.url, timeout=60) as c:
+        vid = c.post(VID, json={"prompt": "racing", "steps": 2, "frames": 5, "size": "32x32"},
+                     headers=auth()).json()["id"]
+        try:
+            assert entered.wait(60), "the video never finished"
+            d = c.delete(f"{VID}/{vid}", headers=auth())
+            assert d.status_code == 200 and d.json()["deleted"] is True, d.text
+        finally:
+            release.set()
+        deadline = time.monotonic() + 15
+        while True:
+            r = c.get(f"{VID}/{vid}", headers=auth())
+            if r.status_code == 404 or r.json()["status"] == "failed":
+                break
+            assert time.monotonic() < deadline, f"deleted, yet {r.json()['status']}"
+            time.sleep(0.05)
+        content = c.get(f"{VID}/{vid}/content", headers=auth())
+        assert content.status_code in (404, 409), content.status_code
+        assert_error(content, content.status_code)
+
+
+def test_cancel_vs_finish_answers_json(keyed):
+    """Image jobs cancelled at times around their end: the cancel answers the job (200, its state
+    then), the blocking request 200 or 409, all in JSON, and the job's final state agrees."""
+    results = []
+    with httpx.Client(base_url=keyed.url, timeout=60) as c, ThreadPoolExecutor(2) as pool:
+        for i in range(12):
+            before = set(keyed.svc.jobs)
+            post = pool.submit(c.post, IMG, json={"prompt": f"r{i}", "steps": 1 + i % 3,
+                                                  "size": "32x32"}, headers=auth())
+            deadline = time.monotonic() + 30
+            while not (new := set(keyed.svc.jobs) - before):
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            job_id = new.pop()
+            time.sleep(0.02 * (i % 6))
+            cancel = c.delete(f"/v1/jobs/{job_id}", headers=auth())
+            answer = post.result()
+            assert cancel.status_code == 200, cancel.text
+            assert answer.status_code in (200, 409), answer.text
+            if answer.status_code == 409:
+                assert_error(answer, 409, code="cancelled")
+            end = wait_final(c, f"/v1/jobs/{job_id}")
+            assert end["status"] == ("completed" if answer.status_code == 200 else "failed")
+            if cancel.json()["status"] in ("completed", "failed"):
+                assert cancel.json()["status"] == end["status"]
+            results.append(answer.status_code)
+    print("image answers:", results)

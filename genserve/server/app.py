@@ -1,10 +1,17 @@
 """The HTTP API (FastAPI): OpenAI-compatible images and videos, job progress and cancel, metrics.
 
-Handlers never block the event loop: the service's calls are short and lock-protected, waiting for
-a job is an asyncio event the engine thread sets (through `call_soon_threadsafe`), and file reads
-go through a thread.  Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`.
-Bodies: JSON or multipart only (415 otherwise), size-limited (413), see `transfer.py`; API keys
-and owners: `auth.py` (a job's owner is a keyed hash of its key, never the key).
+Handlers never block the event loop: reads of the service are short and lock-protected; what
+changes jobs or touches files (submit, cancel, delete and its file removal, opening a result) runs
+in a thread; waiting for a job is an asyncio event the engine thread sets (through
+`call_soon_threadsafe`).  Every answer other than success is OpenAI's body, `{"error": {"message",
+"type", "param", "code"}}`, unexpected exceptions included (a JSON 500, no stack trace).  Every GET
+route also answers HEAD.  Bodies: JSON or multipart only (415 otherwise), size-limited (413), see
+`transfer.py`; API keys and owners: `auth.py`.
+
+Races, each answered by a JSON status, never a 500: content vs delete or expiry (the file is
+opened before the answer, so it is either streamed whole or a 404), cancel vs finish (the state
+the job is in; a video a DELETE cancelled that completes anyway is deleted once it does), list vs
+expiry (a page's cursor that expired or was deleted in between still places the next page).
 """
 
 from __future__ import annotations
@@ -13,11 +20,13 @@ import asyncio
 import base64
 import json
 import time
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..catalog import MODELS
@@ -26,7 +35,19 @@ from .auth import Keys
 from .config import ServeConfig
 from .schemas import ImageBody, VideoBody, parse, to_spec
 from .service import ApiError, Job, Service
-from .transfer import read_body
+from .transfer import OpenFileResponse, open_regular, read_body
+
+
+GET = ["GET", "HEAD"]
+# A failed job's error code -> the status of the blocking answer that was waiting for it; the
+# rest are 500s.  The two 503s say "try again": the server went away under the request.
+FAILED_STATUS = {"cancelled": 409, "server_shutdown": 503, "server_restarted": 503}
+ID_PREFIX = 32  # characters of a client's id an error message may repeat
+
+
+def short(text: str, n: int = ID_PREFIX) -> str:
+    """A client's string as an error message may show it: its first `n` characters, quoted."""
+    return repr(text[:n] + ("..." if len(text) > n else ""))
 
 
 def _error(status: int, message: str, code: str, param: str | None = None,
@@ -36,13 +57,19 @@ def _error(status: int, message: str, code: str, param: str | None = None,
                                    "code": code}}, status_code=status, headers=headers)
 
 
+def _not_found(what: str, job_id: str) -> ApiError:
+    return ApiError(404, f"no {what} {short(job_id)}", "not_found", "id")
+
+
 class _Waiters:
     """Job id -> asyncio.Event set (in the loop) when the engine thread reports a change."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop | None):
         self.loop, self.events = loop, {}
 
     def __call__(self, job: Job) -> None:  # any thread
+        if self.loop is None:  # no loop has waited yet: nobody to wake
+            return
         try:
             self.loop.call_soon_threadsafe(self._fire, job.id)
         except RuntimeError:  # the loop is closed (shutting down): nobody waits any more
@@ -55,6 +82,7 @@ class _Waiters:
 
     async def wait(self, job: Job, version: int, timeout: float) -> None:
         """Until the job's version moves past `version` (or `timeout` seconds)."""
+        self.loop = self.loop or asyncio.get_running_loop()
         ev = self.events.setdefault(job.id, asyncio.Event())
         if job.version != version:
             return
@@ -87,15 +115,76 @@ def job_object(svc: Service, job: Job) -> dict:
     return out
 
 
+class _DeleteWhenDone:
+    """Videos a DELETE cancelled, until they end.  The engine may have finished one already when
+    the cancel came (its file was being written): it then completes anyway, and is deleted as soon
+    as it does, so that the DELETE's `deleted: true` holds (the service could instead refuse to
+    complete a cancelled job; until it does, this closes the race here)."""
+
+    def __init__(self, svc: Service):
+        self.svc, self.loop = svc, None
+        self.owners: dict[str, str | None] = {}
+        self.tasks: set[asyncio.Future] = set()  # deletions under way (kept from the GC)
+
+    def add(self, job: Job, owner: str | None) -> None:  # in the loop
+        self.loop = asyncio.get_running_loop()
+        self.owners[job.id] = owner
+        self(job)  # it may have ended before it was added: no listener call would follow
+
+    def __call__(self, job: Job) -> None:  # a service listener: any thread
+        if job.final and job.id in self.owners and self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._ended, job.id)
+            except RuntimeError:  # the loop is closed: the server is gone
+                pass
+
+    def _ended(self, job_id: str) -> None:
+        if job_id not in self.owners:
+            return
+        owner = self.owners.pop(job_id)
+        job = self.svc.jobs.get(job_id)
+        if job is not None and job.status == "completed":
+            task = asyncio.ensure_future(run_in_threadpool(self._delete, job_id, owner))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _delete(self, job_id: str, owner: str | None) -> None:
+        try:
+            self.svc.delete(job_id, owner)
+        except ApiError:  # deleted meanwhile by another DELETE
+            pass
+
+
+class _Cursors:
+    """Where each video a list page showed sorts (bounded: the newest kept), so that `after=` a
+    video deleted or expired since that page still places the next one."""
+
+    def __init__(self, size: int = 10_000):
+        self.size, self.keys = size, OrderedDict()
+
+    def shown(self, owner: str | None, jobs: list[Job]) -> None:
+        for j in jobs:
+            self.keys[j.id] = (owner, (j.created_at, j.id))
+            self.keys.move_to_end(j.id)
+        while len(self.keys) > self.size:
+            self.keys.popitem(last=False)
+
+    def key(self, owner: str | None, job_id: str) -> tuple | None:
+        rec = self.keys.get(job_id)
+        return rec[1] if rec is not None and rec[0] == owner else None
+
+
 def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -> FastAPI:
     """The app; the service (worker processes, engine thread) starts in its lifespan."""
     svc = service or Service(cfg or ServeConfig())
     keys = Keys(svc.cfg.api_keys, svc.cfg.results_dir)
+    waiters, forget, cursors = _Waiters(None), _DeleteWhenDone(svc), _Cursors()
+    svc.add_listener(waiters)
+    svc.add_listener(forget)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.waiters = _Waiters(asyncio.get_running_loop())
-        svc.add_listener(app.state.waiters)
+        waiters.loop = asyncio.get_running_loop()
         if not svc.started:
             await asyncio.to_thread(svc.start)
         yield
@@ -103,6 +192,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
 
     app = FastAPI(title="genserve", lifespan=lifespan)
     app.state.service = svc
+    app.state.waiters = waiters
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -111,13 +201,21 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        field = ".".join(str(x) for x in err["loc"] if x != "body") or "body"
+        # The parameter's own name: loc starts with where it came from (query, path, body).
+        where = ("body", "query", "path", "header")
+        field = ".".join(str(x) for x in err["loc"] if x not in where) or "body"
         return _error(400, f"{field}: {err['msg']}", "invalid_request_error", field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         return _error(e.status_code, str(e.detail), "not_found" if e.status_code == 404
-                      else "http_error")
+                      else "http_error", headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        # A bug: the server logs it (starlette re-raises it after this answer); the client gets
+        # the API's error body, no trace.
+        return _error(500, "internal server error", "internal_error")
 
     def owner(request: Request) -> str | None:
         return keys.owner(request.headers.get("authorization", ""))
@@ -135,20 +233,30 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
             raise ApiError(400, "Idempotency-Key: 1 to 255 printable characters",
                            "invalid_request_error", "Idempotency-Key")
         # In a thread: the job is written to the store (and synced) before the answer.
-        return await asyncio.to_thread(svc.submit, spec, who, factor, key), who
+        return await run_in_threadpool(svc.submit, spec, who, factor, key), who
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
         job, who = await admit(request, ImageBody, Kind.IMAGE)
-        while not job.final:
-            if await request.is_disconnected():
-                svc.cancel(job.id, who)  # nobody will read it
-                return Response(status_code=499)
-            await app.state.waiters.wait(job, job.version, 1.0)
+        try:
+            while not job.final:
+                if await request.is_disconnected():
+                    await run_in_threadpool(svc.cancel, job.id, who)  # nobody will read it
+                    return Response(status_code=499)
+                await waiters.wait(job, job.version, 1.0)
+        except asyncio.CancelledError:
+            # The server stops and its grace period for open requests is over (uvicorn cancels
+            # them, then answers a plain-text 500 for those that did not answer): say so in the
+            # API's terms.  The job itself is the service's to fail or keep at its stop.
+            asyncio.current_task().uncancel()
+            return _error(503, "the server stopped before this request finished; retry",
+                          "server_shutdown", headers={"Retry-After": "30"})
         if job.status != "completed":
-            code = (job.error or {}).get("code", "generation_failed")
-            return _error(500 if code != "cancelled" else 409,
-                          (job.error or {}).get("message", "failed"), code)
+            err = job.error or {}
+            code = err.get("code", "generation_failed")
+            status = FAILED_STATUS.get(code, 500)
+            return _error(status, err.get("message", "failed"), code,
+                          headers={"Retry-After": "30"} if status == 503 else None)
         kept = svc.take_images(job)  # from memory: never read back what was just written
         data = []
         for name in job.files:
@@ -160,68 +268,96 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
     async def create_video(request: Request):
         return video_object(svc, (await admit(request, VideoBody, Kind.VIDEO))[0])
 
-    @app.get("/v1/videos")
+    @app.api_route("/v1/videos", methods=GET)
     async def list_videos(request: Request, limit: int = 20, after: str | None = None,
                           order: str = "desc"):
         if order not in ("asc", "desc"):
-            raise ApiError(400, f"order={order!r}: 'asc' or 'desc'", "invalid_request_error",
-                           "order")
+            raise ApiError(400, f"order={short(order)}: 'asc' or 'desc'",
+                           "invalid_request_error", "order")
         if not 1 <= limit <= 100:
             raise ApiError(400, f"limit={limit}: must be in [1, 100]", "invalid_request_error",
                            "limit")
-        jobs = svc.list(owner(request), Kind.VIDEO)
+        who = owner(request)
+        jobs = svc.list(who, Kind.VIDEO)  # oldest first
+        if after is not None:
+            at = next(((j.created_at, j.id) for j in jobs if j.id == after), None)
+            at = at or cursors.key(who, after)  # gone since the page that showed it
+            if at is None:
+                raise ApiError(400, f"after={short(after)}: no such video in this list",
+                               "invalid_request_error", "after")
+            jobs = [j for j in jobs if ((j.created_at, j.id) > at if order == "asc"
+                                        else (j.created_at, j.id) < at)]
         if order == "desc":
             jobs.reverse()
-        if after is not None:
-            ids = [j.id for j in jobs]
-            if after not in ids:
-                raise ApiError(400, f"after={after!r}: no such video in this list",
-                               "invalid_request_error", "after")
-            jobs = jobs[ids.index(after) + 1:]
-        data = [video_object(svc, j) for j in jobs[:limit]]
+        page = jobs[:limit]
+        cursors.shown(who, page)
+        data = [video_object(svc, j) for j in page]
         return {"object": "list", "data": data,
                 "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": len(jobs) > limit}
 
+    def lookup(job_id: str, who: str | None, what: str = "job") -> Job:
+        try:
+            return svc.get(job_id, who)
+        except ApiError as e:
+            if e.status == 404:  # the service's message repeats the whole id
+                raise _not_found(what, job_id) from None
+            raise
+
     def video_job(request: Request, video_id: str) -> tuple[Job, str | None]:
         who = owner(request)
-        job = svc.get(video_id, who)
+        job = lookup(video_id, who, "video")
         if job.spec.kind is not Kind.VIDEO:
-            raise ApiError(404, f"no video {video_id!r}", "not_found", "id")
+            raise _not_found("video", video_id)
         return job, who
 
-    @app.get("/v1/videos/{video_id}")
+    @app.api_route("/v1/videos/{video_id}", methods=GET)
     async def get_video(request: Request, video_id: str):
         return video_object(svc, video_job(request, video_id)[0])
 
-    @app.get("/v1/videos/{video_id}/content")
+    @app.api_route("/v1/videos/{video_id}/content", methods=GET)
     async def video_content(request: Request, video_id: str, variant: str = "video"):
         job, _ = video_job(request, video_id)
         if variant != "video":
-            raise ApiError(400, f"variant={variant!r}: only 'video' is available",
+            raise ApiError(400, f"variant={short(variant)}: only 'video' is available",
                            "invalid_request_error", "variant")
         if job.status != "completed":
-            raise ApiError(409, f"video {video_id} is {job.status}, not completed",
+            raise ApiError(409, f"video {short(video_id)} is {job.status}, not completed",
                            "video_not_ready")
-        return FileResponse(svc.result_path(job, "video.mp4"), media_type="video/mp4")
+        try:
+            fh, st = await run_in_threadpool(open_regular, svc.result_path(job, "video.mp4"))
+        except FileNotFoundError:  # deleted or expired since it was looked up
+            raise _not_found("video", video_id) from None
+        return OpenFileResponse(fh, st, "video/mp4")
 
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(request: Request, video_id: str):
         job, who = video_job(request, video_id)
-        svc.delete(job.id, who)  # a running video is cancelled (and stays visible, failed)
+        if not job.final:
+            forget.add(job, who)  # before the cancel: a completion racing it is seen either way
+        # A running video is cancelled (and stays visible, failed); an ended one is forgotten,
+        # its files removed (in a thread: never on the event loop).
+        await run_in_threadpool(svc.delete, job.id, who)
         return {"id": job.id, "object": "video.deleted", "deleted": True}
 
-    @app.get("/v1/jobs/{job_id}")
+    @app.api_route("/v1/jobs/{job_id}", methods=GET)
     async def get_job(request: Request, job_id: str):
-        return job_object(svc, svc.get(job_id, owner(request)))
+        return job_object(svc, lookup(job_id, owner(request)))
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel_job(request: Request, job_id: str):
-        return job_object(svc, svc.cancel(job_id, owner(request)))
+        who = owner(request)
+        job = lookup(job_id, who)
+        # The job as it is once the cancel is asked for: still running (it ends failed/cancelled
+        # at its next step), or final, when it ended first (cancel vs finish).
+        return job_object(svc, await run_in_threadpool(svc.cancel, job.id, who))
 
-    @app.get("/v1/jobs/{job_id}/events")
+    @app.api_route("/v1/jobs/{job_id}/events", methods=GET)
     async def job_events(request: Request, job_id: str):
-        job = svc.get(job_id, owner(request))
+        job = lookup(job_id, owner(request))
+        headers = {"Cache-Control": "no-cache"}
+        if request.method == "HEAD":  # the headers of the stream, without waiting on the job
+            return Response(media_type="text/event-stream", headers=headers)
 
         async def stream():
             last = None
@@ -233,14 +369,13 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
                     yield f"data: {json.dumps(obj)}\n\n"
                 if obj["status"] in ("completed", "failed") or await request.is_disconnected():
                     return
-                await app.state.waiters.wait(job, version, 15.0)
+                await waiters.wait(job, version, 15.0)
                 if job.version == version:
                     yield ": keep-alive\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=GET)
     async def models(request: Request):
         owner(request)
         now = int(time.time())
@@ -248,7 +383,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
             {"id": m, "object": "model", "created": now, "owned_by": "genserve",
              "kind": MODELS[m].kind.value} for m in svc.cfg.presets]}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=GET)
     async def health():
         if svc.draining:
             return _error(503, "draining", "draining")
@@ -257,7 +392,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
                           "engine_unavailable")
         return {"status": "ok", "workers": svc.cfg.workers, "models": list(svc.cfg.presets)}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=GET)
     async def metrics():
         return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 

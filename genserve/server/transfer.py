@@ -1,4 +1,4 @@
-"""Bytes into the HTTP API: request bodies (content type, size limit).
+"""Bytes in and out of the HTTP API: request bodies (content type, size limit) and result files.
 
 Bodies.  A generation request is JSON (`application/json`, UTF-8) or a multipart form
 (`multipart/form-data`, what the openai client sends for videos); anything else is 415 naming
@@ -9,15 +9,25 @@ forms `max_upload_bytes` (room for a file part; none is used yet).  A larger Con
 refused as soon as it passes the limit, so no more than the limit (plus one chunk) is ever held.
 JSON values are typed strictly (`"2"` and `true` are not numbers); a form's values are all text,
 so numbers in them are parsed.
+
+Files.  A result is opened before the answer is chosen and streamed from that handle: a DELETE
+(or the expiry) that removes the file meanwhile cannot turn a 200 already under way into a broken
+response, and a file already gone is a 404, never a 500.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+import re
+import stat
+from email.utils import formatdate
+from typing import Any, BinaryIO
 
+import anyio
 from starlette.requests import ClientDisconnect, Request
-from starlette.types import Receive
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from .service import ApiError
 
@@ -117,3 +127,83 @@ async def _form(request: Request) -> dict:
         return {k: v for k, v in form.items() if isinstance(v, str)}
     finally:
         await form.close()
+
+
+# ----------------------------------------------------------------------------- files out
+def open_regular(path: os.PathLike | str) -> tuple[BinaryIO, os.stat_result]:
+    """The file opened for reading and its stat (blocking: call in a thread); FileNotFoundError
+    when it is gone or not a regular file."""
+    fh = open(path, "rb")  # noqa: SIM115 - the response closes it
+    try:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(path)
+    except BaseException:
+        fh.close()
+        raise
+    return fh, st
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+class OpenFileResponse(Response):
+    """A file streamed from an open handle (closed when the response ends), with HEAD, and one
+    byte range (`Range: bytes=a-b`, what video players ask for; several ranges get the whole
+    file, as RFC 9110 allows)."""
+
+    chunk_size = 256 * 1024
+
+    def __init__(self, fh: BinaryIO, st: os.stat_result, media_type: str):
+        self.fh, self.size = fh, st.st_size
+        self.etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+        super().__init__(None, media_type=media_type, headers={
+            "accept-ranges": "bytes", "etag": self.etag,
+            "last-modified": formatdate(st.st_mtime, usegmt=True)})
+
+    def _range(self, scope: Scope) -> tuple[int, int, int]:
+        """(status, start, end) of what to send."""
+        headers = dict(scope.get("headers") or ())
+        asked = headers.get(b"range", b"").decode("latin-1").strip()
+        if_range = headers.get(b"if-range")
+        m = _RANGE.fullmatch(asked)
+        if not m or (if_range is not None and if_range.decode("latin-1") != self.etag):
+            return 200, 0, self.size
+        first, last = m.groups()
+        if not first and not last:
+            return 200, 0, self.size
+        if not first:  # the last N bytes
+            start, end = max(0, self.size - int(last)), self.size
+        else:
+            start, end = int(first), min(self.size, int(last) + 1 if last else self.size)
+        if start >= self.size or start >= end:
+            return 416, 0, 0
+        return 206, start, end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            status, start, end = self._range(scope)
+            headers = self.headers.mutablecopy()
+            headers["content-length"] = str(end - start)
+            if status == 206:
+                headers["content-range"] = f"bytes {start}-{end - 1}/{self.size}"
+            elif status == 416:
+                headers["content-range"] = f"bytes */{self.size}"
+            await send({"type": "http.response.start", "status": status,
+                        "headers": headers.raw})
+            if scope["method"] == "HEAD" or status == 416:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await anyio.to_thread.run_sync(self.fh.seek, start)
+            left = end - start
+            while True:
+                chunk = await anyio.to_thread.run_sync(self.fh.read,
+                                                       min(self.chunk_size, left))
+                left -= len(chunk)
+                more = left > 0 and bool(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                if not more:
+                    return
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.fh.close)
