@@ -8,6 +8,8 @@ exited, and were replaced too (CI saw 6 workers lost where 2 died)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import socket
 import time
 
 import pytest
@@ -123,3 +125,149 @@ def test_a_worker_whose_world_was_abandoned_runs_alone_and_answers_group_jobs_lo
         inbox.put(Shutdown())
         p.join(30)
     assert p.exitcode == 0
+
+
+# ----- the driver's store: loopback (or the given address) only, and only with the secret -----
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets process `pid` listens on."""
+    import ipaddress
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
+                continue
+            hexaddr, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+            out.add((str(ipaddress.ip_address(raw)), int(hexport, 16)))
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    a = ipaddress.ip_address(host)
+    return a.is_loopback or (a.version == 6 and a.ipv4_mapped is not None
+                             and a.ipv4_mapped.is_loopback)
+
+
+def _outside_address() -> str | None:
+    """A non-loopback IPv4 address of this machine, if it has one (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            addr = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if _is_loopback(addr) else addr
+
+
+def test_the_store_serves_only_clients_that_know_the_secret():
+    from datetime import timedelta
+
+    from genserve.parallel.authstore import Client, Server, StoreError, new_secret
+
+    secret = new_secret()
+    server = Server("127.0.0.1", secret)
+    try:
+        assert _listening(os.getpid()) >= {("127.0.0.1", server.port)}
+        server.local.set("w1//arrived/0", b"1")
+        c = Client("127.0.0.1", server.port, secret, timedelta(seconds=5))
+        assert c.get("w1//arrived/0") == b"1" and c.check(["w1//arrived/0"])
+        assert c.add("n", 2) == 2 and c.add("n", 3) == 5 and c.get("n") == b"5"
+        assert c.compare_set("d", "", "formed") == b"formed"
+        assert c.compare_set("d", "", "abandoned") == b"formed"  # the first decision stands
+        assert c.delete_key("n") and not c.check(["n"]) and c.num_keys() == 2
+        with pytest.raises(StoreError, match="timed out"):
+            c.wait(["never"], timedelta(seconds=0.2))
+        # Without the secret: a guessed one, torch's own client, or bytes thrown at the port.
+        with pytest.raises(StoreError, match="handshake failed"):
+            Client("127.0.0.1", server.port, new_secret(), timedelta(seconds=5))
+        with pytest.raises(Exception):  # noqa: B017 - torch raises DistNetworkError
+            dist.TCPStore("127.0.0.1", server.port, is_master=False,
+                          timeout=timedelta(seconds=1)).list_keys()
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.settimeout(10)
+            nonce = s.recv(64)
+            s.sendall(b"\0" * 64)  # a wrong proof: the server says nothing more and hangs up
+            assert len(nonce) == 32 and s.recv(64) == b""
+        outside = _outside_address()
+        if outside is not None:  # listening on loopback only
+            with pytest.raises(OSError):
+                socket.create_connection((outside, server.port), timeout=2).close()
+        assert c.get("d") == b"formed"  # the real client was not disturbed
+    finally:
+        server.close()
+
+
+def _auth_member(rank, world, init_method, host, port, secret):
+    import torch
+    import torch.distributed as dist
+
+    from genserve.parallel.world import rendezvous
+
+    rendezvous(Rendezvous(host, port, "s1/", secret), rank, tuple(range(world)), "gloo", 30)
+    x = torch.ones(1)
+    dist.all_reduce(x, group=dist.new_group([0, 1]))
+    dist.destroy_process_group()
+    return float(x)
+
+
+def test_a_world_forms_in_the_store_and_a_client_without_the_secret_cannot_join(world_pool):
+    from genserve.parallel.authstore import Server, StoreError, new_secret
+    from genserve.parallel.world import rendezvous
+
+    secret = new_secret()
+    server = Server("127.0.0.1", secret)
+    try:
+        got = world_pool.run(_auth_member, 2, "127.0.0.1", server.port, secret)
+        assert got == {0: 2.0, 1: 2.0}
+        with pytest.raises(StoreError):
+            rendezvous(Rendezvous("127.0.0.1", server.port, "s1/", new_secret()), 2, (0, 1, 2),
+                       "gloo", 5)
+        assert not dist.is_initialized()
+    finally:
+        server.close()
+
+
+@pytest.mark.usefixtures("forked_worker_pools")
+def test_a_pools_store_and_worker_sockets_listen_on_loopback_and_need_the_secret():
+    """What a process of this machine (or of another) can reach of a running pool: the driver's
+    store and the workers' gloo sockets listen on loopback only, and a client that does not know
+    the run's secret reads no key (torch's TCPStore, used before, listened on every interface and
+    listed every key to any client)."""
+    from datetime import timedelta
+
+    from genserve.parallel.authstore import Client, StoreError, new_secret
+    from genserve.parallel.protocol import Noop
+    from genserve.parallel.workers import WorkerPool
+
+    before = _listening(os.getpid())
+    with WorkerPool("tiny-t2i", 2, collective_timeout_s=20) as pool:
+        assert pool.wait(pool.submit((0, 1), Noop()), timeout_s=60) is None  # a group: gloo
+        store = _listening(os.getpid()) - before
+        workers = set().union(*(_listening(p.pid) for p in pool.procs))
+        assert store and workers
+        assert all(_is_loopback(h) for h, _ in store | workers), store | workers
+        outside = _outside_address()
+        for _, port in store:
+            if outside is not None:
+                with pytest.raises(OSError):
+                    socket.create_connection((outside, port), timeout=2).close()
+            with pytest.raises(Exception):  # noqa: B017 - torch raises DistNetworkError
+                dist.TCPStore("127.0.0.1", port, is_master=False,
+                              timeout=timedelta(seconds=1)).list_keys()
+            with pytest.raises(StoreError):
+                Client("127.0.0.1", port, new_secret(), timedelta(seconds=5))
+        assert pool.wait(pool.submit((0, 1), Noop()), timeout_s=60) is None

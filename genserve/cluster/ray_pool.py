@@ -9,8 +9,10 @@ engine.  What differs:
   and its placement keeps SP groups inside one (NVLink) unless spanning pays.  A group is a
   torch.distributed group made by its own members on first use (`GroupCache`), so groups that stay
   inside a node only ever talk over that node's links.
-- Rendezvous.  The driver hosts a TCPStore; every world (the first, and one per re-formation)
-  uses a fresh key prefix of it.
+- Rendezvous.  The driver hosts the worlds' store (`parallel/authstore.py`) on its node's
+  cluster address, and only clients that know the run's secret (sent to the actors with their
+  loop call) can use it; every world (the first, and one per re-formation) uses a fresh key
+  prefix of it.
 - Transport.  Jobs and control messages are actor calls, numbered per actor so that a threaded
   actor still queues them in order; results come back through one Ray queue that lives on the
   driver's node (a queue on a worker node would die with it).  One queue for all workers is safe
@@ -318,5 +320,6 @@ class RayWorkerPool(PoolBase):
             ray.util.remove_placement_group(self._pg)
         except Exception:  # noqa: BLE001 - the cluster may be gone already
             pass
+        self._server.close()
         if self._own_ray:
             ray.shutdown()

@@ -58,12 +58,15 @@ def message(cls):
 
 @message
 class Rendezvous:
-    """Where a world meets: a TCPStore the driver hosts, and the key prefix of this world (fresh
-    for every world, so a re-formed one never sees the old one's keys)."""
+    """Where a world meets: a store the driver hosts at `host`:`port`, and the key prefix of this
+    world (fresh for every world, so a re-formed one never sees the old one's keys; it also names
+    the world, e.g. in `SendState`).  `secret`: the run's key for the driver's authenticated store
+    (`authstore.py`; hex, never printed: `repr` leaves it out); empty: a plain torch TCPStore (tests)."""
 
     host: str
     port: int
     prefix: str
+    secret: str = field(default="", repr=False)
 
 
 # ----- the members of a run job: where each request's state comes from -----

@@ -96,11 +96,13 @@ class PoolBase:
         self._prefix = ""  # its key prefix: names it in `SendState`
 
     def _open_store(self, host: str) -> None:
-        """The driver-hosted TCPStore every world meets in (see `world.rendezvous`)."""
-        import torch.distributed as dist
+        """The store every world meets in (see `world.rendezvous`), listening on `host` only;
+        only holders of this run's secret can use it (`authstore.py`)."""
+        from .authstore import Server, new_secret
 
-        self._host = host
-        self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        self._host, self._secret = host, new_secret()
+        self._server = Server(host, self._secret)
+        self._store = self._server.local  # the driver's handle (`abandon`)
 
     def _next_world(self, members: tuple[int, ...]) -> Rendezvous:
         """Make the world of `members` current (no groups made in it yet) and return its
@@ -111,7 +113,7 @@ class PoolBase:
         self._generation += 1
         self._members, self._made = tuple(members), set()
         self._prefix = f"world{self._generation}/"
-        return Rendezvous(self._host, self._store.port, self._prefix)
+        return Rendezvous(self._host, self._server.port, self._prefix, self._secret)
 
     # ----- transport (subclasses) -----
     def _send(self, rank: int, msg) -> None:

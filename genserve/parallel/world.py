@@ -1,7 +1,7 @@
 """What the driver and its workers share besides the messages (`protocol.py`): what a worker is
 given (`WorkerSpec`), and how the members of a world meet (`rendezvous` in the workers, `abandon`
-on the driver).  No torch at module level: the driver imports this; the worker process itself is
-`worker_main.py`.
+on the driver) in the driver's store (`authstore.py`: only holders of the run's secret get in).
+No torch at module level: the driver imports this; the worker process itself is `worker_main.py`.
 """
 
 from __future__ import annotations
@@ -48,8 +48,13 @@ def rendezvous(init: Rendezvous, rank: int, members: tuple[int, ...], backend: s
     kw = dict(rank=members.index(rank), world_size=len(members),
               timeout=timedelta(seconds=timeout_s))
     prefix = init.prefix
-    store = dist.TCPStore(init.host, init.port, is_master=False,
-                          timeout=timedelta(seconds=timeout_s))
+    if init.secret:
+        from .authstore import connect
+
+        store = connect(init.host, init.port, init.secret, timedelta(seconds=timeout_s))
+    else:  # a plain TCPStore (tests that host one themselves)
+        store = dist.TCPStore(init.host, init.port, is_master=False,
+                              timeout=timedelta(seconds=timeout_s))
     world = dist.PrefixStore(prefix, store)
     world.set(f"arrived/{rank}", "1")
     everyone = [f"arrived/{m}" for m in members]
