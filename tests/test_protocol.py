@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from genserve.parallel.channel import Receiver, Sender
-from genserve.parallel.protocol import (Done, Drop, Fetch, JobError, MakeGroup, Noop, Ready, Run,
+from genserve.parallel.liveness import Watch
+from genserve.parallel.protocol import (TO_DRIVER, Done, Drop, Fetch, Heartbeat, JobError, JobLost,
+                                        MakeGroup, Noop, Ready, Rendezvous, Restart, Run,
                                         RunResult, Steps, Task, UnknownMessage, handler)
 from genserve.parallel.workers import PoolBase
 
@@ -84,6 +86,93 @@ def test_a_worker_answers_an_unknown_job_type_with_an_error_naming_it():
         handler(w._inbox, Fetch((), 1))  # a control message in the inbox
     w._task(Task(9, (0,), Run("nope", (), 1)))
     assert "model='nope': not served" in out.get_nowait().message
+
+
+# ----- heartbeats: who the driver declares hung -----
+
+def test_a_heartbeat_is_a_frozen_message_to_the_driver_and_a_secret_stays_out_of_reprs():
+    hb = Heartbeat(2, 17)
+    assert isinstance(hb, TO_DRIVER) and pickle.loads(pickle.dumps(hb)) == hb
+    with pytest.raises(AttributeError):
+        hb.progress = 18
+    rdv = Rendezvous("127.0.0.1", 5, "world1/", "ab" * 16)
+    assert "ab" * 16 not in repr(rdv) and "ab" * 16 not in repr(Restart(rdv, (0,)))
+
+
+def test_the_watch_declares_the_silent_and_the_stuck_but_not_the_idle():
+    w = Watch(3.0)
+    for r in range(4):
+        w.reset(r, 0.0)
+    for t in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0):
+        w.heard(0, t, 1)            # idle: the same counter, and no job
+        w.heard(1, t, 7)            # runs a job, the same counter: stuck
+        w.heard(2, t, int(t * 10))  # runs a job and moves
+        if t <= 1.0:
+            w.heard(3, t, 1)        # then silent (SIGSTOP)
+    assert w.overdue(3.5, range(4), busy={1, 2}) == []
+    assert w.overdue(6.5, range(4), busy={1, 2}) == [(3, "no heartbeat for 5.5 s"),
+                                                     (1, "no progress for 5.5 s while running a job")]
+    w.restart_clock(1, 6.5)  # e.g. it got its job only now
+    assert w.overdue(7.0, [1], busy={1}) == []
+    w.reset(3, 7.0)  # a new process in its place
+    assert w.overdue(7.0, range(4), busy={1, 2}) == []
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+
+def test_the_pool_kills_the_silent_worker_of_a_job_and_spares_its_waiting_job_mate(monkeypatch):
+    """Workers 0 and 1 run an SP-2 job; 0 stops (no more beats) and 1, waiting for it in a
+    collective, stops progressing at the same time.  Only 0 is declared hung; 1's clock starts
+    over.  The progress rule rests while a worker starts (its world waits for it)."""
+    from genserve.parallel import workers
+
+    clock = _Clock()
+    monkeypatch.setattr(workers, "time", clock)
+    pool = _bare_pool(3)
+    pool._setup("tiny-t2i", 3, 0.01, None, "cpu", 10.0, None, 0, worker_timeout_s=3.0)
+    pool._send = lambda r, m: None
+    killed, dead = [], set()
+    pool._alive = lambda r: r not in dead
+    pool._kill_hung = lambda r, why: (killed.append((r, why)), dead.add(r))
+    for r in range(3):
+        pool._route(Ready(r))
+    jid = pool.submit((0, 1), Noop())
+    for _ in range(5):
+        clock.sleep(1.0)
+        pool._route(Heartbeat(1, 5))
+        pool._route(Heartbeat(2, 0))
+        pool._check_hung()
+    assert killed == [(0, "no heartbeat for 4.0 s")] and pool.hung == 1
+    pool._results[jid] = JobLost(jid, "worker 0 hung")
+    clock.sleep(2.5)
+    pool._check_hung()
+    assert len(killed) == 1
+    # 2 runs a job that stands still while worker 0 is replaced (starting): it waits for it.
+    pool._starting[0] = clock.now
+    dead.clear()
+    pool.submit((2,), Noop())
+    for _ in range(5):
+        clock.sleep(1.0)
+        pool._route(Heartbeat(1, 5))
+        pool._route(Heartbeat(2, 0))
+        pool._check_hung()
+    assert len(killed) == 1
+    pool._route(Ready(0))
+    for _ in range(4):
+        clock.sleep(1.0)
+        for r in range(3):
+            pool._route(Heartbeat(r, 0))
+        pool._check_hung()
+    assert killed[1:] == [(2, "no progress for 4.0 s while running a job")] and pool.hung == 2
 
 
 def _pair():

@@ -29,6 +29,11 @@ engine.  What differs:
   re-form the world among themselves at once, keeping their models and resident states; when the
   new actor comes up it joins the next re-formed world.  The requests that were on the lost
   workers resume from their host-side checkpoints, on whatever GPUs the policy picks.
+- Hangs.  The actors send heartbeats like the processes of one machine (`parallel/liveness.py`);
+  one declared hung is killed (`ray.kill`) and then lost like a dead one.
+- The driver's end.  Every actor (the workers, the result queue) and the placement group belong to
+  the driver's job: none is detached (no `lifetime="detached"`), so when the driver exits or dies,
+  SIGKILL included, Ray kills the actors and frees their bundles.  Nothing of a run outlives it.
 """
 
 from __future__ import annotations
@@ -85,10 +90,11 @@ class RayWorkerPool(PoolBase):
                  address: str | None = "auto", collective_timeout_s: float = 60.0,
                  start_timeout_s: float = 600.0, poll_s: float = 0.2,
                  faults: dict | None = None, min_free_bytes: int = 2 << 30,
-                 cpus_per_worker: float = 1.0):
+                 cpus_per_worker: float = 1.0, worker_timeout_s: float | None = None):
         """`address`: the Ray cluster to join ("auto": the one `ray start` made on this node;
         ignored when this process already called `ray.init`).  `n`: workers; default: every GPU
-        of the cluster.  `faults`: the process pool's test hook."""
+        of the cluster.  `faults`: the process pool's test hook.  `worker_timeout_s`: as
+        `WorkerPool`'s (a hung actor is killed and replaced)."""
         try:
             import ray
         except ImportError:
@@ -110,7 +116,7 @@ class RayWorkerPool(PoolBase):
                 raise ValueError("the Ray cluster has no GPU: start its nodes with GPUs, or "
                                  "give the number of workers")
         self._setup(preset, n, poll_s, model_path, device, collective_timeout_s, faults,
-                    min_free_bytes)
+                    min_free_bytes, worker_timeout_s)
         self._bundle_res = {"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}
         self._actors: list = [None] * n
         self._loops: list = [None] * n
@@ -155,6 +161,7 @@ class RayWorkerPool(PoolBase):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._seq[rank] = 0
+        # Not detached: the actor dies with the driver's job (see the module doc).
         return self._actor_cls.options(
             num_cpus=self._bundle_res["CPU"], num_gpus=self._bundle_res.get("GPU", 0),
             max_concurrency=4, max_restarts=0,
@@ -242,6 +249,15 @@ class RayWorkerPool(PoolBase):
     def _alive(self, rank: int) -> bool:
         self._refresh()
         return self._loops[rank] is not None and rank not in self._gone
+
+    def _kill_hung(self, rank: int, why: str) -> None:
+        self._gone[rank] = f"declared hung: {why}"
+        log.warning("worker %d on node %s declared hung (%s): killing it", rank,
+                    self._node_ids[rank][:8], why)
+        try:
+            self._ray.kill(self._actors[rank], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            pass
 
     def _death(self, rank: int) -> str:
         node = self._node_ids[rank][:8]

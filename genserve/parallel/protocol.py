@@ -9,15 +9,21 @@ Three streams per worker, each with its own message types:
   see `transfer.py`), and `Shutdown`, which the worker puts there itself;
 - the outbox (worker -> driver): `Ready`, `StartFailed`, `Done` / `JobError` / `JobLost` (how a
   job ended: the same three types are what `PoolBase.result` returns), `Fetched`, `Output` (an
-  encoded output, from the worker's encoder thread).
+  encoded output, from the worker's encoder thread), `Heartbeat` (from a thread of its own).
 
 A job is one of `Run` (the engine's: its members are `New`, `Resident`, `Held`, `Incoming` or
 `Moved`), `Prepare`,
 `Steps`, `Decode`, `Profile`, `Noop`.  Every member of a `Task`'s ranks runs it; the first rank
 answers for the job (every member answers an error).
 
-There is no heartbeat: a worker's liveness is its transport's (process exit and end of file on its
-channel on one machine, the actor's loop ref on Ray), which a message could only repeat.
+Liveness.  A worker that dies is seen by its transport (process exit and end of file on its
+channel on one machine, the actor's loop ref on Ray).  One that hangs is not: a SIGSTOPped process,
+a deadlocked main thread or a collective that never returns keeps its channel open.  So every
+worker also sends a `Heartbeat` every `WorkerSpec.heartbeat_s` from a thread of its own, carrying a
+progress counter that its main thread bumps as it works (each transformer block and denoising
+step, each message handled): a silent worker, or one that runs a job while its counter stands
+still, is declared hung by the driver after `worker_timeout_s`, killed, and then lost like a dead
+one (`liveness.Watch`).
 
 Both sides dispatch on the message's type through a table (`handler`); a type that is not in the
 table is an error that names it.  No torch here: the driver and the policies import this module.
@@ -299,6 +305,16 @@ class JobLost:
 
 
 @message
+class Heartbeat:
+    """Worker `rank` is alive; `progress`: how far its main thread got (a counter it bumps per
+    transformer block, denoising step and message handled).  The same value for `worker_timeout_s`
+    while the worker runs a job: it is stuck (a deadlock, a collective that never returns)."""
+
+    rank: int
+    progress: int
+
+
+@message
 class Fetched:
     """The answer to `Fetch` `req_id`: the states' bytes by request id, or the error."""
 
@@ -335,4 +351,4 @@ Outcome = Union[Done, JobError, JobLost]
 JOBS = (Run, Prepare, Steps, Decode, Profile, Noop)
 INBOX = (Task, MakeGroup, Restart, Shutdown)
 CONTROL = (Fetch, Drop, Cancel, SendState, Shutdown)
-TO_DRIVER = (Ready, StartFailed, Done, JobError, JobLost, Fetched, Output)
+TO_DRIVER = (Ready, StartFailed, Done, JobError, JobLost, Fetched, Output, Heartbeat)

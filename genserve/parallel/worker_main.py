@@ -15,7 +15,10 @@ next step boundary of the job that holds the request (at SP > 1 the group's firs
 all, so every member drops the same request at the same step).  Both threads answer on the one
 outbox (`channel.Sender` on one machine: it locks around each message).  Encoder threads
 (`Encoder`: one for images, one for videos, started on first use) turn finished outputs into PNG /
-MP4 files while the main thread goes on with the next job.
+MP4 files while the main thread goes on with the next job.  A heartbeat thread (`liveness.Pulse`)
+reports the worker's progress counter, which the main thread bumps after every transformer block
+(a forward hook), denoising step and message, so that the driver tells a slow step from a stuck
+one (see `liveness.py`).
 
 Errors of one request fail that request, not the job or the worker: a prepare that raises (bad
 input), or a step that raises at degree 1 (the batch is retried one request at a time to find the
@@ -44,6 +47,7 @@ from .protocol import (Cancel, Decode, Done, Drop, Fetch, Fetched, JobError, Job
                        Rendezvous, Resident, Restart, Run, RunResult, Shutdown, StartFailed, Steps,
                        Task, handler)
 from .protocol import Held, Incoming, SendState  # moves worker to worker (transfer.py)
+from .liveness import Pulse
 from .transfer import Links, Mover, Parcel, receive, share
 from .ulysses import GroupCache
 from .world import Abandoned, WorkerSpec, rendezvous
@@ -114,6 +118,9 @@ class Worker:
         self.world_cv = threading.Condition()
         self.mover: Mover | None = None
         self.encoders: dict[str, Encoder] = {}  # "image" / "video", started on first use
+        # Bumped by the main thread only; read by the heartbeat thread (`Pulse`).
+        self.progress = 0
+        self.pulse: Pulse | None = None
         self._inbox = {Task: self._task, MakeGroup: self._make_group, Restart: self._restart}
         self._jobs = {Run: self._run, Prepare: self._prepare, Steps: self._steps,
                       Decode: self._decode, Profile: self._profile, Noop: self._noop}
@@ -128,11 +135,19 @@ class Worker:
         from .sequence import install
 
         torch.set_num_threads(int(os.environ.get("GENSERVE_WORKER_THREADS", "1")))
+        if self.spec.loopback:  # all workers on this machine: gloo's sockets stay on loopback
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if self.spec.heartbeat_s:  # from now on: start-up (joining, loading) can take minutes
+            self.pulse = Pulse(self.rank, self.outbox, self.spec.heartbeat_s,
+                               lambda: self.progress)
+            self.pulse.start()
         self._enter(world, members)
         try:
             self.adapters = {p: load_preset(p, self.spec.model_path, self.dev)
                              for p in self.spec.presets}
             self.sps = {p: install(ad.transformer) for p, ad in self.adapters.items()}
+            for ad in self.adapters.values():
+                _count_progress(ad.pipe, self._bump)
         except Exception as e:  # noqa: BLE001 - e.g. a bad checkpoint path: tell the driver
             self.outbox.put(StartFailed(self.rank, f"worker {self.rank} could not start: {e}"))
             return False
@@ -147,6 +162,9 @@ class Worker:
         """Run the inbox's messages until `Shutdown`."""
         while not isinstance(msg := inbox.get(), Shutdown):
             handler(self._inbox, msg)(msg)
+            self._bump()
+        if self.pulse is not None:
+            self.pulse.stop()
         self.control.stop()
         self.mover.stop()
         if dist.is_initialized():
@@ -168,13 +186,17 @@ class Worker:
         """The new world's groups and transfer groups (every member makes these right after the
         world forms, in one order); None: it was abandoned, a newer one is on its way."""
         try:
-            rendezvous(world, self.rank, tuple(members), self.backend, self.spec.timeout_s)
+            rendezvous(world, self.rank, tuple(members), self.backend, self.spec.timeout_s,
+                       tick=self._bump)
             return GroupCache(members), Links(members, self.spec.timeout_s)
         except Abandoned:
             return None, None
         except Exception:  # noqa: BLE001 - a member never came: die, the pool replaces this one
             traceback.print_exc()
             os._exit(3)
+
+    def _bump(self) -> None:
+        self.progress += 1
 
     # ----- the inbox -----
     def _restart(self, msg: Restart) -> None:
@@ -236,6 +258,7 @@ class Worker:
         with self.sps[adapter.name].use(self._group_of(ranks)):
             for _ in range(job.n):
                 adapter.step(states)
+                self._bump()
         return [s.to_bytes() for s in states] if self.rank == ranks[0] else None
 
     def _profile(self, ranks, job: Profile):
@@ -321,6 +344,7 @@ class Worker:
                 if not states:
                     break
                 states = _step(adapter, states, self.spec.faults, self.rank, len(ranks), out)
+                self._bump()
         done = [s for s in states if s.done]
         self.store.put([s for s in states if not s.done])
         self.store.pop([*out.failed, *out.cancelled, *(s.request_id for s in done)])
@@ -506,7 +530,8 @@ def _pad(faults: dict, state: StepState) -> None:
 
 
 def _inject(faults: dict, states: list[StepState], rank: int) -> None:
-    """Test hook: fail a request at a given step, as configured when the pool started."""
+    """Test hook: fail a request at a given step, as configured when the pool started ("hang":
+    the main thread blocks for good, as in a deadlock, while the heartbeat thread goes on)."""
     for s in states:
         f = faults.get(s.request_id)
         if f and f["step"] == s.step_index and f.get("rank", rank) == rank:
@@ -514,6 +539,8 @@ def _inject(faults: dict, states: list[StepState], rank: int) -> None:
                 raise torch.OutOfMemoryError(f"injected out-of-memory at step {s.step_index}")
             if f["kind"] == "exit":
                 os._exit(17)
+            if f["kind"] == "hang":
+                threading.Event().wait()
             raise _Fault(f"injected error at step {s.step_index}")
 
 
@@ -528,6 +555,23 @@ def _inject_encode(faults: dict, rid: str, rank: int) -> None:
             os._exit(17)
         if f["kind"] == "error":
             raise _Fault("injected error while encoding")
+
+
+def _count_progress(pipe, bump) -> None:
+    """Bump the progress counter after each part of each model of `pipe` runs: the direct
+    children of the transformer, the VAE and the text encoders, and the items of their module
+    lists (the transformer's blocks).  A step of a large model can take longer than the hang
+    timeout; a block cannot, and a few dozen hooks per forward cost microseconds."""
+    def hook(module, args, output):
+        bump()
+
+    for comp in pipe.components.values():
+        if not isinstance(comp, torch.nn.Module):
+            continue
+        for child in comp.children():
+            parts = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
+            for part in parts:
+                part.register_forward_hook(hook)
 
 
 def _reason(e: Exception) -> str:

@@ -20,10 +20,16 @@ rids) -> {rid: bytes}`; `transfer_id()` and `send_state(holder, rid, dst, transf
 `down`, `replace`, `ready`, `close`).
 
 Failures: a job error comes back as `JobError` and the worker stays up.  A worker that dies is
-noticed within `poll_s`: its pending jobs end as lost (`JobLost` from `result`, `WorkerLost` from
-`wait`), the other workers stay usable for groups that do not include it, and `replace(rank)`
-starts a new process in its place; the survivors join the new world between two of their jobs,
-keeping their models and resident states.
+noticed within `poll_s`; one that hangs (no heartbeat, or a job with no progress, for
+`worker_timeout_s`: see `liveness.py`) is killed and counted in `hung`, and is then lost the same
+way: its pending jobs end as lost (`JobLost` from `result`, `WorkerLost` from `wait`), the other
+workers stay usable for groups that do not include it, and `replace(rank)` starts a new process in
+its place; the survivors join the new world between two of their jobs, keeping their models and
+resident states.  `close` returns within a few seconds whatever state the workers are in.
+
+Worlds meet in a store the driver hosts (`authstore.py`): on loopback here, and only clients that
+know the run's secret, which the workers get in their spawn arguments, can use it.  Worker
+processes die with the driver however it ends (`liveness.py`).
 
 Transport on one machine (`WorkerPool`): per worker an inbox and a control queue (driver ->
 worker; renewed when a worker is replaced: the dead one may have held their locks) and a channel
@@ -45,11 +51,17 @@ import time
 from multiprocessing.connection import wait as wait_for
 
 from .channel import Receiver, Sender
-from .protocol import SendState
+from .liveness import Watch, start_process
+from .process import run_worker
+from .protocol import Heartbeat, SendState
 from .protocol import (JOBS, TO_DRIVER, Cancel, Decode, Done, Drop, Fetch, Fetched, Job, JobError,
                        JobLost, MakeGroup, Outcome, Output, Prepare, Ready, Rendezvous, Restart,
                        Shutdown, StartFailed, Steps, Task, handler)
 from .world import WorkerSpec, abandon
+
+# A worker silent, or running a job without progress, this long is declared hung (the pools'
+# default; the server passes its own).
+WORKER_TIMEOUT_S = 60.0
 
 
 class WorkerError(RuntimeError):
@@ -65,25 +77,35 @@ class PoolBase:
 
     A transport gives each worker an inbox (run in order), a control queue (served while the worker
     computes) and a way back to the driver; subclasses provide them (`_send`, `_send_ctl`,
-    `_poll`), liveness (`_alive`, `_death`) and the life cycle.
+    `_poll`), liveness (`_alive`, `_death`, `_kill_hung`) and the life cycle.
+
+    `restarts`: workers replaced; `hung`: workers declared hung (and killed).
     """
 
     n: int
     presets: tuple[str, ...]
     poll_s: float
     restarts: int = 0
+    hung: int = 0
 
     def _setup(self, preset: str | tuple[str, ...], n: int, poll_s: float,
                model_path: str | None, device: str, timeout_s: float, faults: dict | None,
-               min_free_bytes: int) -> None:
+               min_free_bytes: int, worker_timeout_s: float | None = None,
+               loopback: bool = False) -> None:
         """What every pool knows: its workers' spec and the job books."""
         if n < 1:
             raise ValueError(f"workers must be >= 1, got {n}")
-        self.n, self.poll_s = n, poll_s
+        wt = WORKER_TIMEOUT_S if worker_timeout_s is None else float(worker_timeout_s)
+        if not wt > 0:
+            raise ValueError(f"worker_timeout_s must be > 0, got {worker_timeout_s}")
+        self.n, self.poll_s, self.worker_timeout_s = n, poll_s, wt
         self.presets = (preset,) if isinstance(preset, str) else tuple(preset)
+        # Several beats per timeout, so that one beat late (a busy driver, a long message ahead of
+        # it on the channel) is never taken for silence.
         self.spec = WorkerSpec(self.presets, model_path, device, timeout_s, dict(faults or {}),
-                               min_free_bytes)
-        self.restarts = 0
+                               min_free_bytes, heartbeat_s=min(1.0, wt / 4), loopback=loopback)
+        self.restarts = self.hung = 0
+        self._watch = Watch(wt)
         self._ids = itertools.count()
         self._results: dict[int, Outcome] = {}
         self._jobs: dict[int, tuple[int, ...]] = {}
@@ -136,6 +158,11 @@ class PoolBase:
         """How worker `rank` died, for messages."""
         raise NotImplementedError
 
+    def _kill_hung(self, rank: int, why: str) -> None:
+        """Kill worker `rank`, declared hung for `why`, without waiting: from now on it is not
+        `_alive` and `_death` says why."""
+        raise NotImplementedError
+
     def down(self) -> list[int]:
         """Workers that are being replaced and take no jobs yet (none on one machine: there a
         replacement starts at once and jobs queue behind its start-up)."""
@@ -149,6 +176,15 @@ class PoolBase:
     # ----- the workers' messages -----
     def _on_ready(self, msg: Ready) -> None:
         self._starting.pop(msg.rank, None)
+        now = time.monotonic()
+        # The others may have waited for this one to form their world: that time is not theirs
+        # (see `_check_hung`), their progress is judged from now on.
+        for r in range(self.n):
+            self._watch.restart_clock(r, now)
+        self._watch.reset(msg.rank, now)
+
+    def _on_heartbeat(self, msg: Heartbeat) -> None:
+        self._watch.heard(msg.rank, time.monotonic(), msg.progress)
 
     def _on_start_failed(self, msg: StartFailed) -> None:
         self.close()
@@ -166,7 +202,7 @@ class PoolBase:
 
     _ROUTES = {Ready: _on_ready, StartFailed: _on_start_failed, Fetched: _on_fetched,
                Done: _on_outcome, JobError: _on_outcome, JobLost: _on_outcome,
-               Output: _on_output}
+               Output: _on_output, Heartbeat: _on_heartbeat}
 
     def _route(self, msg) -> None:
         handler(self._ROUTES, msg)(self, msg)
@@ -174,6 +210,36 @@ class PoolBase:
     def _pump(self, timeout_s: float) -> None:
         for msg in self._poll(timeout_s):
             self._route(msg)
+        self._check_hung()
+
+    # ----- hung workers (see liveness.py) -----
+    def _running(self) -> dict[int, tuple[int, ...]]:
+        """Jobs submitted whose results have not come: job id -> ranks."""
+        return {j: rs for j, rs in self._jobs.items() if j not in self._results}
+
+    def _check_hung(self) -> None:
+        """Kill the workers that went silent, or that run a job without progress, for
+        `worker_timeout_s`; they are then lost like dead ones.  Never waits."""
+        now = time.monotonic()
+        running = self._running()
+        # While a world forms around a starting worker, everyone waits for it (its start has
+        # its own deadline): the progress rule rests until it is up (`_on_ready` then starts
+        # every clock over).
+        busy = set() if self._starting else {r for rs in running.values() for r in rs}
+        ranks = [r for r in range(self.n) if r not in self._starting and self._alive(r)]
+        spared: set[int] = set()
+        for r, why in self._watch.overdue(now, ranks, busy):
+            if r in spared and why.startswith("no progress"):
+                continue
+            self.hung += 1
+            # Its job-mates may have been waiting on it (a collective), and stand still for that
+            # reason alone: their clocks start over (if one is stuck too, the next round says so).
+            for rs in running.values():
+                if r in rs:
+                    for m in rs:
+                        self._watch.restart_clock(m, now)
+                        spared.add(m)
+            self._kill_hung(r, why)
 
     def _await_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -196,6 +262,10 @@ class PoolBase:
         if not ranks or ranks[0] < 0 or ranks[-1] >= self.n or len(set(ranks)) != len(ranks):
             raise ValueError(f"ranks {ranks} are not distinct workers of 0..{self.n - 1}")
         self._check_alive(ranks, "submit")
+        now, busy = time.monotonic(), {r for rs in self._running().values() for r in rs}
+        for r in ranks:
+            if r not in busy:  # idle until now: its progress is judged from now on
+                self._watch.restart_clock(r, now)
         if len(ranks) > 1 and ranks not in self._made:
             # First job of this set in this world: every member makes its group, in one order.
             for r in self._members:
@@ -355,17 +425,28 @@ class WorkerPool(PoolBase):
     # How worker processes start: "spawn" (a fresh interpreter each), or "forkserver" (forked
     # from a server that imported torch & co. once; the tests use it, see tests/_spawn.py).
     start_method: str = "spawn"
+    # `close`: how long workers get to take their `Shutdown`, then how long to wait for them to be
+    # reaped once killed.
+    close_grace_s: float = 2.0
+    close_reap_s: float = 2.0
 
     def __init__(self, preset: str | tuple[str, ...], n: int, model_path: str | None = None,
                  device: str = "cpu", collective_timeout_s: float = 60.0,
                  start_timeout_s: float = 300.0, poll_s: float = 0.2,
-                 faults: dict | None = None, min_free_bytes: int = 2 << 30):
-        """`faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit", "step": k,
+                 faults: dict | None = None, min_free_bytes: int = 2 << 30,
+                 worker_timeout_s: float | None = None):
+        """`faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit"|"hang", "step": k,
         "rank": r (optional)}} makes the workers fail that request at that step.
-        `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory."""
+        `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory.
+        `worker_timeout_s`: a worker silent, or running a job without progress, this long is
+        declared hung, killed and lost (None: `WORKER_TIMEOUT_S`)."""
         self._setup(preset, n, poll_s, model_path, device, collective_timeout_s, faults,
-                    min_free_bytes)
+                    min_free_bytes, worker_timeout_s, loopback=True)
         self._ctx = mp.get_context(self.start_method)
+        self._closed = False
+        # The lifeline (see liveness.py): every worker gets the read end; the driver holds the
+        # only write end, never writes, and its exit (any exit) ends the workers.
+        self._lifeline, self._lifeline_w = self._ctx.Pipe(duplex=False)
         self._open_store("127.0.0.1")
         self._inboxes: list = [None] * n
         self._ctls: list = [None] * n
@@ -379,19 +460,19 @@ class WorkerPool(PoolBase):
 
     def _spawn(self, rank: int, world: Rendezvous, spec: WorkerSpec) -> None:
         """A process for `rank`, with a new inbox, control queue and channel (a dead predecessor
-        may have died holding the old queues' locks)."""
-        from .worker_main import worker_main  # the worker's module (torch): imported here only
-
+        may have died holding the old queues' locks).  Its target is `process.run_worker`, which
+        ties it to the driver's life and then runs `worker_main` (the secret travels in `world`,
+        pickled through the start pipe, never on a command line)."""
         for q in (self._inboxes[rank], self._ctls[rank]):
             if q is not None:
                 q.cancel_join_thread()  # never block the driver's exit on a dead reader
                 q.close()
         self._inboxes[rank], self._ctls[rank] = self._ctx.Queue(), self._ctx.Queue()
         reader, writer = self._ctx.Pipe(duplex=False)
-        p = self._ctx.Process(target=worker_main, daemon=True,
-                              args=(rank, spec, world, self._members, self._inboxes[rank],
-                                    self._ctls[rank], Sender(writer)))
-        p.start()
+        p = self._ctx.Process(target=run_worker, daemon=True,
+                              args=(self._lifeline, rank, spec, world, self._members,
+                                    self._inboxes[rank], self._ctls[rank], Sender(writer)))
+        start_process(p)
         writer.close()  # the worker holds the only write end now: its death reads as end of file
         if self._chans[rank] is not None:
             self._chans[rank].close()
@@ -438,22 +519,32 @@ class WorkerPool(PoolBase):
         p = self.procs[rank]
         p.join(0.5)  # after end of file it is exiting: let its exit code show
         if p.is_alive():
-            p.kill()
-            p.join(5)
+            p.kill()  # certain; it is reaped later (`is_alive`), the loop does not wait for it
+
+    def _kill_hung(self, rank: int, why: str) -> None:
+        self._chans[rank].close()  # nothing more of it is read: a late result would be stale
+        self._chans[rank] = None
+        self._broken[rank] = f"declared hung: {why}"
+        self.procs[rank].kill()  # SIGKILL ends a stopped process too
 
     def _alive(self, rank: int) -> bool:
         return rank not in self._broken and self.procs[rank].is_alive()
 
     def _death(self, rank: int) -> str:
-        why = self._broken.get(rank)
+        why = self._broken.get(rank, "")
+        if why.startswith("declared hung"):
+            return f"worker {rank} was {why}, and killed"
         return (f"worker {rank} died (exit code {self.procs[rank].exitcode}"
                 + (f"; its channel: {why})" if why else ")"))
 
     def replace(self, ranks: list[int]) -> None:
         """Start new processes for dead workers `ranks`; the survivors leave the old world after
         their queued jobs and join the new one (keeping models and resident states).  Does not
-        wait: jobs submitted from now on queue behind the restart on every worker."""
+        wait: jobs submitted from now on queue behind the restart on every worker.  A closed
+        pool starts nothing."""
         ranks = sorted(set(ranks))
+        if self._closed:
+            return
         if any(self._alive(r) for r in ranks):
             raise ValueError(f"replace: worker(s) {ranks} are not all dead")
         self._lose_jobs_of(ranks)
@@ -467,18 +558,34 @@ class WorkerPool(PoolBase):
         self.restarts += len(ranks)
 
     def close(self) -> None:
+        """Stop every worker and release everything the pool holds, within `close_grace_s` +
+        `close_reap_s` whatever the workers' state (busy, stopped, stuck, starting, dead): they
+        get their `Shutdown` and one shared grace period, then SIGKILL.  Nothing is left for the
+        interpreter's exit to wait on: no live child (multiprocessing joins its children at
+        exit, without a timeout), no queue feeder thread joined, no store connection."""
+        if self._closed:
+            return
+        self._closed = True
         for q in [*self._inboxes, *self._ctls]:
             if q is not None:
                 q.cancel_join_thread()  # never block the interpreter's exit on a dead reader
         for r, p in enumerate(self.procs):
             if p is not None and self._alive(r):
                 self._inboxes[r].put(Shutdown())
-        for p in self.procs:
-            if p is None:
-                continue
-            p.join(5)
-            if p.is_alive():
-                p.kill()
+        procs = [p for p in self.procs if p is not None]
+        for limit in (self.close_grace_s, self.close_reap_s):
+            deadline = time.monotonic() + limit
+            for p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
         for ch in self._chans:
             if ch is not None:
                 ch.close()
+        for q in [*self._inboxes, *self._ctls]:
+            if q is not None:
+                q.close()
+        self._lifeline_w.close()  # any worker still up (none should be) ends now
+        self._lifeline.close()
+        self._server.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Callable
 
 from .protocol import Rendezvous
 
@@ -17,8 +18,10 @@ from .protocol import Rendezvous
 class WorkerSpec:
     """What every worker of a pool loads and how it behaves; plain data, sent to each process.
 
-    `faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit", "step": k, "rank": r}}.
-    `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory."""
+    `faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit"|"hang", "step": k,
+    "rank": r}}.  `min_free_bytes`: on CUDA, paused states go to host memory below this much free
+    memory.  `heartbeat_s`: how often the worker sends a `Heartbeat` (None: never; the pools set
+    it).  `loopback`: all workers on this machine, so their gloo sockets listen on loopback."""
 
     presets: tuple[str, ...]
     model_path: str | None = None
@@ -26,6 +29,8 @@ class WorkerSpec:
     timeout_s: float = 60.0
     faults: dict = field(default_factory=dict)
     min_free_bytes: int = 2 << 30
+    heartbeat_s: float | None = None
+    loopback: bool = False
 
 
 class Abandoned(Exception):
@@ -33,10 +38,11 @@ class Abandoned(Exception):
 
 
 def rendezvous(init: Rendezvous, rank: int, members: tuple[int, ...], backend: str,
-               timeout_s: float) -> None:
-    """Join the world of `members` (global ranks, in world-rank order) at `init`: a TCPStore the
+               timeout_s: float, tick: Callable[[], None] | None = None) -> None:
+    """Join the world of `members` (global ranks, in world-rank order) at `init`: the store the
     driver hosts, with a fresh prefix for each world, so a re-formed world never sees the old
-    one's keys.
+    one's keys.  `tick()` runs at every poll while the members gather: waiting for a member is not
+    being stuck (see `Heartbeat`; this wait has its own deadline, `timeout_s`).
 
     The members meet first, and the world forms only if the store's one `decision`
     key says "formed" (set by whoever sees every member arrived).  The driver sets it to
@@ -69,6 +75,8 @@ def rendezvous(init: Rendezvous, rank: int, members: tuple[int, ...], backend: s
         if time.monotonic() > deadline:
             missing = [m for m in members if not world.check([f"arrived/{m}"])]
             raise TimeoutError(f"worker(s) {missing} never came to world {prefix!r}")
+        if tick is not None:
+            tick()
         time.sleep(0.02)
     dist.init_process_group(backend, store=dist.PrefixStore("pg/", world), **kw)
 
