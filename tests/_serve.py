@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+_profile: list[str] = []
+_profile_lock = threading.Lock()
+
+
+def tiny_profile() -> str:
+    """A latency profile of the tiny presets measured on 2 CPU workers, once per test session
+    (`genserve profile`, what `--profile measure` does at every start: ~10 s saved a start)."""
+    with _profile_lock:
+        if not _profile:
+            d = tempfile.mkdtemp(prefix="genserve-profile-")
+            atexit.register(shutil.rmtree, d, True)
+            subprocess.run([sys.executable, "-m", "genserve.cli", "profile", "--models",
+                            "tiny-t2i,tiny-t2v", "--out", d, "--batches", "1,2,4", "--reps", "3",
+                            "--workers", "2"], cwd=ROOT, check=True, capture_output=True,
+                           timeout=300)
+            _profile.append(d)
+        return _profile[0]
 
 
 def free_port() -> int:
@@ -30,6 +53,8 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.results = tmp_path / "results"
         self.log = tmp_path / log_name
+        if "--profile" not in args:
+            args = ("--profile", tiny_profile(), *args)
         cmd = [sys.executable, "-m", "genserve.cli", "serve", "--port", str(self.port),
                "--workers", "2", "--results-dir", str(self.results), *args]
         with open(self.log, "wb") as log:  # a file, not a pipe: nobody has to drain it
@@ -50,6 +75,19 @@ class ServeProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def workers(self) -> list[int]:
+        """The server's child processes (its workers, multiprocessing's helpers)."""
+        kids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid == self.proc.pid:
+                    kids.append(int(d.name))
+        return kids
 
     def crash(self) -> None:
         """SIGKILL the server and every process of its session (its workers)."""

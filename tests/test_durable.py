@@ -85,7 +85,9 @@ def test_the_newest_whole_checkpoint_is_the_resume_point(tmp_path):
 
 # ----- a crash: SIGKILL of the server and its workers -----
 def test_a_crash_loses_no_accepted_job_and_resumed_outputs_equal_running_alone(tmp_path):
+    t_start = time.monotonic()
     s = ServeProcess(tmp_path, "--checkpoint-steps", "4", "--log-level", "info")
+    print(f"started at {time.monotonic() - t_start:.1f} s")
     http = s.http
     vid_body = {"prompt": "a heron", "steps": 60, "size": "128x128", "frames": 33, "seed": 11}
     vid = http.post("/v1/videos", json=vid_body).json()["id"]
@@ -106,6 +108,7 @@ def test_a_crash_loses_no_accepted_job_and_resumed_outputs_equal_running_alone(t
         assert time.monotonic() < deadline and "r" not in first, s.output()[-3000:]
         time.sleep(0.02)
     time.sleep(0.3)
+    print(f"crash at {time.monotonic() - t_start:.1f} s")
     s.crash()
     t.join(30)
     assert first["r"] is None  # its connection died with the server
@@ -113,10 +116,12 @@ def test_a_crash_loses_no_accepted_job_and_resumed_outputs_equal_running_alone(t
     s2 = ServeProcess(tmp_path, "--checkpoint-steps", "4", "--log-level", "info",
                       log_name="serve2.log")
     try:
+        print(f"restarted at {time.monotonic() - t_start:.1f} s")
         # every accepted job is known (never 404), and completes
         v = wait_final(s2.http, f"/v1/videos/{vid}")
         assert v["status"] == "completed", v
         assert wait_final(s2.http, f"/v1/videos/{queued}")["status"] == "completed"
+        print(f"videos done at {time.monotonic() - t_start:.1f} s")
         resumed = re.search(rf"resumed job {vid}: {vid}-0 at step (\d+)", s2.output())
         assert resumed and int(resumed.group(1)) >= 8, s2.output()[-3000:]
         # the client retries its image request with the same key: the same job, not a second
@@ -125,6 +130,7 @@ def test_a_crash_loses_no_accepted_job_and_resumed_outputs_equal_running_alone(t
         images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))))
                   for d in again.json()["data"]]
         mp4 = s2.http.get(f"/v1/videos/{vid}/content").content
+        print(f"all done at {time.monotonic() - t_start:.1f} s")
     finally:
         s2.close()
     jobs = {p.name for p in s2.results.iterdir() if p.name.startswith("img_")}
@@ -142,8 +148,8 @@ def test_a_crash_loses_no_accepted_job_and_resumed_outputs_equal_running_alone(t
     other = t2v.generate(GenRequest("ref", GenSpec("tiny-t2v", 128, 128, 33, steps=60, seed=12,
                                                    prompt="a heron")))
     got, want = mp4_frames(mp4).astype(float), mp4_frames(encode_mp4(ref)).astype(float)
-    assert np.abs(got - want).mean() < 0.5
-    assert np.abs(got - mp4_frames(encode_mp4(other)).astype(float)).mean() > 5
+    near, far = (np.abs(got - x).mean() for x in (want, mp4_frames(encode_mp4(other))))
+    assert near < 0.5 and far > 4 * near, (near, far)
 
 
 def _post_ignoring_errors(s: ServeProcess, path: str, body: dict, headers: dict):

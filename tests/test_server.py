@@ -990,7 +990,7 @@ def test_results_expire_after_their_ttl(aux):
     assert end["status"] == "completed"
     assert end["expires_at"] - end["completed_at"] == 3  # the 3 s TTL (int seconds)
     folder = Path(svc.cfg.results_dir) / vid
-    assert (folder / "video.mp4").exists() and (folder / "job.json").exists()
+    assert (folder / "video.mp4").exists() and vid in {r.id for r in svc.store.load()}
     assert aux.get(f"/v1/videos/{vid}/content").status_code == 200
 
     job = svc.jobs.get(vid)
@@ -1000,7 +1000,7 @@ def test_results_expire_after_their_ttl(aux):
     assert_error(aux.get(f"/v1/videos/{vid}"), 404, code="not_found")
     assert_error(aux.get(f"/v1/videos/{vid}/content"), 404)
     assert vid not in all_video_ids(aux)
-    assert not folder.exists()
+    assert not folder.exists() and vid not in {r.id for r in svc.store.load()}
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -6,10 +6,12 @@ process exits with code 0; past the drain timeout it exits anyway.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -167,6 +169,36 @@ def test_a_drain_timeout_answers_waiting_clients_with_json_503_and_exits_in_boun
     r = answer["r"]
     assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown", r.text
     print(f"{sig.name}: exit {took:.1f} s after the signal (drain timeout 2 s)")
+
+
+def test_a_hung_worker_is_replaced_its_video_completes_and_health_says_degraded(serve):
+    """Issue 13: a worker that hangs (SIGSTOP here) was never noticed: /health said 200 and its
+    requests stalled forever."""
+    s = serve("--worker-timeout", "3")
+    vid = start_video(s.http, steps=400)["id"]
+    workers = [p for p in s.workers()
+               if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGSTOP)
+    t0, seen = time.monotonic(), None
+    while time.monotonic() - t0 < 30:
+        h = s.http.get("/health")
+        assert h.status_code == 200, h.text  # it serves on, with one worker for a while
+        if h.json()["status"] == "degraded":
+            seen = h.json()
+            break
+        time.sleep(0.1)
+    assert seen and seen["workers_hung_total"] == 1, seen
+    assert 2 <= time.monotonic() - t0 < 15  # 3 s from its last heartbeat (every 0.75 s)
+    metrics = s.http.get("/metrics").text
+    assert "genserve_workers_hung_total 1.0" in metrics
+    deadline = time.monotonic() + 120
+    while (v := s.http.get(f"/v1/videos/{vid}").json())["status"] not in FINAL:
+        assert time.monotonic() < deadline, v
+        time.sleep(0.1)
+    assert v["status"] == "completed", v
+    assert not Path(f"/proc/{workers[0]}").exists() or "Z" in Path(
+        f"/proc/{workers[0]}/stat").read_text().split(")")[1][:3]  # killed
 
 
 def test_result_stays_fetchable_for_a_polling_client_during_drain(serve):

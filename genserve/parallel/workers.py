@@ -213,6 +213,13 @@ class PoolBase:
         self._check_hung()
 
     # ----- hung workers (see liveness.py) -----
+    def set_worker_timeout(self, seconds: float) -> None:
+        """Change `worker_timeout_s` (the server sets it once the step times are known; the
+        heartbeat interval stays what the workers started with)."""
+        if not seconds > 0:
+            raise ValueError(f"worker_timeout_s must be > 0, got {seconds}")
+        self.worker_timeout_s = self._watch.timeout_s = float(seconds)
+
     def _running(self) -> dict[int, tuple[int, ...]]:
         """Jobs submitted whose results have not come: job id -> ranks."""
         return {j: rs for j, rs in self._jobs.items() if j not in self._results}

@@ -390,7 +390,10 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         if not svc.healthy():
             return _error(503, f"engine not running: {svc.engine_error or 'stopped'}",
                           "engine_unavailable")
-        return {"status": "ok", "workers": svc.cfg.workers, "models": list(svc.cfg.presets)}
+        why = svc.degraded()  # still 200: it serves, with fewer workers for a while
+        return {"status": "degraded" if why else "ok", "workers": svc.cfg.workers,
+                "models": list(svc.cfg.presets), "workers_hung_total": svc.workers_hung(),
+                **(why or {})}
 
     @app.api_route("/metrics", methods=GET)
     async def metrics():

@@ -50,6 +50,9 @@ class ServeMetrics:
                                   registry=r)
         self.worker_restarts = Gauge("genserve_worker_restarts",
                                      "Workers replaced since the server started", registry=r)
+        self.workers_hung = Gauge("genserve_workers_hung_total",
+                                  "Workers declared hung (silent, or no progress on a job, for "
+                                  "--worker-timeout), killed and replaced", registry=r)
         self.output_bytes = Gauge("genserve_output_bytes",
                                   "Bytes of finished outputs (PNG / MP4 files, encoded on the "
                                   "workers) that reached the server", registry=r)
@@ -58,7 +61,8 @@ class ServeMetrics:
         self._last: dict[str, Status] = {}
         self._lock = threading.Lock()
 
-    def watch_engine(self, engine) -> None:
+    def watch_engine(self, engine, hung=lambda: 0) -> None:
+        self.workers_hung.set_function(hung)
         self.workers_down.set_function(lambda: len(engine.down_workers))
         self.worker_restarts.set_function(lambda: engine.res.restarts
                                           if hasattr(engine, "res") else 0)

@@ -109,6 +109,7 @@ class Service:
         self._listeners: list = []  # callables(job) run on every change, from any thread
         self.draining = False
         self.started = False
+        self._hung_seen = (0, 0.0)  # (pool.hung as last seen, when it changed)
         self.engine_error: str | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="genserve-writer")
         self.results = Path(cfg.results_dir)
@@ -127,9 +128,11 @@ class Service:
         if cfg.ray:
             from ..cluster import RayWorkerPool
             self.pool = RayWorkerPool(cfg.presets, cfg.workers or None, cfg.model_path, device,
-                                      address=cfg.ray, cpus_per_worker=cfg.ray_cpus_per_worker)
+                                      address=cfg.ray, cpus_per_worker=cfg.ray_cpus_per_worker,
+                                      worker_timeout_s=cfg.worker_timeout_s)
         else:
-            self.pool = WorkerPool(cfg.presets, cfg.workers, cfg.model_path, device)
+            self.pool = WorkerPool(cfg.presets, cfg.workers, cfg.model_path, device,
+                                   worker_timeout_s=cfg.worker_timeout_s)
         if cfg.profile == "measure":
             prof_dir = self.results / ".profile"
             write_profile(prof_dir, "local", *profile_workers(list(cfg.presets), (1, 2, 4),
@@ -139,10 +142,12 @@ class Service:
             self.latency = LatencyModel(cfg.profile)
         for p in cfg.presets:
             self.latency.profile_of(p)  # a clear error now, not inside the policy
+        if cfg.worker_timeout_s is None:
+            self.pool.set_worker_timeout(self._default_worker_timeout())
         self.engine = Engine(make_policy(cfg.policy), self.pool, self.latency,
                              checkpoint_every=cfg.checkpoint_every, on_update=self._on_update,
                              output=OutputFormat(fps=cfg.fps), on_checkpoint=self._on_checkpoint)
-        self.metrics.watch_engine(self.engine)
+        self.metrics.watch_engine(self.engine, self.workers_hung)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run_engine, name="genserve-engine",
                                         daemon=True)
@@ -151,6 +156,13 @@ class Service:
         self._janitor.start()
         self.started = True
         self._resume_jobs()
+
+    def _default_worker_timeout(self) -> float:
+        """A few times the longest step the profile expects (the largest size of each served
+        model, a batch of 4, alone), at least 60 s: a worker silent that long is hung."""
+        longest = max(self.latency.step_time(p, MODELS[p].tokens(h, w, f), 4, 1)
+                      for p in self.cfg.presets for (w, h, f) in MODELS[p].sizes)
+        return max(60.0, 5.0 * longest)
 
     def _run_engine(self) -> None:
         try:
@@ -202,6 +214,21 @@ class Service:
 
     def healthy(self) -> bool:
         return self.started and self.engine_error is None and self._thread.is_alive()
+
+    def workers_hung(self) -> int:
+        """Workers declared hung (killed and replaced) since the start."""
+        return getattr(getattr(self, "pool", None), "hung", 0)
+
+    def degraded(self) -> dict | None:
+        """Why the server serves with less than it has (workers being replaced, or one declared
+        hung in the last 5 minutes), or None."""
+        hung, now = self.workers_hung(), time.monotonic()
+        if hung != self._hung_seen[0]:
+            self._hung_seen = (hung, now)
+        down = len(self.engine.down_workers) if self.started else 0
+        if down or (hung and now - self._hung_seen[1] < 300):
+            return {"workers_down": down, "workers_hung_total": hung}
+        return None
 
     # ----- jobs -----
     def submit(self, spec: JobSpec, owner: str | None, slo_factor: float = 1.0,
@@ -285,14 +312,15 @@ class Service:
 
     def get(self, job_id: str, owner: str | None) -> Job:
         job = self.jobs.get(job_id)
-        if job is None or (self.cfg.api_keys and job.owner != owner):
-            raise ApiError(404, f"no job {job_id!r}", "not_found", "id")
+        if job is None or (self.cfg.api_keys and job.owner != owner) or _expired(job):
+            shown = job_id[:32] + ("..." if len(job_id) > 32 else "")
+            raise ApiError(404, f"no job {shown!r}", "not_found", "id")
         return job
 
     def list(self, owner: str | None, kind: Kind | None = None) -> list[Job]:
         with self._lock:
             return sorted((j for j in self.jobs.values()
-                           if (not self.cfg.api_keys or j.owner == owner)
+                           if (not self.cfg.api_keys or j.owner == owner) and not _expired(j)
                            and (kind is None or j.spec.kind is kind)),
                           key=lambda j: (j.created_at, j.id))
 
@@ -395,7 +423,9 @@ class Service:
         """`rid`'s output is on disk; True: that was the job's last one, it completed."""
         job.ended.add(rid)
         job.files.append(name)
-        if len(job.ended) == len(job.request_ids) and not job.final:
+        if len(job.ended) == len(job.request_ids) and not job.final and job.cancelled:
+            self._fail(job, "cancelled", "cancelled by the client")  # it finished meanwhile
+        elif len(job.ended) == len(job.request_ids) and not job.final:
             job.files.sort()
             job.status, job.completed_at = "completed", time.time()
             job.expires_at = job.completed_at + self.cfg.result_ttl_s
@@ -556,6 +586,11 @@ class Service:
 def _job_of(request_id: str) -> str:
     """Request ids are "<job id>-<i>" (job ids hold no '-')."""
     return request_id.rpartition("-")[0]
+
+
+def _expired(job: Job) -> bool:
+    """Past its TTL (the janitor removes it at its next round; until then nobody sees it)."""
+    return job.final and job.expires_at is not None and job.expires_at <= time.time()
 
 
 def _unseeded(spec: JobSpec) -> JobSpec:

@@ -96,7 +96,8 @@ class JobStore:
     def __init__(self, results: Path):
         self.path = Path(results) / "jobs.db"
         self.checkpoints = Path(results) / "checkpoints"
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.touch(mode=0o600, exist_ok=True)  # owners' hashes and prompts: not for others
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=30)
@@ -156,7 +157,7 @@ class JobStore:
         """Write `rid`'s state at `steps` atomically; older checkpoints of it go."""
         path = self.checkpoints / f"{rid}.{steps}.state"
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(state)
             f.flush()
             os.fsync(f.fileno())
