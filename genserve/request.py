@@ -37,6 +37,10 @@ class InvalidTransition(RuntimeError):
     """A status change that the state machine does not allow (a bug in the caller)."""
 
 
+def _from_spec(name: str) -> property:
+    return property(lambda self: getattr(self.spec, name), doc=f"`spec.{name}`")
+
+
 @dataclass(eq=False)
 class Request:
     """One generation request: what to make (`spec`) and when it is due.  `deadline` is absolute
@@ -65,38 +69,15 @@ class Request:
             self.history.append((self.arrival, self.status))
         self._shape = self.spec.batch_key
 
-    # ----- the spec's fields, read by policies and the latency model -----
-    @property
-    def model(self) -> str:
-        return self.spec.model
-
-    @property
-    def height(self) -> int:
-        return self.spec.height
-
-    @property
-    def width(self) -> int:
-        return self.spec.width
-
-    @property
-    def frames(self) -> int:
-        return self.spec.frames
-
-    @property
-    def steps(self) -> int:
-        return self.spec.steps
-
-    @property
-    def guidance(self) -> float:
-        return self.spec.guidance
-
-    @property
-    def seed(self) -> int:
-        return self.spec.seed
-
-    @property
-    def prompt(self) -> str:
-        return self.spec.prompt
+    # ----- the spec's fields, read by policies and the latency model (read-only) -----
+    model = _from_spec("model")
+    height = _from_spec("height")
+    width = _from_spec("width")
+    frames = _from_spec("frames")
+    steps = _from_spec("steps")
+    guidance = _from_spec("guidance")
+    seed = _from_spec("seed")
+    prompt = _from_spec("prompt")
 
     # ----- derived, read by policies -----
     @property
