@@ -197,7 +197,8 @@ def metric(text: str, name: str, **labels) -> float:
 def test_health_and_models(http, oai):
     h = http.get("/health")
     assert h.status_code == 200
-    assert h.json() == {"status": "ok", "workers": 2, "models": list(PRESETS)}
+    assert h.json() == {"status": "ok", "workers": 2, "models": list(PRESETS),
+                        "workers_hung_total": 0}
     body = http.get("/v1/models").json()
     assert body["object"] == "list"
     assert {m["id"]: m["kind"] for m in body["data"]} == {"tiny-t2i": "image",
