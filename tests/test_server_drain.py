@@ -151,13 +151,44 @@ def test_a_drain_timeout_answers_waiting_clients_with_json_503_and_exits_in_boun
     print(f"{sig.name}: exit {took:.1f} s after the signal (drain timeout 2 s)")
 
 
+def _spawned(s) -> list[int]:
+    return [p for p in s.workers()
+            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+
+
+def test_after_a_worker_and_its_replacement_die_sigterm_still_exits_in_bound(serve):
+    """Issue 13: a worker killed, then its replacement killed while the new world formed: the
+    videos completed, but afterwards SIGTERM never ended the process."""
+    s = serve("--drain-timeout", "2")
+    vid = start_video(s.http, steps=1000)["id"]
+    first = _spawned(s)
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not (new := [p for p in _spawned(s) if p not in first]):
+        assert time.monotonic() < deadline, s.output()[-2000:]
+        time.sleep(0.01)
+    os.kill(new[0], signal.SIGKILL)  # while it starts and the world forms around it
+    deadline = time.monotonic() + 120
+    while len(_spawned(s)) < 2 or s.http.get(f"/v1/videos/{vid}").json()["steps_done"] == 0:
+        assert time.monotonic() < deadline, s.output()[-2000:]
+        time.sleep(0.05)
+    s.proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    try:
+        rc = s.proc.wait(2 + 5 + 5)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 12 s after SIGTERM:\n{s.output()[-2000:]}")
+    assert time.monotonic() - t0 < 2 + 5 and rc == 0, s.output()[-2000:]
+    assert not [p for p in first + new if Path(f"/proc/{p}").exists()
+                and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]]
+
+
 def test_a_hung_worker_is_replaced_its_video_completes_and_health_says_degraded(serve):
     """Issue 13: a worker that hangs (SIGSTOP here) was never noticed: /health said 200 and its
     requests stalled forever."""
     s = serve("--worker-timeout", "3")
     vid = start_video(s.http, steps=400)["id"]
-    workers = [p for p in s.workers()
-               if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    workers = _spawned(s)
     assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGSTOP)
     t0, seen = time.monotonic(), None
