@@ -101,3 +101,51 @@ class ServeProcess:
         self.http.close()
         if self.proc.poll() is None:
             self.crash()
+
+
+class Uvicorn:
+    """An app under uvicorn in a thread, on a free loopback port; `ready` says when it answers
+    (the port accepts and, for a started service, /health is 200)."""
+
+    def __init__(self, app, health: bool = False, **config):
+        import uvicorn
+
+        self.app, self.svc, self.health = app, app.state.service, health
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="critical", **config))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.thread.is_alive(), "the server thread died while starting"
+            try:
+                r = httpx.get(self.url + "/health", timeout=2)
+                if not self.health or r.status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.__exit__()
+        raise AssertionError("the server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def assert_error(r, status: int, param: str | None = "<any>", code: str | None = None) -> dict:
+    """An OpenAI-style JSON error body with this status (and param / code when given)."""
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    if param != "<any>":
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err

@@ -19,15 +19,12 @@ pytest.importorskip("fastapi")
 av = pytest.importorskip("av")
 torch = pytest.importorskip("torch")
 
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from genserve.models import GenRequest, load_preset
 from genserve.models.output import encode_mp4
 from genserve.request import Kind
-from genserve.server.app import create_app
-from genserve.server.config import ServeConfig
-from genserve.server.service import Job, JobSpec, _row_of
+from genserve.server.jobs import Job, JobSpec, row_of
 from genserve.server.store import JobStore
 from genserve.spec import GenSpec
 
@@ -68,7 +65,7 @@ def test_the_newest_whole_checkpoint_is_the_resume_point(tmp_path):
     spec = JobSpec(Kind.VIDEO, GenSpec("tiny-t2v", 32, 32, 9, steps=12, prompt="p"))
     job = Job(id="video_a", spec=spec, owner=None, created_at=1.0, request_ids=["video_a-0"],
               deadline=2.0)
-    store.add(_row_of(job))
+    store.add(row_of(job))
     store.save_checkpoint("video_a-0", 4, b"four")
     store.save_checkpoint("video_a-0", 8, b"eight")
     assert store.newest_checkpoint("video_a-0")[0] == 8
@@ -179,43 +176,3 @@ def test_work_left_by_a_drain_timeout_is_kept_and_fails_with_a_reason_if_it_cann
         assert "tiny-t2v" in v["error"]["message"]
     finally:
         s2.close()
-
-
-# ----- Idempotency-Key -----
-@pytest.fixture(scope="module")
-def client(forked_worker_pools, tmp_path_factory):
-    cfg = ServeConfig(workers=1, api_keys=("alice", "bob"),
-                      results_dir=str(tmp_path_factory.mktemp("idem")))
-    with TestClient(create_app(cfg)) as c:
-        yield c
-
-
-def test_the_same_idempotency_key_returns_the_same_job(client):
-    alice = {"Authorization": "Bearer alice", "Idempotency-Key": "k-1"}
-    body = {"prompt": "a hen", "steps": 2, "size": "32x32", "frames": 9}
-    a = client.post("/v1/videos", json=body, headers=alice)
-    b = client.post("/v1/videos", json=body, headers=alice)  # no seed: a random one each time
-    assert a.status_code == b.status_code == 200 and a.json()["id"] == b.json()["id"]
-    other = client.post("/v1/videos", json=body, headers={**alice, "Authorization": "Bearer bob"})
-    assert other.status_code == 200 and other.json()["id"] != a.json()["id"]  # keys are per owner
-    changed = client.post("/v1/videos", json={**body, "prompt": "a duck"}, headers=alice)
-    assert changed.status_code == 409, changed.text
-    assert changed.json()["error"]["code"] == "idempotency_key_reused"
-    bad = client.post("/v1/videos", json=body, headers={**alice, "Idempotency-Key": "x" * 300})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Idempotency-Key"
-    for r in (a, other):
-        assert wait_final(client, f"/v1/videos/{r.json()['id']}", headers={
-            "Authorization": r.request.headers["authorization"]})["status"] == "completed"
-
-
-def test_concurrent_retries_with_one_key_make_one_job(client):
-    hdr = {"Authorization": "Bearer alice", "Idempotency-Key": "race"}
-    body = {"prompt": "a crow", "steps": 2, "size": "32x32", "frames": 9, "seed": 1}
-    ids: list = []
-    threads = [threading.Thread(target=lambda: ids.append(
-        client.post("/v1/videos", json=body, headers=hdr).json()["id"])) for _ in range(6)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert len(ids) == 6 and len(set(ids)) == 1, ids

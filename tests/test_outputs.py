@@ -205,7 +205,8 @@ def test_the_service_writes_the_workers_files_and_answers_images_from_memory(tmp
     the job."""
     from genserve.models.output import encode
     from genserve.server.config import ServeConfig
-    from genserve.server.service import Job, JobSpec, Service, _row_of
+    from genserve.server.jobs import Job, JobSpec, row_of
+    from genserve.server.service import Service
 
     svc = Service(ServeConfig(results_dir=str(tmp_path)))
     svc.engine = types.SimpleNamespace(cancel=lambda rid: None)  # what `_fail` calls
@@ -213,7 +214,7 @@ def test_the_service_writes_the_workers_files_and_answers_images_from_memory(tmp
     job = Job(id="img_mem", spec=spec, owner=None, created_at=time.time(),
               request_ids=["img_mem-0", "img_mem-1"], deadline=0.0)
     svc.jobs[job.id] = job
-    svc.store.add(_row_of(job))
+    svc.store.add(row_of(job))
     pngs = [encode(np.full((16, 16, 3), v, np.uint8)) for v in (10, 200)]
     svc._write(job, "img_mem-1", pngs[1])
     assert job.status == "queued" and job.files == ["1.png"]

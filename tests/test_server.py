@@ -19,11 +19,9 @@ import json
 import math
 import re
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
-from typing import Self
 
 import httpx
 import pytest
@@ -47,6 +45,8 @@ from genserve.server.schemas import ImageBody, VideoBody, parse, to_spec
 from genserve.server.service import ApiError
 from genserve.spec import GenSpec
 
+from _serve import Uvicorn, assert_error
+
 # The openai client marks the Sora (videos) API deprecated.
 # Workers fork from the tests' fork server (tests/_spawn.py); test_engine_acceptance and the
 # serve processes of test_server_drain keep the production spawn path covered.
@@ -60,46 +60,10 @@ HYP = {"derandomize": True, "database": None, "deadline": None,
 
 
 # ----------------------------------------------------------------------------- live server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """`create_app(cfg)` under uvicorn in a background thread, on a free loopback port."""
-
-    def __init__(self, cfg: ServeConfig):
-        self.app = create_app(cfg)
-        self.svc = self.app.state.service
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.thread.is_alive(), "the server thread died while starting"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.__exit__()
-        raise AssertionError("the server did not answer /health within 120 s")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-
-
 @pytest.fixture(scope="module")
 def server(forked_worker_pools, tmp_path_factory):
-    with LiveServer(ServeConfig(workers=2, results_dir=str(tmp_path_factory.mktemp("res")))) as s:
+    cfg = ServeConfig(workers=2, results_dir=str(tmp_path_factory.mktemp("res")))
+    with Uvicorn(create_app(cfg), health=True) as s:
         yield s
 
 
@@ -134,20 +98,6 @@ def getter(client, prefix: str = "/v1/videos/", **kw):
         assert r.status_code == 200, r.text
         return r.json()
     return get
-
-
-def assert_error(r, status: int, param: str | None = "<any>", code: str | None = None) -> dict:
-    """An OpenAI-style error body with this status (and param / code when given)."""
-    assert r.status_code == status, (r.status_code, r.text)
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"]
-    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
-    if param != "<any>":
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def all_video_ids(client, **kw) -> list[str]:
@@ -841,6 +791,37 @@ def keyed(forked_worker_pools, tmp_path_factory):
                       results_dir=str(tmp_path_factory.mktemp("keyed")))
     with TestClient(create_app(cfg)) as c:
         yield c
+
+
+def test_the_same_idempotency_key_returns_the_same_job(keyed):
+    k1 = {"Authorization": "Bearer k1", "Idempotency-Key": "k-1"}
+    body = {"prompt": "a hen", "steps": 2, "size": "32x32", "frames": 9}
+    a = keyed.post("/v1/videos", json=body, headers=k1)
+    b = keyed.post("/v1/videos", json=body, headers=k1)  # no seed: a random one each time
+    assert a.status_code == b.status_code == 200 and a.json()["id"] == b.json()["id"]
+    other = keyed.post("/v1/videos", json=body, headers={**k1, "Authorization": "Bearer k2"})
+    assert other.status_code == 200 and other.json()["id"] != a.json()["id"]  # keys are per owner
+    changed = keyed.post("/v1/videos", json={**body, "prompt": "a duck"}, headers=k1)
+    assert changed.status_code == 409, changed.text
+    assert changed.json()["error"]["code"] == "idempotency_key_reused"
+    bad = keyed.post("/v1/videos", json=body, headers={**k1, "Idempotency-Key": "x" * 300})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Idempotency-Key"
+    for r in (a, other):
+        auth = {"Authorization": r.request.headers["authorization"]}
+        assert wait_final(getter(keyed, headers=auth), r.json()["id"])[-1]["status"] == "completed"
+
+
+def test_concurrent_retries_with_one_key_make_one_job(keyed):
+    hdr = {"Authorization": "Bearer k1", "Idempotency-Key": "race"}
+    body = {"prompt": "a crow", "steps": 2, "size": "32x32", "frames": 9, "seed": 1}
+    ids: list = []
+    threads = [threading.Thread(target=lambda: ids.append(
+        keyed.post("/v1/videos", json=body, headers=hdr).json()["id"])) for _ in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert len(ids) == 6 and len(set(ids)) == 1, ids
 
 
 def auth(key: str) -> dict:

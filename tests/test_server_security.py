@@ -38,24 +38,12 @@ from genserve.request import Kind
 from genserve.server.app import create_app
 from genserve.server.config import ServeConfig
 from genserve.server.service import Job, JobSpec
+
+from _serve import Uvicorn, assert_error
 from genserve.spec import GenSpec
 
 IMG, VID = "/v1/images/generations", "/v1/videos"
 LIMIT_JSON, LIMIT_FORM = 4096, 16384  # small body limits for the engine-less apps
-
-
-def assert_error(r, status: int, param: str | None = "<any>", code: str | None = None) -> dict:
-    """An OpenAI-style JSON error body with this status (and param / code when given)."""
-    assert r.status_code == status, (r.status_code, r.text[:300])
-    assert r.headers["content-type"].startswith("application/json"), r.headers
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
-    if param != "<any>":
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def finished_video(svc, data: bytes = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64,
@@ -81,44 +69,6 @@ def engineless(tmp_path: Path, **kw):
     cfg = ServeConfig(results_dir=str(tmp_path / "results"), max_body_bytes=LIMIT_JSON,
                       max_upload_bytes=LIMIT_FORM, **kw)
     return create_app(cfg)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Uvicorn:
-    """An app under uvicorn in a thread, on a free loopback port; `ready` says when it answers
-    (the port accepts and, for a started service, /health is 200)."""
-
-    def __init__(self, app, health: bool = False, **config):
-        self.app, self.svc, self.health = app, app.state.service, health
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="critical", **config))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.thread.is_alive(), "the server thread died while starting"
-            try:
-                r = httpx.get(self.url + "/health", timeout=2)
-                if not self.health or r.status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.__exit__()
-        raise AssertionError("the server did not start")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
 
 
 def no_engine(monkeypatch, svc) -> None:

@@ -15,7 +15,7 @@ from genserve.engine.backend import WorkerBackend
 from genserve.parallel.protocol import New
 from genserve.request import Kind, Request
 from genserve.server.schemas import ImageBody, VideoBody, to_spec
-from genserve.server.service import Job, _job_of_row, _row_of
+from genserve.server.jobs import Job, job_of_row, row_of
 from genserve.server.store import JobStore
 from genserve.spec import GenSpec
 
@@ -67,8 +67,8 @@ def test_the_http_body_becomes_one_spec_that_the_job_store_keeps(tmp_path):
             vid, gen=dataclasses.replace(vid.gen, negative_prompt="blur")))):
         job = Job(id=f"j{i}", spec=spec, owner=None, created_at=1.0 + i, request_ids=[f"j{i}-0"],
                   deadline=0.0)
-        store.add(_row_of(job))
-    assert [_job_of_row(row).spec for row in store.load()] == [img, dataclasses.replace(
+        store.add(row_of(job))
+    assert [job_of_row(row).spec for row in store.load()] == [img, dataclasses.replace(
         vid, gen=dataclasses.replace(vid.gen, negative_prompt="blur"))]
 
 

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ..catalog import MODELS
@@ -39,7 +39,8 @@ from ..spec import GenSpec
 from ..workload import standalone_sp
 from .config import ServeConfig
 from .metrics import ServeMetrics
-from .store import JobRow, JobStore, spec_from_record, spec_record
+from .jobs import Job, JobSpec, expired, job_of_row, row_of, unseeded
+from .store import JobStore
 
 log = logging.getLogger("genserve.server")
 
@@ -52,51 +53,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
-
-
-@dataclass
-class JobSpec:
-    """A validated request (see `schemas.py`): `n` outputs of `gen`, the i-th with seed
-    `gen.seed + i`."""
-
-    kind: Kind
-    gen: GenSpec
-    n: int = 1
-    slo_ms: float | None = None
-    seconds: str | None = None
-
-
-@dataclass
-class Job:
-    id: str
-    spec: JobSpec
-    owner: str | None
-    created_at: float
-    request_ids: list[str]
-    deadline: float  # unix seconds
-    status: str = "queued"  # queued | in_progress | completed | failed
-    steps_done: dict[str, int] = field(default_factory=dict)
-    completed_at: float | None = None
-    error: dict | None = None
-    files: list[str] = field(default_factory=list)
-    cancelled: bool = False
-    best_effort: bool = False
-    ended: set = field(default_factory=set)
-    version: int = 0
-    expires_at: float | None = None
-    images: dict[str, bytes] = field(default_factory=dict)  # PNGs until the response takes them
-    idempotency_key: str | None = None
-
-    @property
-    def progress(self) -> int:
-        total = self.spec.gen.steps * len(self.request_ids)
-        if self.status == "completed":
-            return 100
-        return int(100 * sum(self.steps_done.values()) / total) if total else 0
-
-    @property
-    def final(self) -> bool:
-        return self.status in ("completed", "failed")
 
 
 class Service:
@@ -115,7 +71,7 @@ class Service:
         self.results = Path(cfg.results_dir)
         self.results.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.results)
-        self._resume: list[tuple[Job, JobRow]] = []  # unfinished at the last stop: run on start
+        self._resume: list[Job] = []  # unfinished at the last stop: resumed by `start`
         self._load_jobs()
 
     # ----- lifecycle -----
@@ -279,7 +235,7 @@ class Service:
                 job.request_ids.append(rid)
                 job.steps_done[rid] = 0
             try:
-                self.store.add(_row_of(job))
+                self.store.add(row_of(job))
             except sqlite3.IntegrityError:  # the same key, submitted meanwhile
                 again = self._idempotent(spec, owner, idempotency_key)
                 if again is None:
@@ -305,14 +261,14 @@ class Service:
             return None
         # The seed is left out: a client that names none gets a random one per submission, and
         # its retry must still find the first.
-        if _unseeded(job.spec) != _unseeded(spec):
+        if unseeded(job.spec) != unseeded(spec):
             raise ApiError(409, "this Idempotency-Key was used for a different request",
                            "idempotency_key_reused", "Idempotency-Key")
         return job
 
     def get(self, job_id: str, owner: str | None) -> Job:
         job = self.jobs.get(job_id)
-        if job is None or (self.cfg.api_keys and job.owner != owner) or _expired(job):
+        if job is None or (self.cfg.api_keys and job.owner != owner) or expired(job):
             shown = job_id[:32] + ("..." if len(job_id) > 32 else "")
             raise ApiError(404, f"no job {shown!r}", "not_found", "id")
         return job
@@ -320,7 +276,7 @@ class Service:
     def list(self, owner: str | None, kind: Kind | None = None) -> list[Job]:
         with self._lock:
             return sorted((j for j in self.jobs.values()
-                           if (not self.cfg.api_keys or j.owner == owner) and not _expired(j)
+                           if (not self.cfg.api_keys or j.owner == owner) and not expired(j)
                            and (kind is None or j.spec.kind is kind)),
                           key=lambda j: (j.created_at, j.id))
 
@@ -503,7 +459,7 @@ class Service:
         now, expired = time.time(), []
         for row in self.store.load():
             try:
-                job = _job_of_row(row)
+                job = job_of_row(row)
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("job store: ignoring job %s: %s", row.id, e)
                 continue
@@ -586,41 +542,3 @@ class Service:
 def _job_of(request_id: str) -> str:
     """Request ids are "<job id>-<i>" (job ids hold no '-')."""
     return request_id.rpartition("-")[0]
-
-
-def _expired(job: Job) -> bool:
-    """Past its TTL (the janitor removes it at its next round; until then nobody sees it)."""
-    return job.final and job.expires_at is not None and job.expires_at <= time.time()
-
-
-def _unseeded(spec: JobSpec) -> JobSpec:
-    return replace(spec, gen=replace(spec.gen, seed=0))
-
-
-def _row_of(job: Job) -> JobRow:
-    s = job.spec
-    return JobRow(id=job.id, owner=job.owner, idempotency_key=job.idempotency_key,
-                  created_at=job.created_at, deadline_at=job.deadline,
-                  best_effort=job.best_effort,
-                  spec=spec_record(s.kind, s.gen, s.n, s.slo_ms, s.seconds), status=job.status,
-                  cancelled=job.cancelled, error=job.error, completed_at=job.completed_at,
-                  expires_at=job.expires_at, files=list(job.files),
-                  requests={rid: (0, None) for rid in job.request_ids})
-
-
-def _job_of_row(row: JobRow) -> Job:
-    kind, gen, rest = spec_from_record(row.spec)
-    spec = JobSpec(kind, gen, n=rest["n"], slo_ms=rest["slo_ms"], seconds=rest["seconds"])
-    rids = sorted(row.requests, key=lambda rid: int(rid.rpartition("-")[2]))
-    job = Job(id=row.id, spec=spec, owner=row.owner, created_at=row.created_at,
-              request_ids=rids, deadline=row.deadline_at, status=row.status,
-              completed_at=row.completed_at, error=row.error, files=list(row.files),
-              cancelled=row.cancelled, best_effort=row.best_effort, expires_at=row.expires_at,
-              idempotency_key=row.idempotency_key)
-    done = job.status == "completed"
-    job.steps_done = {rid: gen.steps if done or row.requests[rid][1] else row.requests[rid][0]
-                      for rid in rids}
-    job.ended = {rid for rid in rids if done or row.requests[rid][1]}
-    if not job.final:
-        job.files = sorted(row.requests[rid][1] for rid in job.ended)
-    return job
