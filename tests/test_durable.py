@@ -81,9 +81,23 @@ def test_the_newest_whole_checkpoint_is_the_resume_point(tmp_path):
 
 
 # ----- a crash: SIGKILL of the server and its workers -----
-def test_a_crash_loses_no_accepted_job_and_resumed_outputs_equal_running_alone(tmp_path):
+@pytest.fixture
+def serve(tmp_path):
+    """Start `genserve serve` processes on one results dir; every one is killed at the end."""
+    procs: list[ServeProcess] = []
+
+    def start(*args: str, **kw) -> ServeProcess:
+        procs.append(ServeProcess(tmp_path, *args, **kw))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        p.close()
+
+
+def test_a_crash_loses_no_accepted_job_and_resumed_outputs_equal_running_alone(serve):
     t_start = time.monotonic()
-    s = ServeProcess(tmp_path, "--checkpoint-steps", "4", "--log-level", "info")
+    s = serve("--checkpoint-steps", "4", "--log-level", "info")
     print(f"started at {time.monotonic() - t_start:.1f} s")
     http = s.http
     vid_body = {"prompt": "a heron", "steps": 60, "size": "128x128", "frames": 33, "seed": 11}
@@ -110,8 +124,7 @@ def test_a_crash_loses_no_accepted_job_and_resumed_outputs_equal_running_alone(t
     t.join(30)
     assert first["r"] is None  # its connection died with the server
 
-    s2 = ServeProcess(tmp_path, "--checkpoint-steps", "4", "--log-level", "info",
-                      log_name="serve2.log")
+    s2 = serve("--checkpoint-steps", "4", "--log-level", "info", log_name="serve2.log")
     try:
         print(f"restarted at {time.monotonic() - t_start:.1f} s")
         # every accepted job is known (never 404), and completes
@@ -160,14 +173,14 @@ def _post_ignoring_errors(s: ServeProcess, path: str, body: dict, headers: dict)
 
 # ----- a stop with work left, then a start that cannot resume it -----
 def test_work_left_by_a_drain_timeout_is_kept_and_fails_with_a_reason_if_it_cannot_resume(
-        tmp_path):
-    s = ServeProcess(tmp_path, "--drain-timeout", "1")
+        serve):
+    s = serve("--drain-timeout", "1")
     vid = s.http.post("/v1/videos", json={"prompt": "endless", "steps": 1000, "size": "128x128",
                                           "frames": 33}).json()["id"]
     time.sleep(0.5)
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(60) == 0, s.output()
-    s2 = ServeProcess(tmp_path, "--models", "tiny-t2i", log_name="serve2.log")
+    s2 = serve("--models", "tiny-t2i", log_name="serve2.log")
     try:
         v = s2.http.get(f"/v1/videos/{vid}")
         assert v.status_code == 200, v.text
