@@ -80,6 +80,42 @@ def test_the_newest_whole_checkpoint_is_the_resume_point(tmp_path):
     assert row.requests == {"video_a-0": (8, None)} and row.status == "queued"
 
 
+def test_a_damaged_checkpoint_makes_its_request_start_over_not_fail(tmp_path):
+    """A checkpoint whose bytes do not load as the request's state at its step (damaged, or
+    another request's) is passed over: that request resumes from the start."""
+    import types
+
+    from genserve.latency import LatencyModel
+    from genserve.models.base import StepState
+    from genserve.server.config import ServeConfig
+    from genserve.server.service import Service
+
+    cfg = ServeConfig(presets=("wan2.1-1.3b",), results_dir=str(tmp_path))
+    store = JobStore(tmp_path)
+    gen = GenSpec("wan2.1-1.3b", 480, 832, 81, steps=50, prompt="p")
+
+    def state(rid: str, step: int) -> bytes:
+        return StepState(rid, gen.model, 480, 832, 81, 50, 5.0, step, torch.zeros(2), {}, None,
+                         {}, torch.zeros(4, dtype=torch.uint8)).to_bytes()
+
+    files = {"video_ok": state("video_ok-0", 8), "video_torn": state("video_torn-0", 8)[:100],
+             "video_foreign": state("video_ok-0", 8)}
+    for i, (job_id, data) in enumerate(files.items()):
+        store.add(row_of(Job(id=job_id, spec=JobSpec(Kind.VIDEO, gen), owner=None,
+                             created_at=1.0 + i, request_ids=[f"{job_id}-0"], deadline=2.0)))
+        (store.checkpoints / f"{job_id}-0.8.state").write_bytes(data)
+    store.close()
+    svc = Service(cfg)
+    got = {}
+    svc.latency = LatencyModel()
+    svc.engine = types.SimpleNamespace(now=lambda: 0.0, cancel=lambda rid: None,
+                                       submit=lambda r, s=None: got.setdefault(r.id, (r, s)))
+    svc._resume_jobs()
+    assert {rid: (r.steps_done, s is not None) for rid, (r, s) in got.items()} == {
+        "video_ok-0": (8, True), "video_torn-0": (0, False), "video_foreign-0": (0, False)}
+    assert got["video_ok-0"][1] == files["video_ok"]
+
+
 # ----- a crash: SIGKILL of the server and its workers -----
 @pytest.fixture
 def serve(tmp_path):

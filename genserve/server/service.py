@@ -506,11 +506,8 @@ class Service:
                         deadline=deadline, standalone=alone)
             state, ck = None, self.store.newest_checkpoint(rid)
             if ck is not None and 0 < ck[0] < gen.steps:
-                try:
-                    state, r.steps_done = ck[1].read_bytes(), ck[0]
-                except OSError as e:
-                    log.warning("job store: checkpoint of %s unreadable (%s): from the start",
-                                rid, e)
+                state = _checked_state(rid, *ck)
+                r.steps_done = ck[0] if state is not None else 0
             job.steps_done[rid] = r.steps_done
             self.metrics.submitted(job.spec.kind.value)
             self.engine.submit(r, state)
@@ -537,6 +534,22 @@ class Service:
             self.store.delete(job_ids)
         for job_id in job_ids:
             shutil.rmtree(self.results / job_id, ignore_errors=True)
+
+
+def _checked_state(rid: str, step: int, path: Path) -> bytes | None:
+    """The checkpoint's bytes if they load as `rid`'s state at `step`; else None (a damaged or
+    foreign file: the request starts over rather than failing on its worker)."""
+    from ..models.base import StepState
+
+    try:
+        data = path.read_bytes()
+        st = StepState.from_bytes(data)
+        if (st.request_id, st.step_index) != (rid, step):
+            raise ValueError(f"it holds {st.request_id} at step {st.step_index}")
+        return data
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, start over
+        log.warning("job store: checkpoint %s unusable (%s): %s starts over", path.name, e, rid)
+        return None
 
 
 def _job_of(request_id: str) -> str:
