@@ -34,7 +34,7 @@ from ..request import Kind
 from .auth import Keys
 from .config import ServeConfig
 from .schemas import ImageBody, VideoBody, parse, to_spec
-from .service import ApiError, Job, Service
+from .service import ApiError, Job, Service, short
 from .transfer import OpenFileResponse, open_regular, read_body
 
 
@@ -42,14 +42,6 @@ GET = ["GET", "HEAD"]
 # A failed job's error code -> the status of the blocking answer that was waiting for it; the
 # rest are 500s.  The two 503s say "try again": the server went away under the request.
 FAILED_STATUS = {"cancelled": 409, "server_shutdown": 503, "server_restarted": 503}
-ID_PREFIX = 32  # characters of a client's id an error message may repeat
-
-
-def short(text: str, n: int = ID_PREFIX) -> str:
-    """A client's string as an error message may show it: its first `n` characters, quoted."""
-    return repr(text[:n] + ("..." if len(text) > n else ""))
-
-
 def _error(status: int, message: str, code: str, param: str | None = None,
            headers: dict | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
@@ -300,7 +292,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         try:
             return svc.get(job_id, who)
         except ApiError as e:
-            if e.status == 404:  # the service's message repeats the whole id
+            if e.status == 404:  # named as what was asked for (a video, a job)
                 raise _not_found(what, job_id) from None
             raise
 

@@ -55,6 +55,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+ID_PREFIX = 32  # characters of a client's id an error message may repeat
+
+
+def short(text: str, n: int = ID_PREFIX) -> str:
+    """A client's string as an error message may show it: its first `n` characters, quoted."""
+    return repr(text[:n] + ("..." if len(text) > n else ""))
+
+
 class Service:
     def __init__(self, cfg: ServeConfig):
         cfg.validate()
@@ -269,8 +277,7 @@ class Service:
     def get(self, job_id: str, owner: str | None) -> Job:
         job = self.jobs.get(job_id)
         if job is None or (self.cfg.api_keys and job.owner != owner) or expired(job):
-            shown = job_id[:32] + ("..." if len(job_id) > 32 else "")
-            raise ApiError(404, f"no job {shown!r}", "not_found", "id")
+            raise ApiError(404, f"no job {short(job_id)}", "not_found", "id")
         return job
 
     def list(self, owner: str | None, kind: Kind | None = None) -> list[Job]:
@@ -379,14 +386,20 @@ class Service:
         """`rid`'s output is on disk; True: that was the job's last one, it completed."""
         job.ended.add(rid)
         job.files.append(name)
-        if len(job.ended) == len(job.request_ids) and not job.final and job.cancelled:
+        if len(job.ended) < len(job.request_ids) or job.final:
+            return False
+        if job.cancelled:
             self._fail(job, "cancelled", "cancelled by the client")  # it finished meanwhile
-        elif len(job.ended) == len(job.request_ids) and not job.final:
-            job.files.sort()
-            job.status, job.completed_at = "completed", time.time()
-            job.expires_at = job.completed_at + self.cfg.result_ttl_s
-            return True
-        return False
+            return False
+        job.files.sort()
+        self._end(job, "completed")
+        return True
+
+    def _end(self, job: Job, status: str) -> None:
+        """`job` ends (completed or failed) now; readable until its TTL from now."""
+        job.completed_at = time.time()
+        job.expires_at = job.completed_at + self.cfg.result_ttl_s
+        job.status = status
 
     def _on_checkpoint(self, rid: str, steps: int, state: bytes) -> None:
         """The engine's thread: a request's state at `steps`; the writer saves it."""
@@ -421,9 +434,7 @@ class Service:
         # Error first: readers that do not take the lock must never see "failed" without it.
         job.error = {"code": code, "message": message}
         job.images = {}  # no response will take them
-        job.completed_at = time.time()
-        job.expires_at = job.completed_at + self.cfg.result_ttl_s
-        job.status = "failed"
+        self._end(job, "failed")
         if persist:
             self._later(self._store_failed, job)
         engine = getattr(self, "engine", None)  # none yet: a job failed while resuming
@@ -456,20 +467,20 @@ class Service:
     def _load_jobs(self) -> None:
         """The store's jobs: finished ones readable until their TTL; unfinished ones wait for
         `start` to resume them."""
-        now, expired = time.time(), []
+        gone = []
         for row in self.store.load():
             try:
                 job = job_of_row(row)
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("job store: ignoring job %s: %s", row.id, e)
                 continue
-            if job.final and job.expires_at is not None and job.expires_at <= now:
-                expired.append(job.id)
+            if expired(job):
+                gone.append(job.id)
                 continue
             if not job.final:
                 self._resume.append(job)
             self.jobs[job.id] = job
-        self._forget(expired)
+        self._forget(gone)
 
     def _resume_jobs(self) -> None:
         """Put the jobs the last run left unfinished back into the engine, each request from
@@ -492,8 +503,7 @@ class Service:
             return
         left = [rid for rid in job.request_ids if rid not in job.ended]
         if not left:  # every file was written before the stop, the completion was not
-            job.status, job.completed_at = "completed", time.time()
-            job.expires_at = job.completed_at + self.cfg.result_ttl_s
+            self._end(job, "completed")
             self._later(self.store.end, job.id, job.status, job.completed_at, job.expires_at,
                         job.files, None)
             return
@@ -519,10 +529,8 @@ class Service:
             self.expire()
 
     def expire(self) -> int:
-        now = time.time()
         with self._lock:
-            gone = [j for j in self.jobs.values()
-                    if j.final and j.expires_at is not None and j.expires_at <= now]
+            gone = [j for j in self.jobs.values() if expired(j)]
             for j in gone:
                 del self.jobs[j.id]
         self._forget([j.id for j in gone])
