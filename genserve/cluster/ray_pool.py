@@ -77,8 +77,7 @@ class _RayWorker:
 
     def loop(self, rank: int, spec: WorkerSpec, world: Rendezvous, members: tuple[int, ...],
              outbox) -> None:
-        from ..parallel.worker_main import worker_main  # torch: in the actor only
-
+        worker_main = spec.entry_point()  # torch (a real worker): in the actor only
         worker_main(rank, spec, world, members, self.inbox, self.ctl, outbox, device_index=0)
 
 

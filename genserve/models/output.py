@@ -56,8 +56,6 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def encode_mp4(video: np.ndarray, fps: int = 16) -> bytes:
     """(F, H, W, 3) uint8 -> H.264 MP4 (yuv420p, so H and W are padded to even sizes)."""
-    import av
-
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
         raise ValueError(f"an MP4 needs a (F, H, W, 3) uint8 array, got {video.shape} "
                          f"{video.dtype}")
@@ -65,12 +63,21 @@ def encode_mp4(video: np.ndarray, fps: int = 16) -> bytes:
     if (h, w) != video.shape[1:3]:
         video = np.pad(video, ((0, 0), (0, h - video.shape[1]), (0, w - video.shape[2]), (0, 0)),
                        mode="edge")
+    return encode_frames(video, h, w, fps)
+
+
+def encode_frames(frames, height: int, width: int, fps: int = 16,
+                  preset: str | None = None) -> bytes:
+    """H.264 MP4 of an iterable of (height, width, 3) uint8 frames (even sizes), made one frame
+    at a time; `preset`: x264's speed preset (None: its default)."""
+    import av
+
     buf = io.BytesIO()  # the muxer seeks back to finish the file: a seekable buffer
     with av.open(buf, mode="w", format="mp4") as box:
         stream = box.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "18"}
-        for frame in video:
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18", **({"preset": preset} if preset else {})}
+        for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 box.mux(packet)
         for packet in stream.encode():

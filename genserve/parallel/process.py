@@ -69,8 +69,8 @@ def run_worker(lifeline, *args) -> None:
     die_with_parent()
     watch_lifeline(lifeline)  # also covers a driver that died before the line above
     _let_the_fork_server_go()
-    from .worker_main import worker_main  # torch: imported once the guards are up
-
+    spec = args[1]
+    worker_main = spec.entry_point()  # torch (a real worker): imported once the guards are up
     worker_main(*args)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -47,6 +47,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import multiprocessing as mp
+import os
+import shutil
 import time
 from multiprocessing.connection import wait as wait_for
 
@@ -91,7 +93,7 @@ class PoolBase:
     def _setup(self, preset: str | tuple[str, ...], n: int, poll_s: float,
                model_path: str | None, device: str, timeout_s: float, faults: dict | None,
                min_free_bytes: int, worker_timeout_s: float | None = None,
-               loopback: bool = False) -> None:
+               loopback: bool = False, emulate=None) -> None:
         """What every pool knows: its workers' spec and the job books."""
         if n < 1:
             raise ValueError(f"workers must be >= 1, got {n}")
@@ -103,7 +105,8 @@ class PoolBase:
         # Several beats per timeout, so that one beat late (a busy driver, a long message ahead of
         # it on the channel) is never taken for silence.
         self.spec = WorkerSpec(self.presets, model_path, device, timeout_s, dict(faults or {}),
-                               min_free_bytes, heartbeat_s=min(1.0, wt / 4), loopback=loopback)
+                               min_free_bytes, heartbeat_s=min(1.0, wt / 4), loopback=loopback,
+                               emulate=emulate)
         self.restarts = self.hung = 0
         self._watch = Watch(wt)
         self._ids = itertools.count()
@@ -441,14 +444,24 @@ class WorkerPool(PoolBase):
                  device: str = "cpu", collective_timeout_s: float = 60.0,
                  start_timeout_s: float = 300.0, poll_s: float = 0.2,
                  faults: dict | None = None, min_free_bytes: int = 2 << 30,
-                 worker_timeout_s: float | None = None):
+                 worker_timeout_s: float | None = None, emulate=None):
         """`faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit"|"hang", "step": k,
         "rank": r (optional)}} makes the workers fail that request at that step.
         `min_free_bytes`: on CUDA, paused states go to host memory below this much free memory.
         `worker_timeout_s`: a worker silent, or running a job without progress, this long is
-        declared hung, killed and lost (None: `WORKER_TIMEOUT_S`)."""
+        declared hung, killed and lost (None: `WORKER_TIMEOUT_S`).
+        `emulate`: a `genserve.emulate.Emulation`: the workers emulate GPUs with the timings of
+        its profile (no model is loaded; `preset` names the real models they stand for)."""
+        self._exchange = None
+        if emulate is not None:  # where the emulated workers pass states (see emulate/exchange.py)
+            import tempfile
+
+            emulate.validate()
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self._exchange = tempfile.mkdtemp(prefix="genserve-emu-", dir=shm)
+            emulate = dataclasses.replace(emulate, exchange=self._exchange)
         self._setup(preset, n, poll_s, model_path, device, collective_timeout_s, faults,
-                    min_free_bytes, worker_timeout_s, loopback=True)
+                    min_free_bytes, worker_timeout_s, loopback=True, emulate=emulate)
         self._ctx = mp.get_context(self.start_method)
         self._closed = False
         # The lifeline (see liveness.py): every worker gets the read end; the driver holds the
@@ -596,3 +609,5 @@ class WorkerPool(PoolBase):
         self._lifeline_w.close()  # any worker still up (none should be) ends now
         self._lifeline.close()
         self._server.close()
+        if self._exchange is not None:
+            shutil.rmtree(self._exchange, ignore_errors=True)

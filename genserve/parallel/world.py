@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable
+from typing import Any, Callable
 
 from .protocol import Rendezvous
 
@@ -21,7 +21,8 @@ class WorkerSpec:
     `faults` is a test hook: {request_id: {"kind": "oom"|"error"|"exit"|"hang", "step": k,
     "rank": r}}.  `min_free_bytes`: on CUDA, paused states go to host memory below this much free
     memory.  `heartbeat_s`: how often the worker sends a `Heartbeat` (None: never; the pools set
-    it).  `loopback`: all workers on this machine, so their gloo sockets listen on loopback."""
+    it).  `loopback`: all workers on this machine, so their gloo sockets listen on loopback.
+    `emulate`: a `genserve.emulate.Emulation`: the workers emulate GPUs (no models, no torch)."""
 
     presets: tuple[str, ...]
     model_path: str | None = None
@@ -31,6 +32,15 @@ class WorkerSpec:
     min_free_bytes: int = 2 << 30
     heartbeat_s: float | None = None
     loopback: bool = False
+    emulate: Any = None
+
+    def entry_point(self) -> Callable:
+        """The worker's main function: the real one (torch), or the emulated one."""
+        if self.emulate is not None:
+            from ..emulate.worker import worker_main
+        else:
+            from .worker_main import worker_main
+        return worker_main
 
 
 class Abandoned(Exception):
