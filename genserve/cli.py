@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 from .catalog import GENERATE_DEFAULTS
 from .experiment import (ABLATIONS, DEFAULT_POLICIES, RunSpec, plot_sweep, requests_for,
@@ -262,18 +263,31 @@ def cmd_replay(a: argparse.Namespace) -> int:
         raise ValueError(f"--workers {a.workers}: must be >= 1")
     if a.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every {a.checkpoint_every}: must be >= 0 (0: never)")
+    emu = _emulated(a)
     latency = LatencyModel(a.profile)
     models = sorted({r.model for r in reqs})
     for m in models:
         latency.profile_of(m)  # a clear error now rather than inside a policy
     results = {}
+    if emu:
+        from .emulate import Emulation
+        from .parallel.protocol import OutputFormat
+
+        pool_args = dict(n=emu.gpus, emulate=Emulation(a.emulate, a.time_scale,
+                                                       emu.gpus_per_node))
+        # Encoded on the workers: a raw emulated 720p video is 224 MB through the driver.
+        engine_args = dict(gpus_per_node=emu.gpus_per_node, time_scale=a.time_scale,
+                           output=OutputFormat())
+    else:
+        pool_args = dict(n=a.workers, model_path=a.model_path,
+                         device="cpu" if a.device == "cpu" else "cuda")
+        engine_args = dict(gpus_per_node=a.gpus_per_node)
     try:
-        with WorkerPool(tuple(models), a.workers, a.model_path,
-                        "cpu" if a.device == "cpu" else "cuda") as pool:
+        with WorkerPool(tuple(models), **pool_args) as pool:
             for name in names:
                 run = load_trace(a.trace)[0]  # fresh requests for every policy
-                res = Engine(make_policy(name), pool, latency, a.gpus_per_node,
-                             checkpoint_every=a.checkpoint_every).run(run)
+                res = Engine(make_policy(name), pool, latency,
+                             checkpoint_every=a.checkpoint_every, **engine_args).run(run)
                 results[name] = {**summarize(res), "worker_restarts": res.restarts,
                                  "recovered": res.recovered,
                                  "failed_reasons": {r.id: r.reason for r in run
@@ -287,7 +301,8 @@ def cmd_replay(a: argparse.Namespace) -> int:
         raise ValueError(str(e)) from None
     print_table(results)
     if a.json:
-        cfg = {"trace": a.trace, "workers": a.workers, "profile": a.profile, "trace_meta": meta}
+        cfg = {"trace": a.trace, "workers": emu.gpus if emu else a.workers, "profile": a.profile,
+               "emulate": a.emulate, "time_scale": a.time_scale, "trace_meta": meta}
         with open(a.json, "w") as f:
             json.dump({"config": cfg, "policies": results}, f, indent=1)
         print(f"wrote {a.json}")
@@ -305,8 +320,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .server import ServeConfig
     from .server.app import create_app
 
-    cfg = ServeConfig(presets=tuple(m.strip() for m in a.models.split(",") if m.strip()),
-                      workers=(a.workers if a.workers is not None else 0 if a.ray else 2),
+    emu = _emulated(a)
+    models = a.models or (",".join(EMULATED_MODELS) if emu else "tiny-t2i,tiny-t2v")
+    if emu and a.workers is not None:
+        raise ValueError("--workers: with --emulate, give the number of GPUs as --gpus")
+    cfg = ServeConfig(presets=tuple(m.strip() for m in models.split(",") if m.strip()),
+                      workers=(emu.gpus if emu else a.workers if a.workers is not None
+                               else 0 if a.ray else 2),
+                      emulate=a.emulate, time_scale=a.time_scale,
+                      gpus_per_node=emu.gpus_per_node if emu else 8,
                       device=a.device, model_path=a.model_path, ray=a.ray,
                       ray_cpus_per_worker=a.ray_cpus_per_worker,
                       policy=a.policy, profile=a.profile, host=a.host, port=a.port,
@@ -381,6 +403,45 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if ray is not None:
             ray.shutdown()
     return 0
+
+
+# What `--emulate` serves by default: the real models of the catalog.
+EMULATED_MODELS = ("sd3-medium", "flux-dev", "wan2.1-1.3b", "wan2.1-14b")
+
+
+def _add_emulate(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("emulated GPUs (capacity planning, trying policies, testing the "
+                             "stack; outputs are placeholders)")
+    g.add_argument("--emulate", nargs="?", const="h200", metavar="PROFILE",
+                   help="workers emulate GPUs with the timings of this latency profile (a "
+                        "shipped name, default h200, or a `genserve profile` directory) and "
+                        "states of the real sizes; no weights, no GPU")
+    g.add_argument("--gpus", type=int, help="emulated GPUs (default 8)")
+    g.add_argument("--nodes", type=int, help="emulated nodes the GPUs split into (default 1)")
+    g.add_argument("--time-scale", type=float, default=1.0,
+                   help="run everything this many times faster (emulated only); reports stay "
+                        "in trace seconds")
+
+
+@dataclass(frozen=True)
+class _Emulated:
+    gpus: int
+    gpus_per_node: int
+
+
+def _emulated(a: argparse.Namespace) -> _Emulated | None:
+    """The emulated cluster the flags ask for (None: real workers); one-line errors."""
+    if a.emulate is None:
+        if a.gpus is not None or a.nodes is not None or a.time_scale != 1.0:
+            raise ValueError("--gpus, --nodes and --time-scale need --emulate")
+        return None
+    gpus, nodes = a.gpus or 8, a.nodes or 1
+    if gpus < 1 or nodes < 1 or gpus % nodes:
+        raise ValueError(f"--gpus {gpus} over --nodes {nodes}: both must be >= 1 and the GPUs "
+                         f"must divide evenly among the nodes")
+    if not a.time_scale > 0:
+        raise ValueError(f"--time-scale {a.time_scale}: must be > 0")
+    return _Emulated(gpus, gpus // nodes)
 
 
 def _exit_by(t: float) -> None:
@@ -481,11 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep a host-side copy of each request's state every N steps, the "
                          "restart point if its worker dies (0: never, start over)")
     rp.add_argument("--json", help="write results and per-request timelines here")
+    _add_emulate(rp)
     rp.set_defaults(func=cmd_replay)
 
     sv = sub.add_parser("serve", help="the HTTP API (OpenAI-compatible images and videos)")
-    sv.add_argument("--models", default="tiny-t2i,tiny-t2v",
-                    help="presets the workers load (default: the tiny ones, CPU, no weights)")
+    sv.add_argument("--models",
+                    help="presets the workers load (default: the tiny ones, CPU, no weights; "
+                         "with --emulate: " + ", ".join(EMULATED_MODELS) + ")")
     sv.add_argument("--workers", type=int, default=None,
                     help="workers, one per device (default: 2; with --ray: every GPU of the "
                          "Ray cluster)")
@@ -530,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest JSON request body (larger: 413)")
     sv.add_argument("--max-upload-bytes", type=int, default=64 << 20,
                     help="largest uploaded file (larger: 413)")
+    _add_emulate(sv)
     sv.add_argument("--log-level", default="warning",
                     choices=("critical", "error", "warning", "info", "debug", "trace"),
                     help="for the HTTP server's log and genserve's own (worker losses, Ray "

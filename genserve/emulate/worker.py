@@ -98,6 +98,10 @@ class EmuWorker:
                                   ("mover", self._serve_moves, None)):
             threading.Thread(target=target, args=(arg,) if arg is not None else (), daemon=True,
                              name=f"emu-{name}-{self.rank}").start()
+        # The encoders' imports and font take a second: paid now, in the background, rather
+        # than by the first output (a pool's start stays short: 64 workers share two cores).
+        threading.Thread(target=_warm_up, args=(self.spec.presets,), daemon=True,
+                         name=f"emu-warm-{self.rank}").start()
         self.outbox.put(Ready(self.rank))
         return True
 
@@ -368,6 +372,15 @@ class EmuWorker:
                       Parcel(f"move/{msg.transfer}", lost=f"worker {self.rank}: no resident "
                                                           f"state for request {msg.rid!r}"))
             self.exchange.send(msg.dst, parcel)
+
+
+def _warm_up(models) -> None:
+    from ..spec import GenSpec
+    from .frames import encode
+
+    encode(GenSpec("sd3-medium", 128, 128, steps=1), 1, bytes(32))
+    if any(get_model(m).max_frames > 1 for m in models):
+        encode(GenSpec("wan2.1-1.3b", 128, 128, frames=5, steps=1), 1, bytes(32))
 
 
 def worker_main(rank: int, spec: WorkerSpec, world: Rendezvous, members: tuple[int, ...], inbox,

@@ -87,7 +87,8 @@ def quantum_cost(a: Assignment, members: list[Request], cluster: Cluster,
     for r in members:
         if not r.gpus and r.steps_done == 0:
             setup += lat.encode_time(r.model)
-        elif r.gpus and set(r.gpus) != set(a.gpus):
+        elif r.gpus and not set(a.gpus) <= set(r.gpus):
+            # Resumed on a subset of its holders: each already has a copy, nothing moves.
             setup += lat.move_time(r, cluster.spans_nodes(r.gpus + a.gpus))
         elif not r.gpus:  # back from a host checkpoint
             setup += lat.move_time(r, False)

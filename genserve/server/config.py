@@ -48,6 +48,14 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 64 << 20
     defaults: dict = field(default_factory=dict)  # model -> (height, width, frames, steps)
+    # Emulated GPUs (`genserve.emulate`): the latency profile their timings come from (a shipped
+    # name such as "h200", or a directory); `workers` is then the number of GPUs.  None: real
+    # workers.
+    emulate: str | None = None
+    # GPUs per node: the topology the policy plans on (and, emulated, what a move across costs).
+    gpus_per_node: int = 8
+    # Emulated only: everything runs this many times faster (steps, deadlines, the clock).
+    time_scale: float = 1.0
 
     def validate(self) -> None:
         unknown = [p for p in self.presets if p not in MODELS]
@@ -83,5 +91,13 @@ class ServeConfig:
                             f"max_upload_bytes={self.max_upload_bytes} >= it")
         if any(not k for k in self.api_keys):
             problems.append("api keys must be non-empty")
+        if self.emulate is not None and (self.ray or self.model_path):
+            problems.append("emulate: emulated GPUs run on this machine, without --ray or "
+                            "--model-path")
+        if self.gpus_per_node < 1:
+            problems.append(f"gpus_per_node={self.gpus_per_node}: must be >= 1")
+        if not self.time_scale > 0 or (self.time_scale != 1.0 and self.emulate is None):
+            problems.append(f"time_scale={self.time_scale}: must be > 0, and only emulated GPUs "
+                            f"run at another speed than 1")
         if problems:
             raise ValueError("serve config: " + "; ".join(problems))

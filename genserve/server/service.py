@@ -89,7 +89,13 @@ class Service:
 
         cfg = self.cfg
         device = "cpu" if cfg.device == "cpu" else "cuda"
-        if cfg.ray:
+        if cfg.emulate:
+            from ..emulate import Emulation
+
+            self.pool = WorkerPool(cfg.presets, cfg.workers, worker_timeout_s=cfg.worker_timeout_s,
+                                   emulate=Emulation(cfg.emulate, cfg.time_scale,
+                                                     cfg.gpus_per_node))
+        elif cfg.ray:
             from ..cluster import RayWorkerPool
             self.pool = RayWorkerPool(cfg.presets, cfg.workers or None, cfg.model_path, device,
                                       address=cfg.ray, cpus_per_worker=cfg.ray_cpus_per_worker,
@@ -97,7 +103,9 @@ class Service:
         else:
             self.pool = WorkerPool(cfg.presets, cfg.workers, cfg.model_path, device,
                                    worker_timeout_s=cfg.worker_timeout_s)
-        if cfg.profile == "measure":
+        if cfg.emulate:  # the emulated GPUs' own timings
+            self.latency = LatencyModel(cfg.emulate)
+        elif cfg.profile == "measure":
             prof_dir = self.results / ".profile"
             write_profile(prof_dir, "local", *profile_workers(list(cfg.presets), (1, 2, 4),
                                                               reps=3, pool=self.pool))
@@ -109,6 +117,7 @@ class Service:
         if cfg.worker_timeout_s is None:
             self.pool.set_worker_timeout(self._default_worker_timeout())
         self.engine = Engine(make_policy(cfg.policy), self.pool, self.latency,
+                             gpus_per_node=cfg.gpus_per_node, time_scale=cfg.time_scale,
                              checkpoint_every=cfg.checkpoint_every, on_update=self._on_update,
                              output=OutputFormat(fps=cfg.fps), on_checkpoint=self._on_checkpoint)
         self.metrics.watch_engine(self.engine, self.workers_hung)
@@ -126,7 +135,7 @@ class Service:
         model, a batch of 4, alone), at least 60 s: a worker silent that long is hung."""
         longest = max(self.latency.step_time(p, MODELS[p].tokens(h, w, f), 4, 1)
                       for p in self.cfg.presets for (w, h, f) in MODELS[p].sizes)
-        return max(60.0, 5.0 * longest)
+        return max(60.0, 5.0 * self._wall(longest))
 
     def _run_engine(self) -> None:
         try:
@@ -220,7 +229,7 @@ class Service:
             limit = (self.cfg.max_waiting_images if spec.kind is Kind.IMAGE
                      else self.cfg.max_waiting_videos)
             if waiting >= limit:
-                retry = max(1, math.ceil(alone * waiting / self.cfg.workers))
+                retry = max(1, math.ceil(self._wall(alone * waiting / self.cfg.workers)))
                 self.metrics.rejected("queue_full", spec.kind.value)
                 raise ApiError(429, f"{waiting} {spec.kind.value} requests are waiting (limit "
                                     f"{limit}); retry later", "queue_full",
@@ -236,7 +245,7 @@ class Service:
             now, created = self.engine.now(), time.time()
             job = Job(id=("video_" if spec.kind is Kind.VIDEO else "img_") + uuid.uuid4().hex,
                       spec=spec, owner=owner, created_at=created, request_ids=[],
-                      deadline=created + slo, best_effort=best_effort,
+                      deadline=created + self._wall(slo), best_effort=best_effort,
                       idempotency_key=idempotency_key)
             for i in range(spec.n):
                 rid = f"{job.id}-{i}"
@@ -255,6 +264,11 @@ class Service:
                 self.engine.submit(Request(rid, spec.kind, replace(gen, seed=gen.seed + i),
                                            arrival=now, deadline=now + slo, standalone=alone))
         return job
+
+    def _wall(self, seconds: float) -> float:
+        """Wall seconds of `seconds` on the engine's clock (they differ under a time scale:
+        emulated GPUs)."""
+        return seconds / self.cfg.time_scale
 
     def _standalone(self, kind: Kind, gen: GenSpec) -> float:
         """Seconds `gen` takes alone on its default SP degree (the SLO's unit)."""
@@ -327,8 +341,8 @@ class Service:
         step = self.latency.step_time(s.model, MODELS[s.model].tokens(s.height, s.width,
                                                                        s.frames))
         left = sum(s.steps - d for d in job.steps_done.values())
-        return time.time() + left * step + self.latency.decode_time(s.model, s.height, s.width,
-                                                                    s.frames)
+        return time.time() + self._wall(left * step + self.latency.decode_time(
+            s.model, s.height, s.width, s.frames))
 
     def add_listener(self, fn) -> None:
         self._listeners.append(fn)
@@ -508,7 +522,7 @@ class Service:
                         job.files, None)
             return
         now = self.engine.now()
-        deadline = now + max(0.0, job.deadline - time.time())
+        deadline = now + max(0.0, job.deadline - time.time()) * self.cfg.time_scale
         alone = self._standalone(job.spec.kind, gen)
         for rid in left:
             i = int(rid.rpartition("-")[2])
@@ -547,13 +561,13 @@ class Service:
 def _checked_state(rid: str, step: int, path: Path) -> bytes | None:
     """The checkpoint's bytes if they load as `rid`'s state at `step`; else None (a damaged or
     foreign file: the request starts over rather than failing on its worker)."""
-    from ..models.base import StepState
+    from ..emulate.state import identity  # a real state (torch) or an emulated one
 
     try:
         data = path.read_bytes()
-        st = StepState.from_bytes(data)
-        if (st.request_id, st.step_index) != (rid, step):
-            raise ValueError(f"it holds {st.request_id} at step {st.step_index}")
+        held = identity(data)
+        if held != (rid, step):
+            raise ValueError(f"it holds {held[0]} at step {held[1]}")
         return data
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, start over
         log.warning("job store: checkpoint %s unusable (%s): %s starts over", path.name, e, rid)
