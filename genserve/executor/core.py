@@ -91,7 +91,13 @@ class ExecResult:
     preemptions: int
     migrations: int
     reasons: Counter = field(default_factory=Counter)
-    decision_wall_s: list[float] = field(default_factory=list)
+    decision_wall_s: list[float] = field(default_factory=list)  # the policy's call
+    # A whole decision: the policy's call, plan validation, sourcing and dispatch of every
+    # assignment (wall seconds), and how many requests were known then (queued or running).
+    decide_wall_s: list[float] = field(default_factory=list)
+    decide_load: list[int] = field(default_factory=list)
+    # Per quantum that ended: (predicted cost, clock seconds it held its GPUs, steps planned).
+    quanta_log: list[tuple[float, float, int]] = field(default_factory=list)
     # Quanta started, and those (and their GPU-seconds) whose GPUs span nodes.
     quanta: int = 0
     cross_node_quanta: int = 0
@@ -279,6 +285,7 @@ class ExecutorCore:
 
     # ----- decisions -----
     def _decide(self, now: float) -> None:
+        t_in = time.perf_counter()
         free = self.free - self.backend.unavailable()
         state = SchedulerState(
             now=now, cluster=self.cluster, free_gpus=tuple(sorted(free)),
@@ -286,10 +293,16 @@ class ExecutorCore:
             inflight=[q.in_flight() for q in self.inflight.values()], latency=self.latency,
             running=[self.by_id[rid] for q in self.inflight.values() for rid in q.requests])
         t0 = time.perf_counter()
+        self.res.decisions += 1
         plan = self.policy.schedule(state)
         if self.time_decisions:
             self.res.decision_wall_s.append(time.perf_counter() - t0)
-        self.res.decisions += 1
+        self._carry_out(plan, free, now)
+        if self.time_decisions and self.keep:
+            self.res.decide_wall_s.append(time.perf_counter() - t_in)
+            self.res.decide_load.append(len(state.queue) + len(state.running))
+
+    def _carry_out(self, plan, free: set[int], now: float) -> None:
         count_reasons(plan, self._last_reason, self.res.reasons, now)
         for a in plan.assignments:
             members = validate_assignment(a, free, self.queue, self.latency)
@@ -332,6 +345,8 @@ class ExecutorCore:
     def _apply(self, e: Ended, now: float) -> None:
         q = self.inflight.pop(e.key)
         self.free.update(q.gpus)
+        if self.keep:
+            self.res.quanta_log.append((q.cost, e.ran_s, q.assignment.steps))
         if e.ran_s != q.cost:  # the real clock: count what it held, not what was predicted
             k = len(q.gpus)
             self.res.busy_gpu_s += (e.ran_s - q.cost) * k

@@ -67,9 +67,10 @@ def encode_mp4(video: np.ndarray, fps: int = 16) -> bytes:
 
 
 def encode_frames(frames, height: int, width: int, fps: int = 16,
-                  preset: str | None = None) -> bytes:
-    """H.264 MP4 of an iterable of (height, width, 3) uint8 frames (even sizes), made one frame
-    at a time; `preset`: x264's speed preset (None: its default)."""
+                  preset: str | None = None, pix: str = "rgb24") -> bytes:
+    """H.264 MP4 of an iterable of frames (even sizes), made one frame at a time: (height, width,
+    3) uint8 arrays, or in `pix` "yuv420p" (height * 3/2, width) planes as-is; `preset`: x264's
+    speed preset (None: its default)."""
     import av
 
     buf = io.BytesIO()  # the muxer seeks back to finish the file: a seekable buffer
@@ -78,7 +79,7 @@ def encode_frames(frames, height: int, width: int, fps: int = 16,
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "18", **({"preset": preset} if preset else {})}
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format=pix)):
                 box.mux(packet)
         for packet in stream.encode():
             box.mux(packet)

@@ -1,0 +1,223 @@
+"""Fidelity at scale (issue 14), run by hand: the same trace, the same H200 profile, through the
+simulator (virtual clock) and through the real engine driving emulated GPUs (worker processes
+that take their times from the profile, states and outputs of real sizes), time-scaled.
+
+Per setting (8 GPUs on one node, 64 GPUs over 8 nodes) and policy it prints SLO attainment sim vs
+engine (goal: within 2 points), the median per-request latency error (goal: <= 3%), the engine's
+overhead per quantum (held minus predicted) as a share of the mean step time, and the driver's
+CPU share.  Then, at 64 GPUs with a backlog of several hundred requests, the engine's whole
+decision time (state, policy, validation, dispatch) p50 / p99 (goal p99 < 5 ms).  Last, the
+highest rate of image requests the HTTP server + engine sustain before their latency grows
+(`genserve serve --emulate`, cheap images at a high time scale, open loop).
+
+    python bench/fidelity_emulated.py [--time-scale 5] [--duration 900] [--skip-http]
+
+All times in the report are trace seconds unless marked wall.  Machines are noisy: compare
+within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from genserve.emulate import Emulation  # noqa: E402
+from genserve.engine import Engine  # noqa: E402
+from genserve.latency import LatencyModel  # noqa: E402
+from genserve.metrics import summarize  # noqa: E402
+from genserve.parallel.protocol import OutputFormat  # noqa: E402
+from genserve.parallel.workers import WorkerPool  # noqa: E402
+from genserve.policies import Cluster, make_policy  # noqa: E402
+from genserve.sim import SimConfig, Simulator  # noqa: E402
+from genserve.workload import WorkloadConfig, generate  # noqa: E402
+
+MODELS = ("sd3-medium", "flux-dev", "wan2.1-1.3b", "wan2.1-14b")
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def compare(name: str, lat: LatencyModel, pool: WorkerPool, wl: WorkloadConfig, gpus: int,
+            per_node: int, scale: float, ck: int) -> None:
+    sim_reqs = generate(wl, lat, gpus)
+    sim = Simulator(Cluster(gpus, per_node), lat, make_policy(name),
+                    SimConfig(drain=True)).run(sim_reqs)
+    eng_reqs = generate(wl, lat, gpus)
+    engine = Engine(make_policy(name), pool, lat, per_node, time_scale=scale,
+                    output=OutputFormat(), checkpoint_every=ck)
+    w0, c0 = time.monotonic(), time.process_time()
+    res = engine.run(eng_reqs)
+    wall, cpu = time.monotonic() - w0, time.process_time() - c0
+    ms, me = summarize(sim), summarize(res)
+    pairs = [(s.latency, r.latency) for s, r in zip(sim_reqs, eng_reqs)
+             if s.latency is not None and r.latency is not None]
+    errs = [abs(r - s) / s for s, r in pairs]
+    signed = statistics.median((r - s) / s for s, r in pairs)
+    over = [ran - cost for cost, ran, _ in res.quanta_log]
+    step = sum(c for c, _, _ in res.quanta_log) / sum(k for _, _, k in res.quanta_log)
+    print(f"  {name:9s} SLO sim {ms['slo_attainment']:.3f} engine {me['slo_attainment']:.3f} "
+          f"({100 * (me['slo_attainment'] - ms['slo_attainment']):+.1f} points; image "
+          f"{ms['image']['slo_attainment']:.3f}/{me['image']['slo_attainment']:.3f}, video "
+          f"{ms['video']['slo_attainment']:.3f}/{me['video']['slo_attainment']:.3f})")
+    print(f"            median latency error {100 * statistics.median(errs):.1f}% (signed "
+          f"{100 * signed:+.1f}%) over {len(errs)} requests; quanta {len(over)}: overhead "
+          f"mean {1e3 * statistics.mean(over):.0f} ms p99 {1e3 * pct(over, .99):.0f} ms = "
+          f"{100 * statistics.mean(over) / step:.1f}% of the mean step ({1e3 * step:.0f} ms)")
+    print(f"            preemptions sim {sim.preemptions} engine {res.preemptions}; decisions "
+          f"p50 {1e3 * statistics.median(res.decide_wall_s):.2f} ms p99 "
+          f"{1e3 * pct(res.decide_wall_s, .99):.2f} ms wall; driver CPU {100 * cpu / wall:.0f}% "
+          f"of one core over {wall:.0f} s wall")
+
+
+def backlog(pool: WorkerPool, lat: LatencyModel, gpus: int, per_node: int, scale: float,
+            n: int, seed: int) -> None:
+    """Decision time with hundreds of requests in the system: `n` requests arrive within a
+    minute on `gpus` GPUs; only the decisions taken with >= 400 known requests are counted."""
+    wl = WorkloadConfig(rate=n / 60.0, duration=60.0, video_share=0.2, slo_scale=2.0, seed=seed)
+    reqs = generate(wl, lat, gpus)
+    engine = Engine(make_policy("genserve"), pool, lat, per_node, time_scale=scale,
+                    output=OutputFormat(), checkpoint_every=4)
+    w0, c0 = time.monotonic(), time.process_time()
+    horizon = 240.0  # trace seconds: long enough for the backlog to build and drain partly
+    import threading
+    threading.Timer(horizon / scale, engine.halt).start()
+    res = engine.run(reqs)
+    wall, cpu = time.monotonic() - w0, time.process_time() - c0
+    loaded = [w for w, k in zip(res.decide_wall_s, res.decide_load) if k >= 400]
+    print(f"  backlog: {len(reqs)} requests in 60 s on {gpus} GPUs, {res.decisions} decisions, "
+          f"most known at once {max(res.decide_load)}")
+    if loaded:
+        print(f"  decisions with >= 400 requests known: {len(loaded)}, whole decision p50 "
+              f"{1e3 * statistics.median(loaded):.2f} ms p99 {1e3 * pct(loaded, .99):.2f} ms "
+              f"max {1e3 * max(loaded):.2f} ms wall (policy call alone p99 "
+              f"{1e3 * pct(res.decision_wall_s, .99):.2f} ms over all decisions)")
+    print(f"  driver CPU {100 * cpu / wall:.0f}% of one core over {wall:.0f} s wall")
+
+
+# ----- the HTTP server's sustained image rate -----
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _open_loop(base: str, rate: float, seconds: float) -> tuple[list[float], int, int]:
+    import httpx
+
+    lat: list[float] = []
+    bad = 0
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as c:
+        async def one(i: int) -> None:
+            nonlocal bad
+            t = time.monotonic()
+            r = await c.post("/v1/images/generations",
+                             json={"model": "sd3-medium", "prompt": f"p{i}", "size": "512x512",
+                                   "steps": 4, "seed": i})
+            if r.status_code == 200:
+                lat.append(time.monotonic() - t)
+            else:
+                bad += 1
+
+        t0, tasks = time.monotonic(), []
+        n = int(rate * seconds)
+        for i in range(n):
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+    return lat, n, bad
+
+
+def http_rate(scale: float, gpus: int, rates: list[float], seconds: float) -> None:
+    port = _port()
+    with tempfile.TemporaryDirectory() as d:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "genserve.cli", "serve", "--emulate", "--gpus", str(gpus),
+             "--time-scale", str(scale), "--port", str(port), "--results-dir", d,
+             "--max-waiting-images", "100000", "--checkpoint-steps", "0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            import httpx
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(600):
+                try:
+                    if httpx.get(base + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            lat = LatencyModel("h200")
+            from genserve.request import Kind, Request
+            from genserve.spec import GenSpec
+            alone = lat.standalone(Request("x", Kind.IMAGE, GenSpec("sd3-medium", 512, 512,
+                                                                     steps=4)), 1) / scale
+            print(f"  {gpus} emulated GPUs at time scale {scale:g}: sd3-medium 512x512 4 steps, "
+                  f"{1e3 * alone:.1f} ms wall alone; GPU capacity {gpus / alone:.0f} images/s")
+            base_p50 = None
+            for rate in rates:
+                got, n, bad = asyncio.run(_open_loop(base, rate, seconds))
+                p50, p99 = statistics.median(got), pct(got, .99)
+                base_p50 = base_p50 or p50
+                print(f"  {rate:6.0f} images/s offered: {len(got)}/{n} answered ({bad} errors), "
+                      f"latency p50 {1e3 * p50:.0f} ms p99 {1e3 * p99:.0f} ms wall "
+                      f"({p50 / base_p50:.1f}x the lowest rate's p50)")
+                if p50 > 3 * base_p50 or bad:
+                    break
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--time-scale", type=float, default=5.0)
+    ap.add_argument("--duration", type=float, default=900.0, help="trace seconds of arrivals")
+    ap.add_argument("--rate", type=float, default=0.1, help="requests/s per 8 GPUs")
+    ap.add_argument("--video-share", type=float, default=0.2)
+    ap.add_argument("--slo-scale", type=float, default=2.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--policies", default="genserve,fcfs")
+    ap.add_argument("--checkpoint-every", type=int, default=4)
+    ap.add_argument("--settings", default="8,64", help="GPU counts (8 per node)")
+    ap.add_argument("--backlog", type=int, default=600, help="requests for the decision test")
+    ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--http-rates", default="25,50,100,200,400,800")
+    a = ap.parse_args()
+    lat = LatencyModel("h200")
+    for gpus in (int(x) for x in a.settings.split(",")):
+        nodes = max(1, gpus // 8)
+        t0 = time.monotonic()
+        with WorkerPool(MODELS, gpus, emulate=Emulation("h200", a.time_scale, 8)) as pool:
+            print(f"{gpus} emulated H200s over {nodes} node(s), up in "
+                  f"{time.monotonic() - t0:.0f} s; time scale {a.time_scale:g}, checkpoint "
+                  f"every {a.checkpoint_every} steps")
+            time.sleep(2.0)  # the encoders' warm-up (see emulate/worker.py)
+            wl = WorkloadConfig(rate=a.rate * gpus / 8, duration=a.duration,
+                                video_share=a.video_share, slo_scale=a.slo_scale, seed=a.seed)
+            print(f"  trace: {len(generate(wl, lat, gpus))} requests over {a.duration:g} s, "
+                  f"rate {wl.rate:g}/s, video share {a.video_share}, SLO x{a.slo_scale}")
+            for name in a.policies.split(","):
+                compare(name, lat, pool, wl, gpus, 8, a.time_scale, a.checkpoint_every)
+            if gpus >= 64:
+                backlog(pool, lat, gpus, 8, a.time_scale, a.backlog, a.seed)
+    if not a.skip_http:
+        print("HTTP server + engine, sustained image rate (open loop, 10 s per rate):")
+        http_rate(100.0, 8, [float(x) for x in a.http_rates.split(",")], 10.0)
+    print(f"driver process: pid {os.getpid()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
