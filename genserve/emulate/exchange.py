@@ -3,8 +3,13 @@
 Real workers move a state over torch.distributed (`parallel/transfer.py`); emulated ones have no
 torch, so each listens on `<exchange>/rank<r>.sock` and a sender connects, writes one message and
 closes.  The receiver's listener files the message under its key (`Parcel`, `JobEnd`: typed, like
-every message between processes) and wakes whoever waits for it.  The bytes of a state really
-travel (sizes as real), the time a real link would take is charged by the job that waits.
+every message between processes) and wakes whoever waits for it.
+
+Time comes from the model, bytes are real: the job that waits for a state is charged what the
+link would take (`LatencyModel.move_time`), and the state's payload (its real size, `trailer`
+bytes) follows its header on the same connection from a thread of the sender's.  Not on the job's
+path: copying megabytes through Python sockets takes this machine's CPU time, which a time scale
+would multiply into trace time that an NVLink transfer never takes.
 
 A wait ends when its message comes, when its sender is gone, or at the world's timeout: each
 worker writes `<exchange>/pid.<r>` ("pid generation") when it starts, so a receiver waiting on
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import re
 import socket
 import struct
@@ -31,11 +37,13 @@ _HEADER = struct.Struct("!Q")
 
 @dataclass(frozen=True)
 class Parcel:
-    """A state (`EmuState.to_bytes`) for the receiver's `key`, or why it cannot come (`lost`)."""
+    """A state's header (`EmuState.header`) for the receiver's `key`, its payload's size
+    (`trailer`: that many bytes follow the message), or why it cannot come (`lost`)."""
 
     key: str
     state: bytes = b""
     lost: str | None = None
+    trailer: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,8 @@ class Exchange:
         self.root, self.rank = Path(root), rank
         self._box: dict[str, Message] = {}
         self._cv = threading.Condition()
+        self.received = 0  # payload bytes taken in (see the module doc)
+        self._trailers: queue.SimpleQueue = queue.SimpleQueue()
         path = self.root / f"rank{rank}.sock"
         path.unlink(missing_ok=True)  # a dead predecessor's
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -85,6 +95,8 @@ class Exchange:
         tmp.write_text(f"{os.getpid()} {generation_started}")
         tmp.replace(self.root / f"pid.{rank}")
         threading.Thread(target=self._listen, daemon=True, name=f"emu-exchange-{rank}").start()
+        threading.Thread(target=self._send_trailers, daemon=True,
+                         name=f"emu-payloads-{rank}").start()
 
     # ----- receiving -----
     def _listen(self) -> None:
@@ -102,10 +114,18 @@ class Exchange:
                 msg = pickle.loads(_recv_exactly(conn, _HEADER.unpack(head)[0]))
             except (OSError, EOFError, pickle.UnpicklingError):
                 return  # a sender that died mid-message: its receiver sees it dead
-        if isinstance(msg, (Parcel, JobEnd)):
-            with self._cv:
-                self._box[msg.key] = msg
-                self._cv.notify_all()
+            if isinstance(msg, (Parcel, JobEnd)):
+                with self._cv:
+                    self._box[msg.key] = msg
+                    self._cv.notify_all()
+            left = getattr(msg, "trailer", 0)
+            buf = bytearray(min(left, 1 << 20))
+            while left > 0:  # the payload: read in full (real bytes), then dropped
+                k = conn.recv_into(buf, min(left, len(buf)))
+                if not k:
+                    return
+                left -= k
+                self.received += k
 
     def take(self, key: str, sender: int, generation: int, timeout_s: float,
              tick: Callable[[], None]) -> Message | None:
@@ -131,21 +151,37 @@ class Exchange:
 
     # ----- sending -----
     def send(self, dst: int, msg: Message) -> bool:
-        """Deliver `msg` to rank `dst` (itself included); False if it is not listening (dead)."""
+        """Deliver `msg` to rank `dst` (itself included); False if it is not listening (dead).
+        A `Parcel`'s trailer goes after it, from the payload thread (see the module doc)."""
         if dst == self.rank:
             with self._cv:
                 self._box[msg.key] = msg
                 self._cv.notify_all()
             return True
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(str(self.root / f"rank{dst}.sock"))
-                s.sendall(_HEADER.pack(len(data)))
-                s.sendall(data)
-            return True
+            s.connect(str(self.root / f"rank{dst}.sock"))
+            s.sendall(_HEADER.pack(len(data)) + data)
         except OSError:
+            s.close()
             return False
+        if getattr(msg, "trailer", 0):
+            self._trailers.put((s, msg.trailer))
+        else:
+            s.close()
+        return True
+
+    def _send_trailers(self) -> None:
+        while True:
+            s, n = self._trailers.get()
+            chunk = bytes(min(n, 1 << 20))
+            try:
+                with s:
+                    while n > 0:
+                        n -= s.send(memoryview(chunk)[:min(n, len(chunk))])
+            except OSError:
+                pass  # the receiver died: nothing waits for these bytes
 
     def close(self) -> None:
         self._sock.close()
