@@ -441,6 +441,9 @@ def _emulated(a: argparse.Namespace) -> _Emulated | None:
                          f"must divide evenly among the nodes")
     if not a.time_scale > 0:
         raise ValueError(f"--time-scale {a.time_scale}: must be > 0")
+    from .latency import LatencyModel
+
+    LatencyModel(a.emulate)  # a bad profile is a one-line error now, not in every worker
     return _Emulated(gpus, gpus // nodes)
 
 
