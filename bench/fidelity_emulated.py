@@ -44,6 +44,15 @@ from genserve.workload import WorkloadConfig, generate  # noqa: E402
 MODELS = ("sd3-medium", "flux-dev", "wan2.1-1.3b", "wan2.1-14b")
 
 
+def memory_mb(pids: list[int]) -> float:
+    """Proportional set size of these processes (Linux), in MB."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    return total / 1024
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -204,6 +213,9 @@ def main() -> int:
                   f"{time.monotonic() - t0:.0f} s; time scale {a.time_scale:g}, checkpoint "
                   f"every {a.checkpoint_every} steps")
             time.sleep(2.0)  # the encoders' warm-up (see emulate/worker.py)
+            print(f"  workers' memory: {memory_mb([p.pid for p in pool.procs]):.0f} MB "
+                  f"(proportional set size, shared pages split), driver "
+                  f"{memory_mb([os.getpid()]):.0f} MB")
             wl = WorkloadConfig(rate=a.rate * gpus / 8, duration=a.duration,
                                 video_share=a.video_share, slo_scale=a.slo_scale, seed=a.seed)
             print(f"  trace: {len(generate(wl, lat, gpus))} requests over {a.duration:g} s, "

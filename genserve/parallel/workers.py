@@ -429,11 +429,23 @@ class PoolBase:
         self.close()
 
 
+def _emulator_context():
+    """Emulated workers fork from a fork server that imported their modules once: 64 of them
+    start in seconds instead of a minute of interpreters importing the same things on two cores
+    (a fork server already running, e.g. the tests', is used as it is)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["genserve.parallel.process", "genserve.emulate.worker",
+                                "genserve.emulate.frames", "numpy", "PIL.Image",
+                                "PIL.ImageDraw", "av"])
+    return ctx
+
+
 class WorkerPool(PoolBase):
     """`n` worker processes on this machine serving one or more presets; jobs run on any subset."""
 
     # How worker processes start: "spawn" (a fresh interpreter each), or "forkserver" (forked
     # from a server that imported torch & co. once; the tests use it, see tests/_spawn.py).
+    # Emulated workers always fork (`_emulator_context`).
     start_method: str = "spawn"
     # `close`: how long workers get to take their `Shutdown`, then how long to wait for them to be
     # reaped once killed.
@@ -462,7 +474,8 @@ class WorkerPool(PoolBase):
             emulate = dataclasses.replace(emulate, exchange=self._exchange)
         self._setup(preset, n, poll_s, model_path, device, collective_timeout_s, faults,
                     min_free_bytes, worker_timeout_s, loopback=True, emulate=emulate)
-        self._ctx = mp.get_context(self.start_method)
+        self._ctx = _emulator_context() if emulate is not None else mp.get_context(
+            self.start_method)
         self._closed = False
         # The lifeline (see liveness.py): every worker gets the read end; the driver holds the
         # only write end, never writes, and its exit (any exit) ends the workers.
