@@ -463,11 +463,19 @@ def _exit_by(t: float) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .server.demo import run_demo
+    """The tiny-model server over HTTP, then genserve vs the best baseline on emulated GPUs."""
+    from .server.demo import run_demo, run_emulated_demo
 
     if a.workers < 1 or a.images < 0 or a.videos < 0 or a.duration <= 0:
         raise ValueError("--workers must be >= 1, --images/--videos >= 0, --duration > 0")
-    return run_demo(a.out, a.workers, a.images, a.videos, a.duration)
+    if not (a.time_scale > 0 and a.emulated_rate > 0 and a.emulated_duration > 0):
+        raise ValueError("--time-scale, --emulated-rate and --emulated-duration must be > 0")
+    rc = 0
+    if not a.emulated_only:
+        rc = run_demo(a.out, a.workers, a.images, a.videos, a.duration, a.seed)
+    if rc == 0 and not a.no_emulated:
+        rc = run_emulated_demo(a.time_scale, a.seed, a.emulated_rate, a.emulated_duration)
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -604,12 +612,28 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     dm = sub.add_parser("demo", help="start the server on tiny presets, send a mixed load over "
-                                     "HTTP, print SLO attainment per kind")
+                                     "HTTP, print SLO attainment per kind; then genserve vs the "
+                                     "best baseline on 8 emulated H200 GPUs, per model")
     dm.add_argument("--out", default="demo-output", help="where outputs and samples go")
     dm.add_argument("--workers", type=int, default=2)
     dm.add_argument("--images", type=int, default=24)
     dm.add_argument("--videos", type=int, default=6)
-    dm.add_argument("--duration", type=float, default=12.0, help="seconds of arrivals")
+    dm.add_argument("--duration", type=float, default=12.0,
+                    help="seconds of arrivals of the HTTP load")
+    dm.add_argument("--seed", type=int, default=0, help="of both loads (default 0)")
+    which = dm.add_mutually_exclusive_group()
+    which.add_argument("--emulated-only", action="store_true",
+                       help="skip the tiny-model HTTP part")
+    which.add_argument("--no-emulated", action="store_true",
+                       help="skip the emulated 8-GPU part")
+    from .server.demo import DEMO_DURATION, DEMO_RATE, DEMO_TIME_SCALE
+    dm.add_argument("--time-scale", type=float, default=DEMO_TIME_SCALE,
+                    help=f"the emulated part runs this many times faster than real time "
+                         f"(default {DEMO_TIME_SCALE:g}; lower: slower, closer to the simulator)")
+    dm.add_argument("--emulated-rate", type=float, default=DEMO_RATE,
+                    help=f"requests per second of the emulated trace (default {DEMO_RATE:g})")
+    dm.add_argument("--emulated-duration", type=float, default=DEMO_DURATION,
+                    help=f"seconds of arrivals of the emulated trace (default {DEMO_DURATION:g})")
     dm.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("trace", help="write a workload trace (JSONL) for simulate --trace")
