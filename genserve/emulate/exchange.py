@@ -149,6 +149,15 @@ class Exchange:
             return False
         return started <= generation and _alive(pid)
 
+    def joined(self, rank: int, generation: int) -> bool:
+        """Whether rank `rank` is up for world `generation`: its pid file names a live process
+        (or one started for a later world), not a dead one whose replacement is still starting."""
+        try:
+            pid, started = (int(x) for x in (self.root / f"pid.{rank}").read_text().split())
+        except (OSError, ValueError):
+            return False
+        return started > generation or _alive(pid)
+
     # ----- sending -----
     def send(self, dst: int, msg: Message) -> bool:
         """Deliver `msg` to rank `dst` (itself included); False if it is not listening (dead).

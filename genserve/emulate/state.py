@@ -104,15 +104,20 @@ class EmuState:
         if not is_emulated(blob):
             raise ValueError("not an emulated state (no GSEMU1 header)")
         at = len(MAGIC) + _LEN.size
-        (n,) = _LEN.unpack_from(blob, len(MAGIC))
-        head = pickle.loads(blob[at:at + n])
-        spec = head["spec"]
+        try:  # a header cut short or damaged is not a state either
+            (n,) = _LEN.unpack_from(blob, len(MAGIC))
+            head = pickle.loads(blob[at:at + n])
+            rid, spec, step, digest = (head[k] for k in ("request_id", "spec", "step_index",
+                                                         "digest"))
+        except Exception as e:  # noqa: BLE001 - struct, pickle, key or type errors alike
+            raise ValueError(f"emulated state with a damaged header ({type(e).__name__}: "
+                             f"{e})") from None
         size = len(blob) - at - n
         if not isinstance(spec, GenSpec) or size != payload_bytes(spec):
-            raise ValueError(f"emulated state of {head.get('request_id')!r}: payload of {size} "
+            raise ValueError(f"emulated state of {rid!r}: payload of {size} "
                              f"bytes, expected {payload_bytes(spec) if isinstance(spec, GenSpec) else '?'}")
         # The bytes travelled; the resident copy is zero pages again (see the module doc).
-        return cls(head["request_id"], spec, head["step_index"], head["digest"], bytes(size))
+        return cls(rid, spec, step, digest, bytes(size))
 
 
 def is_emulated(blob: bytes) -> bool:

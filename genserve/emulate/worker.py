@@ -115,6 +115,15 @@ class EmuWorker:
 
     def _restart(self, msg: Restart) -> None:
         self.world, self.gen = msg.rendezvous.prefix, generation(msg.rendezvous.prefix)
+        # Join the new world once its members are up, as a real rendezvous waits for them: a
+        # rank replaced for it still has its dead predecessor's pid file until its replacement
+        # starts, and a job of the new world waiting on it meanwhile would take it for dead.
+        deadline = time.monotonic() + self.spec.timeout_s
+        for r in msg.members:
+            while (r != self.rank and not self.exchange.joined(r, self.gen)
+                   and time.monotonic() < deadline):
+                self.bump()
+                time.sleep(0.02)
 
     def _task(self, t: Task) -> None:
         first = self.rank == t.ranks[0]
@@ -169,6 +178,11 @@ class EmuWorker:
                              (*out.failed, *out.cancelled, *out.lost))
                 for r in ranks[1:]:
                     self.exchange.send(r, end)
+                # Answer only once every member has settled its copies (real members end in
+                # lockstep): a Drop the driver sends on this job's answer must find them there.
+                for r in ranks[1:]:
+                    self.exchange.take(f"settled/{job_id}/{r}", r, self.gen,
+                                       self.spec.timeout_s, self.bump)
         done = [s for s in states if s.done]
         self._settle(states, [*out.failed, *out.cancelled, *out.lost])
         out.steps.update({s.request_id: s.step_index for s in states})
@@ -245,6 +259,7 @@ class EmuWorker:
             s.advance_to(end.steps[s.request_id])
         self._settle(live, [*end.dropped, *(s.request_id for s in states
                                             if s.request_id not in end.steps)])
+        self.exchange.send(first, Parcel(f"settled/{job_id}/{self.rank}"))
         return None
 
     # ----- a run job's members: each one's state, or None (noted in `out`) -----
