@@ -92,15 +92,22 @@ class EmuState:
             self.step()
 
     def to_bytes(self) -> bytes:
+        """The whole state: header and payload (a checkpoint, a fetch)."""
+        return b"".join((self.header(), self.payload))
+
+    def header(self) -> bytes:
+        """The state without its payload: what another emulated worker needs to go on (its
+        payload travels apart, see `exchange.py`); `from_bytes(header, payload_apart=True)`."""
         head = pickle.dumps({"request_id": self.request_id, "spec": self.spec,
                              "step_index": self.step_index, "digest": self.digest,
                              "shapes": tensor_shapes(self.spec)},
                             protocol=pickle.HIGHEST_PROTOCOL)
-        return b"".join((MAGIC, _LEN.pack(len(head)), head, self.payload))
+        return b"".join((MAGIC, _LEN.pack(len(head)), head))
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "EmuState":
-        """The state back; ValueError if `blob` is not a whole emulated state."""
+    def from_bytes(cls, blob: bytes, payload_apart: bool = False) -> "EmuState":
+        """The state back; ValueError if `blob` is not a whole emulated state (or, with
+        `payload_apart`, a whole header)."""
         if not is_emulated(blob):
             raise ValueError("not an emulated state (no GSEMU1 header)")
         at = len(MAGIC) + _LEN.size
@@ -112,10 +119,14 @@ class EmuState:
         except Exception as e:  # noqa: BLE001 - struct, pickle, key or type errors alike
             raise ValueError(f"emulated state with a damaged header ({type(e).__name__}: "
                              f"{e})") from None
-        size = len(blob) - at - n
-        if not isinstance(spec, GenSpec) or size != payload_bytes(spec):
-            raise ValueError(f"emulated state of {rid!r}: payload of {size} "
-                             f"bytes, expected {payload_bytes(spec) if isinstance(spec, GenSpec) else '?'}")
+        if not isinstance(spec, GenSpec):
+            raise ValueError(f"emulated state of {rid!r}: no spec")
+        size, want = len(blob) - at - n, payload_bytes(spec)
+        if payload_apart and size == 0:
+            size = want
+        elif size != want:
+            raise ValueError(f"emulated state of {rid!r}: payload of {size} bytes, expected "
+                             f"{want}")
         # The bytes travelled; the resident copy is zero pages again (see the module doc).
         return cls(rid, spec, step, digest, bytes(size))
 

@@ -290,7 +290,7 @@ class EmuWorker:
             if self.rank == m.src:
                 try:
                     st = self._get(m.rid)
-                    parcel = Parcel(key, st.to_bytes())
+                    parcel = _parcel(key, st)
                 except KeyError as e:
                     st, parcel = None, Parcel(key, lost=f"worker {self.rank}: {e}")
                 for r in ranks:
@@ -307,7 +307,7 @@ class EmuWorker:
             if first:
                 st = self._arrived(f"move/{m.transfer}", m.rid, m.src, out, clock,
                                    self.emu.spans_nodes((m.src, *ranks)))
-                share = (Parcel(f"share/{job_id}/{m.rid}", st.to_bytes()) if st is not None
+                share = (_parcel(f"share/{job_id}/{m.rid}", st) if st is not None
                          else Parcel(f"share/{job_id}/{m.rid}", lost=out.lost[m.rid]))
                 for r in ranks[1:]:
                     self.exchange.send(r, share)
@@ -323,7 +323,7 @@ class EmuWorker:
         elif parcel.lost is not None:
             out.lost[rid] = parcel.lost
         else:
-            st = EmuState.from_bytes(parcel.state)
+            st = EmuState.from_bytes(parcel.state, payload_apart=True)
             if clock is not None:
                 clock.charge(self._move_s(st, cross))
             return st
@@ -383,10 +383,16 @@ class EmuWorker:
         while True:
             msg: SendState = self.moves.get()
             got = self._pop([msg.rid])
-            parcel = (Parcel(f"move/{msg.transfer}", got[0].to_bytes()) if got else
+            parcel = (_parcel(f"move/{msg.transfer}", got[0]) if got else
                       Parcel(f"move/{msg.transfer}", lost=f"worker {self.rank}: no resident "
                                                           f"state for request {msg.rid!r}"))
             self.exchange.send(msg.dst, parcel)
+
+
+def _parcel(key: str, st: EmuState) -> Parcel:
+    """`st` for another worker: its header now, its payload's bytes after it (off the job's
+    path: the job is charged the link's time from the model, see `exchange.py`)."""
+    return Parcel(key, st.header(), trailer=len(st.payload))
 
 
 def _warm_up(models) -> None:
