@@ -93,7 +93,10 @@ class _ShapeInfo:
 
     tokens: int
     degrees: tuple[int, ...]
-    step: dict[int, float]     # seconds per step alone, by SP degree
+    # Seconds per step alone, by SP degree.  The engine's fixed cost of a quantum
+    # (`LatencyModel.dispatch_time`) is in it for a video, which runs a step per quantum (a plan
+    # without it finishes videos just late), and in `decode` for an image (one quantum).
+    step: dict[int, float]
     decode: float
     encode: float
     fixed: int                 # default SP degree (used when elastic SP is off)
@@ -180,8 +183,12 @@ class GenServe(Policy):
             lat = s.latency
             degs = degrees_for(r, lat, s.cluster)
             t = tokens_of(r)
-            inf = _ShapeInfo(t, degs, {k: lat.step_time(r.model, t, 1, k) for k in degs},
-                             lat.decode_time(r.model, r.height, r.width, r.frames),
+            video = r.kind is Kind.VIDEO
+            per = lat.dispatch_time()
+            inf = _ShapeInfo(t, degs, {k: lat.step_time(r.model, t, 1, k) + video * per
+                                       for k in degs},
+                             lat.decode_time(r.model, r.height, r.width, r.frames)
+                             + (not video) * per,
                              lat.encode_time(r.model), default_sp(r, lat, s.cluster))
             self.memory.shapes[key] = inf
         return inf
