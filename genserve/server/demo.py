@@ -177,14 +177,7 @@ def run_emulated_demo(time_scale: float = DEMO_TIME_SCALE, seed: int = 0,
     import sys
 
     from ..emulate import Emulation
-    from ..engine import Engine
-    from ..experiment import DEFAULT_POLICIES
-    from ..latency import LatencyModel
-    from ..parallel.protocol import OutputFormat
     from ..parallel.workers import WorkerError, WorkerLost, WorkerPool
-    from ..policies import Cluster, make_policy
-    from ..sim import SimConfig, Simulator
-    from ..workload import WorkloadConfig, generate
 
     out = out if out is not None else sys.stdout
 
@@ -194,7 +187,38 @@ def run_emulated_demo(time_scale: float = DEMO_TIME_SCALE, seed: int = 0,
     if not time_scale > 0:
         raise ValueError(f"time scale {time_scale}: must be > 0")
     t0 = time.monotonic()
-    latency = LatencyModel(DEMO_PROFILE)
+    try:  # the GPUs first: the latency model takes the engine's cost per quantum measured on them
+        pool = WorkerPool(DEMO_MODELS, DEMO_GPUS,
+                          emulate=Emulation(DEMO_PROFILE, time_scale, DEMO_GPUS))
+    except (WorkerError, WorkerLost) as e:
+        raise ValueError(str(e)) from None
+    with pool:
+        return _emulated(pool, t0, time_scale, seed, rate, duration, say)
+
+
+def _emulated(pool, t0: float, time_scale: float, seed: int, rate: float, duration: float,
+              say) -> int:
+    from ..emulate.calibrate import dispatch_cost
+    from ..engine import Engine
+    from ..experiment import DEFAULT_POLICIES
+    from ..latency import CostEstimates, LatencyModel
+    from ..parallel.protocol import OutputFormat
+    from ..parallel.workers import WorkerError, WorkerLost
+    from ..policies import Cluster, make_policy
+    from ..sim import SimConfig, Simulator
+    from ..workload import WorkloadConfig, generate
+
+    started = time.monotonic() - t0
+    try:
+        per_quantum = dispatch_cost(pool, LatencyModel(DEMO_PROFILE), time_scale, DEMO_GPUS)
+    except (WorkerError, WorkerLost) as e:
+        raise ValueError(str(e)) from None
+    # The policies and the simulator plan with it, as with a profile measured on real workers.
+    latency = LatencyModel(DEMO_PROFILE, costs=CostEstimates(dispatch_s=per_quantum))
+    say(f"\n{DEMO_GPUS} emulated H200 GPUs up in {started:.1f} s; the engine's own cost per "
+        f"quantum measured on them: {1e3 * per_quantum / time_scale:.1f} ms wall = "
+        f"{1e3 * per_quantum:.0f} trace ms at {time_scale:g}x (the policies and the simulator "
+        f"plan with it)")
     cfg = WorkloadConfig(rate=rate, duration=duration, mix=DEMO_MIX, slo_scale=DEMO_SLO_SCALE,
                          seed=seed)
 
@@ -206,7 +230,7 @@ def run_emulated_demo(time_scale: float = DEMO_TIME_SCALE, seed: int = 0,
         raise ValueError(f"rate {rate}/s over {duration:g} s gives no requests")
     horizon = max(r.deadline for r in reqs)
     kinds = {k: sum(r.kind.value == k for r in reqs) for k in ("image", "video")}
-    say(f"\nemulated run: {DEMO_GPUS} emulated H200 GPUs (one node); {len(reqs)} requests "
+    say(f"emulated run: {DEMO_GPUS} emulated H200 GPUs (one node); {len(reqs)} requests "
         f"({kinds['image']} images, {kinds['video']} videos of {', '.join(DEMO_MODELS)}) "
         f"over {duration:g} s, bursty arrivals; deadline = arrival + {DEMO_SLO_SCALE:g}x the "
         f"request's standalone latency")
@@ -233,40 +257,31 @@ def run_emulated_demo(time_scale: float = DEMO_TIME_SCALE, seed: int = 0,
     # Per policy: quanta, their mean overrun (trace s), requests met in simulation but not
     # here, and how many of those finished less than 1 s late.
     slips: dict[str, tuple[int, float, int, int]] = {}
-    t1 = time.monotonic()
-    try:
-        pool = WorkerPool(DEMO_MODELS, DEMO_GPUS,
-                          emulate=Emulation(DEMO_PROFILE, time_scale, DEMO_GPUS))
-    except (WorkerError, WorkerLost) as e:
-        raise ValueError(str(e)) from None
-    with pool:
-        started = time.monotonic() - t1
-        say(f"{DEMO_GPUS} emulated GPUs up in {started:.1f} s; replaying the trace at "
-            f"{time_scale:g}x speed for {best}, then genserve (~{horizon / time_scale:.0f} s "
-            f"each)")
-        for name, last in ((best, False), ("genserve", True)):
-            run = trace()
-            engine = Engine(make_policy(name), pool, latency, gpus_per_node=DEMO_GPUS,
-                            time_scale=time_scale, output=OutputFormat())
-            stop = threading.Event()
-            if last:
-                threading.Thread(target=_halt_at, args=(engine, horizon + 1.0, stop),
-                                 daemon=True, name="demo-horizon").start()
-            t2 = time.monotonic()
-            try:
-                engine.run(run)
-            except (WorkerError, WorkerLost) as e:
-                raise ValueError(str(e)) from None
-            finally:
-                stop.set()
-            walls[name] = time.monotonic() - t2
-            emulated[name] = _by_model(run)
-            res = engine.res
-            over = [held - predicted for predicted, held, _ in res.quanta_log]
-            lost = [r for r in run if r.id in sim_met[name] and not r.met_deadline]
-            slips[name] = (len(over), sum(over) / len(over) if over else 0.0, len(lost),
-                           sum(r.finish_time is not None and r.finish_time <= r.deadline + 1.0
-                               for r in lost))
+    say(f"replaying the trace at {time_scale:g}x speed for {best}, then genserve "
+        f"(~{horizon / time_scale:.0f} s each)")
+    for name, last in ((best, False), ("genserve", True)):
+        run = trace()
+        engine = Engine(make_policy(name), pool, latency, gpus_per_node=DEMO_GPUS,
+                        time_scale=time_scale, output=OutputFormat())
+        stop = threading.Event()
+        if last:
+            threading.Thread(target=_halt_at, args=(engine, horizon + 1.0, stop),
+                             daemon=True, name="demo-horizon").start()
+        t2 = time.monotonic()
+        try:
+            engine.run(run)
+        except (WorkerError, WorkerLost) as e:
+            raise ValueError(str(e)) from None
+        finally:
+            stop.set()
+        walls[name] = time.monotonic() - t2
+        emulated[name] = _by_model(run)
+        res = engine.res
+        over = [held - predicted for predicted, held, _ in res.quanta_log]
+        lost = [r for r in run if r.id in sim_met[name] and not r.met_deadline]
+        slips[name] = (len(over), sum(over) / len(over) if over else 0.0, len(lost),
+                       sum(r.finish_time is not None and r.finish_time <= r.deadline + 1.0
+                           for r in lost))
     total = time.monotonic() - t0
 
     head = (f"{'model':13s} {'requests':>8s}   {'genserve':>8s} {'(sim)':>8s}   "
