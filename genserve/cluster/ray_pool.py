@@ -278,6 +278,7 @@ class RayWorkerPool(PoolBase):
         """Ask Ray for new actors in place of the dead `ranks` and re-form the world among the
         survivors now; each new actor joins a later world once Ray has placed it (`down` until
         then).  Does not wait."""
+        self._alive_now = None
         ranks = sorted(set(ranks))
         if any(self._alive(r) for r in ranks):
             raise ValueError(f"replace: worker(s) {ranks} are not all dead")

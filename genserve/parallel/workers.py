@@ -64,6 +64,8 @@ from .world import WorkerSpec, abandon
 # A worker silent, or running a job without progress, this long is declared hung (the pools'
 # default; the server passes its own).
 WORKER_TIMEOUT_S = 60.0
+# How often the driver looks for hung workers (seconds).
+HUNG_CHECK_S = 0.1
 
 
 class WorkerError(RuntimeError):
@@ -108,6 +110,9 @@ class PoolBase:
                                min_free_bytes, heartbeat_s=min(1.0, wt / 4), loopback=loopback,
                                emulate=emulate)
         self.restarts = self.hung = 0
+        self._hung_checked = 0.0
+        self._alive_now: list[int] | None = None  # `alive()` as of the last poll
+        self._alive_at = 0.0
         self._watch = Watch(wt)
         self._ids = itertools.count()
         self._results: dict[int, Outcome] = {}
@@ -213,7 +218,14 @@ class PoolBase:
     def _pump(self, timeout_s: float) -> None:
         for msg in self._poll(timeout_s):
             self._route(msg)
-        self._check_hung()
+        self._alive_now = None  # deaths seen by this poll count from here on
+        now = time.monotonic()
+        # Not on every turn of the engine's loop (every few ms): it asks every process whether
+        # it runs, which at 64 workers was most of a turn; the timeouts it enforces are seconds.
+        if now - self._hung_checked >= HUNG_CHECK_S:
+            self._hung_checked = now
+            self._check_hung()
+            self._alive_now = None
 
     # ----- hung workers (see liveness.py) -----
     def set_worker_timeout(self, seconds: float) -> None:
@@ -292,10 +304,11 @@ class PoolBase:
         """Jobs that ended (waiting up to `timeout_s` for the first): a result arrived, or a
         member died (the job is then lost; see `result`)."""
         self._pump(timeout_s)
+        alive = set(self.alive())
         for jid, ranks in self._jobs.items():
             if jid in self._results:
                 continue
-            dead = [r for r in ranks if not self._alive(r)]
+            dead = [r for r in ranks if r not in alive]
             if dead:
                 self._results[jid] = JobLost(jid, f"{self._death(dead[0])} during job {jid}")
         return [j for j in self._results if j in self._jobs]
@@ -398,12 +411,18 @@ class PoolBase:
                 raise WorkerLost(f"{self._death(r)} during {what}")
 
     def alive(self) -> list[int]:
-        return [r for r in range(self.n) if self._alive(r)]
+        """The live workers, as of the last poll if that was under `HUNG_CHECK_S` ago (the
+        engine asks for every assignment: one question per process each time was most of a
+        decision at 64 workers)."""
+        now = time.monotonic()
+        if self._alive_now is None or now - self._alive_at > HUNG_CHECK_S:
+            self._alive_now, self._alive_at = [r for r in range(self.n) if self._alive(r)], now
+        return list(self._alive_now)
 
     def dead(self) -> list[int]:
         """Workers that died and are not yet being replaced (see `replace`)."""
-        down = set(self.down())
-        return [r for r in range(self.n) if not self._alive(r) and r not in down]
+        alive, down = set(self.alive()), set(self.down())
+        return [r for r in range(self.n) if r not in alive and r not in down]
 
     def _lose_jobs_of(self, ranks) -> None:
         for jid, members in self._jobs.items():  # their results can no longer come
@@ -588,6 +607,7 @@ class WorkerPool(PoolBase):
         for r in range(self.n):
             if r not in ranks:
                 self._send(r, Restart(world, self._members))
+        self._alive_now = None
         self.restarts += len(ranks)
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..catalog import MODELS
 from ..engine import Engine
-from ..latency import LatencyModel
+from ..latency import CostEstimates, LatencyModel
 from ..models.output import Encoded
 from ..parallel.protocol import OutputFormat
 from ..policies import make_policy
@@ -103,8 +103,13 @@ class Service:
         else:
             self.pool = WorkerPool(cfg.presets, cfg.workers, cfg.model_path, device,
                                    worker_timeout_s=cfg.worker_timeout_s)
-        if cfg.emulate:  # the emulated GPUs' own timings
-            self.latency = LatencyModel(cfg.emulate)
+        if cfg.emulate:  # the emulated GPUs' own timings, and the engine's cost around them
+            from ..emulate.calibrate import dispatch_cost
+
+            per = dispatch_cost(self.pool, LatencyModel(cfg.emulate), cfg.time_scale,
+                                cfg.gpus_per_node, cfg.checkpoint_every, cfg.policy)
+            self.latency = LatencyModel(cfg.emulate, costs=CostEstimates(dispatch_s=per))
+            log.info("emulated GPUs: the engine's cost per quantum measured: %.1f ms", 1e3 * per)
         elif cfg.profile == "measure":
             prof_dir = self.results / ".profile"
             write_profile(prof_dir, "local", *profile_workers(list(cfg.presets), (1, 2, 4),
