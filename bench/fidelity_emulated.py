@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genserve.emulate import Emulation  # noqa: E402
+from genserve.emulate.calibrate import dispatch_cost  # noqa: E402
 from genserve.engine import Engine  # noqa: E402
 from genserve.latency import CostEstimates, LatencyModel  # noqa: E402
 from genserve.metrics import summarize  # noqa: E402
@@ -202,23 +203,29 @@ def main() -> int:
     ap.add_argument("--checkpoint-every", type=int, default=4)
     ap.add_argument("--settings", default="8,64", help="GPU counts (8 per node)")
     ap.add_argument("--backlog", type=int, default=1000, help="requests for the decision test")
-    ap.add_argument("--dispatch-ms", type=float, default=0.0,
+    ap.add_argument("--dispatch-ms", default="auto",
                     help="the engine's cost per quantum in trace ms, for the simulator and the "
-                         "policy (LatencyModel.dispatch_time; the shipped profile has 0): set it "
-                         "to the overhead a first run measured")
+                         "policy (LatencyModel.dispatch_time; the shipped profile has 0); "
+                         "'auto': measured on the emulated GPUs first (emulate/calibrate.py), "
+                         "as `serve --emulate` does")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--http-rates", default="25,50,100,200,400,800")
     a = ap.parse_args()
-    lat = LatencyModel("h200", costs=CostEstimates(dispatch_s=a.dispatch_ms / 1e3))
     for gpus in (int(x) for x in a.settings.split(",")):
         nodes = max(1, gpus // 8)
         t0 = time.monotonic()
         with WorkerPool(MODELS, gpus, emulate=Emulation("h200", a.time_scale, 8)) as pool:
             print(f"{gpus} emulated H200s over {nodes} node(s), up in "
                   f"{time.monotonic() - t0:.0f} s; time scale {a.time_scale:g}, checkpoint "
-                  f"every {a.checkpoint_every} steps, planned dispatch cost "
-                  f"{a.dispatch_ms:g} ms a quantum")
+                  f"every {a.checkpoint_every} steps")
             time.sleep(2.0)  # the encoders' warm-up (see emulate/worker.py)
+            per = (dispatch_cost(pool, LatencyModel("h200"), a.time_scale, 8,
+                                 a.checkpoint_every) if a.dispatch_ms == "auto"
+                   else float(a.dispatch_ms) / 1e3)
+            lat = LatencyModel("h200", costs=CostEstimates(dispatch_s=per))
+            print(f"  the simulator and the policies plan with a cost per quantum of "
+                  f"{1e3 * per:.0f} trace ms ({a.dispatch_ms}; {1e3 * per / a.time_scale:.1f} "
+                  f"ms wall)")
             print(f"  workers' memory: {memory_mb([p.pid for p in pool.procs]):.0f} MB "
                   f"(proportional set size, shared pages split), driver "
                   f"{memory_mb([os.getpid()]):.0f} MB")
