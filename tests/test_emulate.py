@@ -462,6 +462,28 @@ def test_a_member_late_to_end_its_job_keeps_no_stale_copy(pool, lat):
     assert left == {}, left
 
 
+@pytest.mark.parametrize("missing_on", [2, 3])
+def test_a_member_without_the_state_fails_the_sp_job_and_holds_up_no_one(pool, missing_on):
+    """An SP-2 job whose first rank (2) or other member (3) lacks a resident state: the job fails
+    at once (a JobError), and neither rank waits for the other until the world's timeout (10 s
+    here) before its next job."""
+    from genserve.parallel.protocol import New, Noop, Resident, Run
+    from genserve.parallel.workers import WorkerError
+
+    spec = GenSpec("wan2.1-1.3b", 480, 832, 33, steps=10, prompt="gap")
+    rid = f"gap-{missing_on}"
+    pool.wait(pool.submit((2, 3), Run(spec.model, (New(rid, spec),), 2)), timeout_s=30)
+    assert rid in pool.fetch(missing_on, [rid])  # taken off that worker (a round trip)
+    t0 = time.monotonic()
+    job = pool.submit((2, 3), Run(spec.model, (Resident(rid),), 2))
+    with pytest.raises(WorkerError, match=f"worker {missing_on}: KeyError: .no resident state"):
+        pool.wait(job, timeout_s=30)
+    for g in (2, 3):
+        pool.wait(pool.submit((g,), Noop()), timeout_s=30)
+    assert time.monotonic() - t0 < 5
+    pool.drop([2, 3], [rid])
+
+
 def test_cancel_inside_an_sp2_job_stops_it_and_leaves_nothing(pool, lat):
     """A 100-step SP-2 video (about 96 trace s, 5 wall s) is cancelled at 10 s: it stops at a
     step boundary, an image meanwhile finishes on GPU 2, neither member of the group keeps the

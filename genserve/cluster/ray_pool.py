@@ -77,7 +77,9 @@ class _RayWorker:
 
     def loop(self, rank: int, spec: WorkerSpec, world: Rendezvous, members: tuple[int, ...],
              outbox) -> None:
-        worker_main = spec.entry_point()  # torch (a real worker): in the actor only
+        from ..parallel.process import entry_point
+
+        worker_main = entry_point(spec)  # torch (a real worker): in the actor only
         worker_main(rank, spec, world, members, self.inbox, self.ctl, outbox, device_index=0)
 
 

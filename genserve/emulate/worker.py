@@ -166,11 +166,21 @@ class EmuWorker:
         out = RunResult()
         first = ranks[0]
         clock = _Timeline(self.emu.time_scale, self.bump)
-        states = [s for s in (self._take(m, job_id, ranks, job, out, clock)
-                              for m in job.members) if s is not None]
+
+        def take() -> list[EmuState]:
+            return [s for s in (self._take(m, job_id, ranks, job, out, clock)
+                                for m in job.members) if s is not None]
+
         if self.rank != first:
+            try:
+                states = take()
+            except Exception:  # nothing to keep: the first rank must not wait for it
+                self.exchange.send(first, Parcel(f"settled/{job_id}/{self.rank}"))
+                raise
             return self._follow(job_id, first, states)
+        states: list[EmuState] = []
         try:
+            states = take()
             states = self._steps(states, job, ranks, clock, out)
         finally:  # the other members never wait for a first rank that failed
             if len(ranks) > 1:

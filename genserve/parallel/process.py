@@ -61,6 +61,16 @@ def _let_the_fork_server_go() -> None:
         os.close(fd)
 
 
+def entry_point(spec):
+    """The worker's main function for `spec` (a `WorkerSpec`): the real one (torch), or the
+    emulated one (`spec.emulate`)."""
+    if spec.emulate is not None:
+        from ..emulate.worker import worker_main
+    else:
+        from .worker_main import worker_main
+    return worker_main
+
+
 def run_worker(lifeline, *args) -> None:
     """The worker process's target (`WorkerPool`): the guards above, then `worker_main(*args)`.
     After a `Shutdown` the process exits without the interpreter's teardown, which took seconds
@@ -69,8 +79,7 @@ def run_worker(lifeline, *args) -> None:
     die_with_parent()
     watch_lifeline(lifeline)  # also covers a driver that died before the line above
     _let_the_fork_server_go()
-    spec = args[1]
-    worker_main = spec.entry_point()  # torch (a real worker): imported once the guards are up
+    worker_main = entry_point(args[1])  # torch (a real worker): imported once the guards are up
     worker_main(*args)
     sys.stdout.flush()
     sys.stderr.flush()

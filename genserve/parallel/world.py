@@ -34,14 +34,6 @@ class WorkerSpec:
     loopback: bool = False
     emulate: Any = None
 
-    def entry_point(self) -> Callable:
-        """The worker's main function: the real one (torch), or the emulated one."""
-        if self.emulate is not None:
-            from ..emulate.worker import worker_main
-        else:
-            from .worker_main import worker_main
-        return worker_main
-
 
 class Abandoned(Exception):
     """The driver gave this world up before it formed: a member died before coming."""
