@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,6 +369,21 @@ def test_exchange_sees_a_sender_replaced_in_a_later_world(exchange_dir):
         p.kill()
         p.join(10)
         me.close()
+
+
+def test_a_pool_whose_workers_die_at_start_leaves_no_exchange_behind(tmp_path):
+    """Workers that die while starting (here: a profile directory without profiles) fail the
+    pool's start with WorkerLost, and the pool's exchange directory goes with it."""
+    from genserve.emulate import Emulation
+    from genserve.parallel.workers import WorkerLost
+
+    def exchanges() -> set[str]:
+        return {p.name for p in Path("/dev/shm").glob("genserve-emu-*")}
+
+    before = exchanges()
+    with pytest.raises(WorkerLost, match="start-up"):
+        WorkerPool(MODELS, 2, emulate=Emulation(str(tmp_path)), start_timeout_s=60)
+    assert exchanges() <= before
 
 
 # ----- 3. the engine on 8 emulated GPUs -----

@@ -271,7 +271,11 @@ class PoolBase:
                 raise WorkerLost(f"workers {sorted(self._starting)} did not start within "
                                  f"{timeout_s:.0f} s")
             self._pump(self.poll_s)
-            self._check_alive(list(self._starting), "start-up")
+            try:
+                self._check_alive(list(self._starting), "start-up")
+            except WorkerLost:  # a pool that never started holds nothing afterwards
+                self.close()
+                raise
 
     # ----- jobs -----
     def submit(self, ranks: tuple[int, ...], job: Job) -> int:
