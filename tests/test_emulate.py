@@ -40,10 +40,11 @@ from genserve.latency import LatencyModel
 from genserve.models.output import MP4, PNG, Encoded
 from genserve.parallel.protocol import OutputFormat
 from genserve.parallel.workers import WorkerPool
-from genserve.policies import Plan, Policy, make_policy
-from genserve.policies.base import Assignment
+from genserve.policies import make_policy
 from genserve.request import Kind, Request, Status
 from genserve.spec import GenSpec
+
+from _policies import Pinned, Route
 
 MODELS = ("sd3-medium", "flux-dev", "wan2.1-1.3b", "wan2.1-14b")
 SCALE = 20.0  # the 8-GPU pool's clock: 20 trace seconds per wall second
@@ -110,55 +111,6 @@ def wait_ready(pool: WorkerPool) -> None:
     while not pool.ready():
         assert time.monotonic() < deadline, "replacement worker did not start"
         time.sleep(0.05)
-
-
-class Route(Policy):
-    """Each request runs along its route: legs of (GPU set, steps), counted from its start (the
-    last leg takes what is left).  A request rolled back goes back to the leg of its step."""
-
-    name = "route"
-
-    def __init__(self, routes: dict[str, list[tuple[tuple[int, ...], int]]]):
-        super().__init__()
-        self.routes = routes
-
-    def schedule(self, s):
-        plan, free = Plan(), set(s.free_gpus)
-        for r in sorted(s.queue, key=lambda r: r.id):
-            end = 0
-            for gpus, n in self.routes[r.id]:
-                end += n
-                if r.steps_done < end:
-                    break
-            if set(gpus) <= free:
-                free -= set(gpus)
-                plan.assignments.append(
-                    Assignment(gpus, (r.id,), min(end - r.steps_done, r.remaining_steps)))
-            else:
-                plan.wake_at = s.now + 0.05
-        return plan
-
-
-class Pinned(Policy):
-    """Queued requests of one shape run as one batch to completion on `place(request)`."""
-
-    name = "pinned"
-
-    def __init__(self, place):
-        super().__init__()
-        self.place = place
-
-    def schedule(self, s):
-        plan, free = Plan(), set(s.free_gpus)
-        groups: dict[tuple, list[Request]] = {}
-        for r in sorted(s.queue, key=lambda r: r.id):
-            groups.setdefault((r.shape, self.place(r)), []).append(r)
-        for (_, gpus), rs in groups.items():
-            if set(gpus) <= free:
-                free -= set(gpus)
-                plan.assignments.append(Assignment(gpus, tuple(r.id for r in rs),
-                                                   min(r.remaining_steps for r in rs)))
-        return plan
 
 
 class Watched:

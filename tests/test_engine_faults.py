@@ -26,6 +26,8 @@ from genserve.policies.base import Assignment  # noqa: E402
 from genserve.profiler import profile_workers, write_profile  # noqa: E402
 from genserve.request import Kind, Request, Status  # noqa: E402
 
+from _policies import Pinned  # noqa: E402
+
 PRESETS = ("tiny-t2i", "tiny-t2v")
 
 # Test 1 kills worker 3 when the video steps from step 10 (the video runs on GPU 3: see there);
@@ -101,38 +103,6 @@ def assert_ended_once(r: Request, status: Status) -> None:
     got = statuses(r)
     assert got[-1] is status, (r.id, got)
     assert sum(s.is_final for s in got) == 1, (r.id, got)
-
-
-class Pinned(Policy):
-    """Runs every queued request to completion at once: requests of one shape share one
-    assignment (one batch) on the GPUs `place(request)` names (default: the lowest free GPU), with
-    all the steps the batch has left."""
-
-    name = "pinned"
-
-    def __init__(self, place=None):
-        super().__init__()
-        self.place = place
-
-    def schedule(self, s):
-        plan = Plan()
-        free = sorted(s.free_gpus)
-        groups: dict[tuple, list[Request]] = {}
-        for r in sorted(s.queue, key=lambda r: r.id):
-            gpus = self.place(r) if self.place else None
-            groups.setdefault((r.shape, gpus), []).append(r)
-        for (_, gpus), rs in groups.items():
-            if gpus is None:
-                if not free:
-                    continue
-                gpus = tuple(rs[0].gpus) if rs[0].gpus and set(rs[0].gpus) <= set(free) else (
-                    free[0],)
-            if not set(gpus) <= set(free):
-                continue
-            free = [g for g in free if g not in gpus]
-            plan.assignments.append(Assignment(tuple(gpus), tuple(r.id for r in rs),
-                                               min(r.remaining_steps for r in rs)))
-        return plan
 
 
 class StopAndGo(Policy):

@@ -38,11 +38,12 @@ from genserve.parallel.protocol import (CONTROL, Done, Held, Incoming, New, Read
 from genserve.parallel.transfer import Parcel, get_parcel, put_parcel  # noqa: E402
 from genserve.parallel.workers import PoolBase, WorkerLost, WorkerPool  # noqa: E402
 from genserve.parallel.world import abandon  # noqa: E402
-from genserve.policies import Plan, Policy  # noqa: E402
 from genserve.policies.base import Assignment  # noqa: E402
 from genserve.profiler import profile_workers, write_profile  # noqa: E402
 from genserve.request import Kind, Request, Status  # noqa: E402
 from genserve.spec import GenSpec  # noqa: E402
+
+from _policies import Route  # noqa: E402
 
 STALL_S = 6.0
 FAULTS = {"mv-stall": {"kind": "stall_send", "step": "send", "seconds": STALL_S}}
@@ -244,33 +245,6 @@ def alone(r: Request) -> np.ndarray:
     if not _ADAPTER:
         _ADAPTER.append(load_preset("tiny-t2v"))
     return _ADAPTER[0].generate(GenRequest(r.id, r.spec))
-
-
-class Route(Policy):
-    """Each request runs along its route: legs of (GPU set, steps), counted from its start (the
-    last leg takes what is left).  A request rolled back goes back to the leg of its step."""
-
-    name = "route"
-
-    def __init__(self, routes: dict[str, list[tuple[tuple[int, ...], int]]]):
-        super().__init__()
-        self.routes = routes
-
-    def schedule(self, s):
-        plan, free = Plan(), set(s.free_gpus)
-        for r in sorted(s.queue, key=lambda r: r.id):
-            end = 0
-            for gpus, n in self.routes[r.id]:
-                end += n
-                if r.steps_done < end:
-                    break
-            if set(gpus) <= free:
-                free -= set(gpus)
-                steps = min(end - r.steps_done, r.remaining_steps)
-                plan.assignments.append(Assignment(gpus, (r.id,), steps))
-            else:
-                plan.wake_at = s.now + 0.05
-        return plan
 
 
 class Watched:
