@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 
 from .catalog import GENERATE_DEFAULTS
 from .experiment import (ABLATIONS, DEFAULT_POLICIES, RunSpec, plot_sweep, requests_for,
@@ -270,13 +269,12 @@ def cmd_replay(a: argparse.Namespace) -> int:
         latency.profile_of(m)  # a clear error now rather than inside a policy
     results = {}
     if emu:
-        from .emulate import Emulation
         from .parallel.protocol import OutputFormat
 
-        pool_args = dict(n=emu.gpus, emulate=Emulation(a.emulate, a.time_scale,
-                                                       emu.gpus_per_node))
+        gpus, emulation = emu
+        pool_args = dict(n=gpus, emulate=emulation)
         # Encoded on the workers: a raw emulated 720p video is 224 MB through the driver.
-        engine_args = dict(gpus_per_node=emu.gpus_per_node, time_scale=a.time_scale,
+        engine_args = dict(gpus_per_node=emulation.gpus_per_node, time_scale=a.time_scale,
                            output=OutputFormat())
     else:
         pool_args = dict(n=a.workers, model_path=a.model_path,
@@ -301,7 +299,7 @@ def cmd_replay(a: argparse.Namespace) -> int:
         raise ValueError(str(e)) from None
     print_table(results)
     if a.json:
-        cfg = {"trace": a.trace, "workers": emu.gpus if emu else a.workers, "profile": a.profile,
+        cfg = {"trace": a.trace, "workers": emu[0] if emu else a.workers, "profile": a.profile,
                "emulate": a.emulate, "time_scale": a.time_scale, "trace_meta": meta}
         with open(a.json, "w") as f:
             json.dump({"config": cfg, "policies": results}, f, indent=1)
@@ -325,10 +323,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if emu and a.workers is not None:
         raise ValueError("--workers: with --emulate, give the number of GPUs as --gpus")
     cfg = ServeConfig(presets=tuple(m.strip() for m in models.split(",") if m.strip()),
-                      workers=(emu.gpus if emu else a.workers if a.workers is not None
+                      workers=(emu[0] if emu else a.workers if a.workers is not None
                                else 0 if a.ray else 2),
                       emulate=a.emulate, time_scale=a.time_scale,
-                      gpus_per_node=emu.gpus_per_node if emu else 8,
+                      gpus_per_node=emu[1].gpus_per_node if emu else 8,
                       device=a.device, model_path=a.model_path, ray=a.ray,
                       ray_cpus_per_worker=a.ray_cpus_per_worker,
                       policy=a.policy, profile=a.profile, host=a.host, port=a.port,
@@ -423,28 +421,19 @@ def _add_emulate(p: argparse.ArgumentParser) -> None:
                         "in trace seconds")
 
 
-@dataclass(frozen=True)
-class _Emulated:
-    gpus: int
-    gpus_per_node: int
-
-
-def _emulated(a: argparse.Namespace) -> _Emulated | None:
-    """The emulated cluster the flags ask for (None: real workers); one-line errors."""
+def _emulated(a: argparse.Namespace):
+    """(GPUs, `Emulation`) of the emulated cluster the flags ask for (None: real workers);
+    one-line errors (`emulation_for` checks the split into nodes and the profile)."""
     if a.emulate is None:
         if a.gpus is not None or a.nodes is not None or a.time_scale != 1.0:
             raise ValueError("--gpus, --nodes and --time-scale need --emulate")
         return None
-    gpus, nodes = a.gpus or 8, a.nodes or 1
-    if gpus < 1 or nodes < 1 or gpus % nodes:
-        raise ValueError(f"--gpus {gpus} over --nodes {nodes}: both must be >= 1 and the GPUs "
-                         f"must divide evenly among the nodes")
     if not a.time_scale > 0:
         raise ValueError(f"--time-scale {a.time_scale}: must be > 0")
-    from .latency import LatencyModel
+    from .emulate import emulation_for
 
-    LatencyModel(a.emulate)  # a bad profile is a one-line error now, not in every worker
-    return _Emulated(gpus, gpus // nodes)
+    gpus = a.gpus or 8
+    return gpus, emulation_for(a.emulate, a.time_scale, gpus, a.nodes or 1)
 
 
 def _exit_by(t: float) -> None:
