@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .catalog import MODELS, ModelSpec, get_model
 from .request import Kind, Request
+from .spec import GenSpec
 
 FORWARD_SUFFIX = "_diffusers_forward.json"
 BLOCKS_SUFFIX = "_dit_blocks.json"
@@ -236,7 +237,7 @@ class LatencyModel:
         self._cache[key] = t
         return t
 
-    def request_step_time(self, req: Request, n_requests: int = 1, sp: int = 1,
+    def request_step_time(self, req: Request | GenSpec, n_requests: int = 1, sp: int = 1,
                           cross_node: bool = False) -> float:
         spec = get_model(req.model)
         return self.step_time(req.model, spec.tokens(req.height, req.width, req.frames),
@@ -261,7 +262,7 @@ class LatencyModel:
         """Fixed engine cost of one quantum (measured by `genserve profile --workers`)."""
         return self._dispatch
 
-    def move_time(self, req: Request, cross_node: bool) -> float:
+    def move_time(self, req: Request | GenSpec, cross_node: bool) -> float:
         """Cost of resuming `req` on a GPU set other than the one holding its state."""
         nbytes = get_model(req.model).state_bytes(req.height, req.width, req.frames)
         bw = self.bandwidth.cross_node if cross_node else self.bandwidth.intra_node

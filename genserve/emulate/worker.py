@@ -225,10 +225,8 @@ class EmuWorker:
             states = self._faults(states, len(ranks), out)
             if not states:
                 break
-            lead = states[0].spec
-            tokens = get_model(lead.model).tokens(lead.height, lead.width, lead.frames)
-            clock.charge(self.latency.step_time(lead.model, tokens, len(states), len(ranks),
-                                                cross))
+            clock.charge(self.latency.request_step_time(states[0].spec, len(states),
+                                                        len(ranks), cross))
             for s in states:
                 s.step()
         self.cancelled.difference_update(out.cancelled)
@@ -293,7 +291,7 @@ class EmuWorker:
         if isinstance(m, Moved):
             st = EmuState.from_bytes(m.state)
             if first:
-                clock.charge(self._move_s(st, False))
+                clock.charge(self.latency.move_time(st.spec, False))
             return st
         if isinstance(m, Held):  # rank m.src of the job sends its copy to the others
             key = f"held/{job_id}/{m.rid}"
@@ -309,7 +307,7 @@ class EmuWorker:
                 if st is None:
                     out.lost[m.rid] = parcel.lost
                 elif first:
-                    clock.charge(self._move_s(st, self.emu.spans_nodes(ranks)))
+                    clock.charge(self.latency.move_time(st.spec, self.emu.spans_nodes(ranks)))
                 return st
             return self._arrived(key, m.rid, m.src, out, clock if first else None,
                                  self.emu.spans_nodes(ranks))
@@ -335,16 +333,10 @@ class EmuWorker:
         else:
             st = EmuState.from_bytes(parcel.state, payload_apart=True)
             if clock is not None:
-                clock.charge(self._move_s(st, cross))
+                clock.charge(self.latency.move_time(st.spec, cross))
             return st
         self._pop([rid])  # no stale copy outlives it
         return None
-
-    def _move_s(self, st: EmuState, cross: bool) -> float:
-        lat = self.latency
-        bw = lat.bandwidth.cross_node if cross else lat.bandwidth.intra_node
-        return lat.costs.move_overhead_s + get_model(st.model).state_bytes(
-            st.spec.height, st.spec.width, st.spec.frames) / bw
 
     # ----- outputs -----
     def _encode(self, st: EmuState, fmt: OutputFormat) -> None:
