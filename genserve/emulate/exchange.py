@@ -141,22 +141,24 @@ class Exchange:
                 self._cv.wait(0.05)
             return self._box.pop(key)
 
-    def alive(self, rank: int, generation: int) -> bool:
-        """Whether the process that was rank `rank` in world `generation` still runs."""
+    def _registered(self, rank: int) -> tuple[int, int] | None:
+        """(pid, generation started) from rank `rank`'s pid file; None if there is none."""
         try:
             pid, started = (int(x) for x in (self.root / f"pid.{rank}").read_text().split())
         except (OSError, ValueError):
-            return False
-        return started <= generation and _alive(pid)
+            return None
+        return pid, started
+
+    def alive(self, rank: int, generation: int) -> bool:
+        """Whether the process that was rank `rank` in world `generation` still runs."""
+        got = self._registered(rank)
+        return got is not None and got[1] <= generation and _alive(got[0])
 
     def joined(self, rank: int, generation: int) -> bool:
         """Whether rank `rank` is up for world `generation`: its pid file names a live process
         (or one started for a later world), not a dead one whose replacement is still starting."""
-        try:
-            pid, started = (int(x) for x in (self.root / f"pid.{rank}").read_text().split())
-        except (OSError, ValueError):
-            return False
-        return started > generation or _alive(pid)
+        got = self._registered(rank)
+        return got is not None and (got[1] > generation or _alive(got[0]))
 
     # ----- sending -----
     def send(self, dst: int, msg: Message) -> bool:
