@@ -187,8 +187,8 @@ def loop_blocked(pool, lat, steps: int) -> None:
 def driver_bytes_per_video(fps: int = 16, checkpoint_every: int = 4) -> None:
     """What crosses the driver for one finished 720p 81-frame Wan2.1-14B video of 50 steps: its
     output (the MP4 now, the decoded frames before), its moves (none now; one state each before)
-    and its host checkpoints (one state every `checkpoint_every` steps, both ways: the driver's
-    one job).  The output goes through the worker's real encoder thread
+    and its checkpoints (one state every `checkpoint_every` steps before; now the worker writes
+    the file and the driver gets its path).  The output goes through the worker's real encoder thread
     (bench/data_path_outputs.py) with a synthetic smooth scene, so its size is indicative."""
     from data_path_outputs import encoded_path, raw_path, scene
 
@@ -201,7 +201,8 @@ def driver_bytes_per_video(fps: int = 16, checkpoint_every: int = 4) -> None:
     print(f"(c) per finished {W}x{H}x{F} video ({steps} steps, a checkpoint every "
           f"{checkpoint_every}): output {raw:,} B of frames before, {framed:,} B of MP4 now "
           f"({raw / framed:.0f}x less); each move {state:,} B before, 0 now; "
-          f"checkpoints {checkpoints} x {state:,} = {checkpoints * state:,} B, unchanged")
+          f"checkpoints {checkpoints} x {state:,} = {checkpoints * state:,} B before, 0 now "
+          f"(the workers write them)")
 
 
 def main() -> int:

@@ -553,8 +553,8 @@ def test_a_worker_sigkilled_mid_job_resumes_from_its_checkpoint(pool, lat):
     assert res.restarts == 1 and res.recovered == 1, why
     assert Status.PREEMPTED in statuses(vid), why  # rolled back to the checkpoint
     # The 32-step job was submitted and lost (not in the timeline); the rest ran again from the
-    # checkpoint, its state shipped from the host.
-    assert watched.members == ["New", "Resident", "Moved"], why
+    # checkpoint, which the worker wrote to a file and the new one read (no bytes via the driver).
+    assert watched.members == ["New", "Resident", "Stored"], why
     (s0, e0, g0), (s1, e1, g1) = res.timeline[vid.id]
     assert g0 == g1 == (3,) and e0 < killed[1] < s1, why
     assert_straight(res, vid)
@@ -607,7 +607,7 @@ def test_the_first_rank_of_an_sp2_job_exits_mid_job(pool, lat, monkeypatch):
     # Steps 4-7 again from the checkpoint, on the group with the replacement (which may still be
     # starting when worker 7 takes the job: 7 must wait for it, not take it for dead), then the
     # rest on 7 alone, from the copy it kept.
-    assert watched.members == ["New", "Resident", "Moved", "Resident"], why
+    assert watched.members == ["New", "Resident", "Stored", "Resident"], why
     assert [q[2] for q in res.timeline[vid.id]] == [(6, 7), (6, 7), (7,)], why
     assert len(held) == 1, held
     assert_straight(res, vid)

@@ -42,6 +42,8 @@ class PredictedPool:
     """The engine-facing side of a worker pool, in process: a job ends exactly at the end the
     engine predicted for it (`Engine.predicted_end`), with every member `steps` further."""
 
+    shares_files = False  # checkpoints, if any, would come back as bytes
+
     def __init__(self, n: int, clock: VirtualClock):
         self.n, self.nodes, self.clock = n, (), clock
         self.predicted_end = None  # set to the engine's once it exists
@@ -73,6 +75,9 @@ class PredictedPool:
 
     def result(self, jid: int):
         return Done(jid, self._jobs.pop(jid))
+
+    def saved(self) -> list:
+        return []
 
     def transfer_id(self) -> int:
         return next(self._ids)

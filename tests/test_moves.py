@@ -352,7 +352,7 @@ def test_the_holder_killed_right_after_the_move_is_planned(pool, latency, rid, d
     # 4 + 2 steps on `a`, the lost move (not in the timeline), the 2 steps after the checkpoint
     # again on the replacement of `a`, then the rest after a second, direct move.
     assert [q[2] for q in res.timeline[vid.id]] == [(a,), (a,), (a,), (b,)]
-    assert watched.members == ["New", "Resident", "Incoming", "Moved", "Incoming"]
+    assert watched.members == ["New", "Resident", "Incoming", "Stored", "Incoming"]
     assert res.moves_bytes == 0
     assert np.array_equal(res.outputs[vid.id], alone(vid))
     assert time.monotonic() - t0 < STALL_S + 30  # no collective timeout (20 s) waited out

@@ -33,7 +33,8 @@ from ..parallel.liveness import Pulse
 from ..parallel.protocol import (Cancel, Done, Drop, Fetch, Fetched, Held, Incoming, JobError,
                                  MakeGroup, Moved, New, Noop, Output, OutputFormat, Ready,
                                  Rendezvous, Resident, Restart, Run, RunResult, SendState,
-                                 Shutdown, StartFailed, Task, handler)
+                                 Shutdown, StartFailed, Stored, Task, handler)
+from ..parallel.saver import Saver
 from ..parallel.world import WorkerSpec
 from .exchange import Exchange, JobEnd, Parcel, generation
 from .state import EmuState
@@ -72,6 +73,7 @@ class EmuWorker:
         self.pulse: Pulse | None = None
         self.moves: queue.SimpleQueue = queue.SimpleQueue()
         self.encoders: dict[str, queue.SimpleQueue] = {}
+        self.saver = Saver(rank, outbox)  # checkpoint files, as a real worker writes them
         self._inbox = {Task: self._task, MakeGroup: lambda m: None, Restart: self._restart}
         self._jobs = {Run: self._run, Noop: self._noop}
         self._control = {Fetch: self._fetch, Drop: self._drop, Cancel: self._cancel,
@@ -196,8 +198,13 @@ class EmuWorker:
         done = [s for s in states if s.done]
         self._settle(states, [*out.failed, *out.cancelled, *out.lost])
         out.steps.update({s.request_id: s.step_index for s in states})
-        out.blobs.update({s.request_id: s.to_bytes() for s in states
-                          if s.request_id in job.want and not s.done})
+        for s in states:
+            if s.request_id in job.want and not s.done:
+                if job.save:  # the header now (the state steps on); joined on the saver thread
+                    self.saver.save(job.save, s.request_id, s.step_index,
+                                    lambda h=s.header(), p=s.payload: h + p)
+                else:
+                    out.blobs[s.request_id] = s.to_bytes()
         for s in done:
             clock.charge(self.latency.decode_time(s.model, s.spec.height, s.spec.width,
                                                   s.spec.frames))
@@ -288,8 +295,17 @@ class EmuWorker:
             return EmuState.new(m.rid, m.spec)
         if isinstance(m, Resident) or (isinstance(m, Held) and len(ranks) == 1):
             return self._get(m.rid)
-        if isinstance(m, Moved):
-            st = EmuState.from_bytes(m.state)
+        if isinstance(m, (Moved, Stored)):
+            try:
+                st = EmuState.from_bytes(m.state if isinstance(m, Moved) else _read(m.path))
+                if st.request_id != m.rid:
+                    raise ValueError(f"it holds request {st.request_id!r}")
+            except (OSError, ValueError) as e:
+                if isinstance(m, Moved):
+                    raise
+                # Every rank reads the same file, so all agree: the request starts over.
+                out.lost[m.rid] = f"worker {self.rank}: checkpoint {m.path}: {e}"
+                return None
             if first:
                 clock.charge(self.latency.move_time(st.spec, False))
             return st
@@ -395,6 +411,11 @@ def _parcel(key: str, st: EmuState) -> Parcel:
     """`st` for another worker: its header now, its payload's bytes after it (off the job's
     path: the job is charged the link's time from the model, see `exchange.py`)."""
     return Parcel(key, st.header(), trailer=len(st.payload))
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _warm_up(models) -> None:

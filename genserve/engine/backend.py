@@ -7,8 +7,15 @@ to the new set (`parallel/transfer.py`; a rank of the new set that holds it broa
 the decision only sends messages and the job waits on its worker for the state, so the loop never
 waits for a move; a state whose holder dies first comes back lost and the request resumes from its
 checkpoint.  A new request travels as its prompt: the worker encodes it inside the job, so the loop
-never waits for a text encoder.  Every `checkpoint_every` steps the job also returns the state to
-host memory: the restart point if its worker dies.
+never waits for a text encoder.
+
+Checkpoints: every `checkpoint_every` steps the job also saves the state, the restart point if its
+worker dies.  With a `checkpoint_dir` (on a pool whose workers share this machine's files) the
+worker writes it there itself and reports the path (`Saved`, `parallel/saver.py`): the bytes never
+reach the driver, whose loop they used to stall.  A resume reads the file on the job's workers
+(`Stored`).  Without one (Ray), the state comes back in the run's result and is kept in memory.
+A checkpoint counts once it is reported: a newer one replaces it (its file goes), one older than
+what the request holds, or for a request that ended, is deleted.
 
 Outputs: raw arrays in the run's result (`output=None`: exactness tests, replay), or encoded on
 the worker (`OutputFormat`: the server).  An encoded output comes in an `Output` message of its
@@ -19,13 +26,15 @@ back to its checkpoint and runs again, like any request a dead worker held.
 
 Failures: a request whose prepare or step raises (bad input, out of memory) fails alone with the
 reason; a worker that dies is replaced (`replace` of the pool) and the requests it held resume from
-their last host-side checkpoint, or start over; every request ends exactly once.  A replacement the
+their last checkpoint, or start over; every request ends exactly once.  A replacement the
 pool cannot place yet (a Ray node gone and no room elsewhere) is `down`: plans leave it out until
 it is back, and the others carry the load meanwhile.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import queue as queue_mod
 from dataclasses import dataclass
 
@@ -33,19 +42,35 @@ from ..executor import (Backend, Cancelled, Ended, Failed, Finishing, Outcome, Q
                         RolledBack, Stepped)
 from ..models.output import Encoded
 from ..parallel.protocol import (Held, Incoming, JobError, JobLost, Moved, New, Output,
-                                 OutputFormat, Resident, Run, RunResult)
+                                 OutputFormat, Resident, Run, RunResult, Saved, Stored)
 from ..parallel.workers import PoolBase, WorkerError, WorkerLost
 from ..policies.base import Assignment, Cluster
 from ..request import Request
 
 
+log = logging.getLogger("genserve.engine")
+
+
 @dataclass(frozen=True)
 class Resume:
-    """A request that comes back with a saved state (`StepState.to_bytes`) at its `steps_done`:
-    a restarted server resuming what it had accepted."""
+    """A request that comes back with its checkpoint file (`parallel/saver.py`) at its
+    `steps_done`: a restarted server resuming what it had accepted."""
 
     request: Request
-    state: bytes
+    path: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A request's restart point: its state at `steps`, in the file `path` or (no shared
+    directory) in memory as `state`."""
+
+    steps: int
+    path: str = ""
+    state: bytes = b""
+
+    def member(self, rid: str) -> Stored | Moved:
+        return Stored(rid, self.path) if self.path else Moved(rid, self.state)
 
 
 class WorkerBackend(Backend):
@@ -56,16 +81,23 @@ class WorkerBackend(Backend):
 
     def __init__(self, pool: PoolBase, clock, checkpoint_every: int, poll_s: float,
                  idle_poll_s: float, gpus_per_node: int, keep: bool, result,
-                 output: OutputFormat | None = None, on_checkpoint=None):
+                 output: OutputFormat | None = None, on_checkpoint=None,
+                 checkpoint_dir: str = "", owns_checkpoints: bool = False):
+        """`checkpoint_dir`: where workers write checkpoints (empty: they come back as bytes);
+        `owns_checkpoints`: whether a request's file goes when it ends (the engine's scratch
+        directory), or stays for the directory's owner (the server's job store) to remove."""
         self.pool, self.clock, self.output = pool, clock, output
         self.on_checkpoint = on_checkpoint
+        self.checkpoint_dir, self.owns_checkpoints = checkpoint_dir, owns_checkpoints
         self.checkpoint_every, self.poll_s, self.idle_poll_s = (checkpoint_every, poll_s,
                                                                 idle_poll_s)
         self.gpus_per_node, self.keep, self.res = gpus_per_node, keep, result
         self.incoming: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self.cancels: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self.timed_cancels: list[tuple[float, str]] = []
-        self.host: dict[str, tuple[bytes, int]] = {}  # checkpoints: (state, steps done)
+        self.host: dict[str, Checkpoint] = {}
+        self.reading: dict[str, str] = {}  # request -> the checkpoint file its job reads
+        self._early_saves: list[Saved] = []  # for requests in flight: judged once they land
         self.cancel_pending: set[str] = set()
         self.jobs: dict[int, int] = {}  # pool job id -> quantum key
         self.down: tuple[int, ...] = ()
@@ -82,7 +114,7 @@ class WorkerBackend(Backend):
         while not self.incoming.empty():
             item = self.incoming.get()
             if isinstance(item, Resume):
-                self.host[item.request.id] = (item.state, item.request.steps_done)
+                self.host[item.request.id] = Checkpoint(item.request.steps_done, item.path)
                 item = item.request
             self.core.add(item)
 
@@ -97,6 +129,7 @@ class WorkerBackend(Backend):
             changed = True
         if self.output is not None:  # before deaths: what arrived is kept
             changed = self._take_outputs(now) or changed
+        self._take_saved()
         return self._recover(now) or changed
 
     def _cancel(self, rid: str, now: float) -> None:
@@ -126,12 +159,13 @@ class WorkerBackend(Backend):
         every = self.checkpoint_every
         want = tuple(m.id for m in members if every and m.remaining_steps > a.steps
                      and (m.steps_done + a.steps) // every > m.steps_done // every)
-        return Run(members[0].model, srcs, a.steps, want, self.output)
+        return Run(members[0].model, srcs, a.steps, want, self.output,
+                   self.checkpoint_dir if want else "")
 
     def _source(self, r: Request, gpus: tuple[int, ...], now: float
-                ) -> Resident | Held | Incoming | Moved | New:
+                ) -> Resident | Held | Incoming | Moved | Stored | New:
         """What the job needs to run `r` on `gpus`: its state from where it lives (see
-        `_from_holders`), from a host checkpoint (bytes), or the prompt (a new request, encoded
+        `_from_holders`), from its checkpoint (a file, or bytes), or the prompt (a new request, encoded
         by the worker).  Waits for nothing: a move is asked for once the job is submitted."""
         if r.gpus and set(r.gpus) == set(gpus):
             return Resident(r.id)
@@ -140,13 +174,15 @@ class WorkerBackend(Backend):
             if member is not None:
                 return member
             self._roll_back(r, now)  # the holder is gone: fall back to the checkpoint
-        ck = self.host.get(r.id)
-        if ck is not None and ck[1] == r.steps_done and r.steps_done > 0:
-            return Moved(r.id, ck[0])
         if r.steps_done:
-            self._roll_back(r, now)
-            if r.id in self.host:
-                return Moved(r.id, self.host[r.id][0])
+            ck = self.host.get(r.id)
+            if ck is None or ck.steps != r.steps_done:
+                self._roll_back(r, now)
+                ck = self.host.get(r.id)
+            if ck is not None:
+                if ck.path:
+                    self.reading[r.id] = ck.path
+                return ck.member(r.id)
         return New(r.id, r.spec)
 
     def _from_holders(self, r: Request, gpus: tuple[int, ...]
@@ -240,6 +276,8 @@ class WorkerBackend(Backend):
                     for rid in (x for x in q.requests if x not in res.result.lost):
                         self.res.timeline.setdefault(rid, []).append((q.start, now, q.gpus))
                 outcomes = {rid: self._outcome(rid, res.result, q) for rid in q.requests}
+            for rid in q.requests:
+                self.reading.pop(rid, None)
             ran = q.cost if self.clock.virtual else now - q.start
             out.append(Ended(q.key, ran, outcomes))
         return out
@@ -249,6 +287,9 @@ class WorkerBackend(Backend):
         on the job's first rank and comes in an `Output` message of its own)."""
         r = self.core.by_id[rid]
         if rid in res.lost:  # its state never came (its holder died): back to its checkpoint
+            if rid in self.reading:  # that checkpoint: unreadable, it starts over
+                log.warning("request %s: %s; it starts over", rid, res.lost[rid])
+                self._forget_checkpoint(rid)
             return (Cancelled() if rid in self.cancel_pending
                     else RolledBack(self._checkpoint_step(rid)))
         if rid in res.failed:
@@ -257,9 +298,7 @@ class WorkerBackend(Backend):
             return Cancelled()
         steps = res.steps[rid]
         if rid in res.blobs:
-            self.host[rid] = (res.blobs[rid], steps)
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(rid, steps, res.blobs[rid])
+            self._keep(rid, Checkpoint(steps, state=res.blobs[rid]))
         if steps == r.steps:
             if self.output is not None:
                 self.awaiting[rid] = min(q.gpus)  # the first rank decodes and encodes
@@ -313,7 +352,46 @@ class WorkerBackend(Backend):
             self.cancel_pending.discard(r.id)
             if r.gpus:
                 self.pool.drop(r.gpus, [r.id])
-        self.host.pop(r.id, None)
+        ck = self.host.pop(r.id, None)
+        if ck is not None and ck.path and self.owns_checkpoints:
+            _unlink(ck.path)
+
+    # ----- checkpoints -----
+    def _take_saved(self) -> None:
+        """Adopt the checkpoint files workers reported (`Saved`).  Any step up to the one a
+        request reached is a valid restart point (steps are deterministic).  One beyond it, for a
+        request in flight, waits for the job's result (the file may come first)."""
+        got, self._early_saves = self._early_saves + self.pool.saved(), []
+        for s in got:
+            r = self.core.by_id.get(s.rid)
+            if s.error is not None:
+                log.warning("request %s: checkpoint at step %d not saved: %s", s.rid, s.steps,
+                            s.error)
+                continue
+            if (r is not None and not r.is_final and s.steps > r.steps_done
+                    and self.core.in_flight(s.rid) is not None):
+                self._early_saves.append(s)
+                continue
+            ck = self.host.get(s.rid)
+            if (r is None or r.is_final or s.steps > r.steps_done
+                    or (ck is not None and s.steps <= ck.steps)):
+                _unlink(s.path)  # it ended, or rolled back past it, or a newer one is held
+                continue
+            self._keep(s.rid, Checkpoint(s.steps, s.path))
+
+    def _keep(self, rid: str, ck: Checkpoint) -> None:
+        """`ck` is `rid`'s restart point from now on; the older one's file goes."""
+        old = self.host.get(rid)
+        self.host[rid] = ck
+        if old is not None and old.path and old.path != ck.path:
+            _unlink(old.path)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(rid, ck.steps, ck.path or ck.state)
+
+    def _forget_checkpoint(self, rid: str) -> None:
+        ck = self.host.pop(rid, None)
+        if ck is not None and ck.path:
+            _unlink(ck.path)
 
     # ----- failures -----
     def _lost(self, q: Quantum) -> dict[str, Outcome]:
@@ -323,11 +401,11 @@ class WorkerBackend(Backend):
                 else RolledBack(self._checkpoint_step(rid)) for rid in q.requests}
 
     def _checkpoint_step(self, rid: str) -> int:
-        """The step of `rid`'s host checkpoint to resume from (0: none usable)."""
+        """The step of `rid`'s checkpoint to resume from (0: none usable)."""
         r, ck = self.core.by_id[rid], self.host.get(rid)
-        if ck and ck[1] > r.steps_done:
+        if ck and ck.steps > r.steps_done:
             del self.host[rid]
-        return ck[1] if ck and ck[1] <= r.steps_done else 0
+        return ck.steps if ck and ck.steps <= r.steps_done else 0
 
     def _roll_back(self, r: Request, now: float) -> None:
         self.core.roll_back(r, now, self._checkpoint_step(r.id))
@@ -357,3 +435,12 @@ class WorkerBackend(Backend):
         self.res.restarts += len(dead)
         self.down = tuple(self.pool.down())
         return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # a full or read-only disk must not stop the loop
+        log.warning("checkpoint %s not removed: %s", path, e)

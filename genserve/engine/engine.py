@@ -10,6 +10,8 @@ in its backend, `genserve.engine.backend`.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +42,8 @@ class Engine:
     def __init__(self, policy: Policy, pool: PoolBase, latency: LatencyModel,
                  gpus_per_node: int = 8, time_scale: float = 1.0, poll_s: float = 0.005,
                  checkpoint_every: int = 4, on_update=None, idle_poll_s: float = 0.05,
-                 clock=None, output: OutputFormat | None = None, on_checkpoint=None):
+                 clock=None, output: OutputFormat | None = None, on_checkpoint=None,
+                 checkpoint_dir: str | None = None):
         """`on_update(request, output)` is called from the engine's thread whenever a request
         arrives, runs steps, pauses or ends (`output` when it finished: the image/video array, or
         its `Encoded` file).  `output`: None, outputs come back as raw arrays (bit-exact checks);
@@ -48,8 +51,13 @@ class Engine:
         each request finishing when its file arrives (see `backend`).
         `clock`: a `RealClock(time_scale)` by default; a `VirtualClock` runs the engine on
         predicted times (with a pool that honours them: the parity test).
-        `on_checkpoint(request_id, steps_done, state_bytes)` is called from the engine's thread
-        with every host checkpoint (every `checkpoint_every` steps): it must not block."""
+        `on_checkpoint(request_id, steps_done, saved)` is called from the engine's thread with
+        every checkpoint (every `checkpoint_every` steps): `saved` is the path of the file a
+        worker wrote, or the state's bytes on a pool that shares no files with its workers (Ray).
+        It must not block.
+        `checkpoint_dir`: where workers write checkpoints, left to its owner to clean (the
+        server's job store); None: a scratch directory per run, in memory where the machine has
+        /dev/shm, removed with everything in it when the run ends."""
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 steps (0: never), got "
                              f"{checkpoint_every}")
@@ -59,14 +67,26 @@ class Engine:
         self._opts = dict(checkpoint_every=checkpoint_every, poll_s=poll_s,
                           idle_poll_s=idle_poll_s, gpus_per_node=gpus_per_node, output=output,
                           on_checkpoint=on_checkpoint)
+        self.checkpoint_dir = checkpoint_dir
         self._halt = False
-        self._new_core(keep=True)
+        self._scratch: str | None = None
+        self._new_core(keep=True, running=False)
 
-    def _new_core(self, keep: bool) -> None:
+    def _new_core(self, keep: bool, running: bool = True) -> None:
+        """`running`: for a run or `serve` (the constructor's core runs nothing: no scratch)."""
         pool = self.pool
         self.res = EngineResult(requests=[], num_gpus=pool.n, busy_gpu_s=0.0, end_time=0.0,
                                 decisions=0, preemptions=0, migrations=0)
-        self.backend = WorkerBackend(pool, self.clock, keep=keep, result=self.res, **self._opts)
+        self._drop_scratch()
+        where, owns = "", False
+        if pool.shares_files and self._opts["checkpoint_every"] and running:
+            where, owns = self.checkpoint_dir, False
+            if where is None:
+                where = self._scratch = tempfile.mkdtemp(prefix="genserve-ck-", dir=_scratch_root())
+                owns = True
+        self.backend = WorkerBackend(pool, self.clock, keep=keep, result=self.res,
+                                     checkpoint_dir=str(where), owns_checkpoints=owns,
+                                     **self._opts)
         self.core = ExecutorCore(self.backend.cluster(), self.latency, self.policy, self.backend,
                                  self.clock, listener=self.on_update, keep=keep, result=self.res)
 
@@ -85,15 +105,16 @@ class Engine:
         """Cancel a request (thread-safe); it stops at its next step boundary."""
         self.backend.cancels.put(request_id)
 
-    def submit(self, request: Request, state: bytes | None = None) -> None:
+    def submit(self, request: Request, checkpoint: str | None = None) -> None:
         """Add a request while `serve` runs (thread-safe).  Its `arrival` is on the engine clock
-        (`now()`); set it to `now()` for a request arriving now.  `state`: its saved
-        `StepState` bytes at `request.steps_done` steps (a request resumed after a restart)."""
-        if state is not None:
+        (`now()`); set it to `now()` for a request arriving now.  `checkpoint`: the file of its
+        saved state at `request.steps_done` steps (a request resumed after a restart), which
+        the workers read."""
+        if checkpoint is not None:
             if not 0 < request.steps_done < request.steps:
                 raise ValueError(f"request {request.id}: a saved state needs 0 < steps_done < "
                                  f"steps, got {request.steps_done}/{request.steps}")
-            request = Resume(request, state)
+            request = Resume(request, str(checkpoint))
         self.backend.incoming.put(request)
 
     def halt(self) -> None:
@@ -122,7 +143,10 @@ class Engine:
             self.core.add(r)
         self.res.requests = list(requests)
         self.backend.timed_cancels = sorted((t, rid) for rid, t in (cancel_at or {}).items())
-        self.core.run(lambda: self._halt or self.core.drained())
+        try:
+            self.core.run(lambda: self._halt or self.core.drained())
+        finally:
+            self._drop_scratch()
         return self.res
 
     def serve(self, stop) -> EngineResult:
@@ -131,6 +155,26 @@ class Engine:
         incoming, cancels = self.backend.incoming, self.backend.cancels
         self._new_core(keep=False)
         self.backend.incoming, self.backend.cancels = incoming, cancels
-        self.core.run(lambda: self._halt or (stop.is_set() and self.core.drained()
-                                            and self.backend.incoming.empty()))
+        try:
+            self.core.run(lambda: self._halt or (stop.is_set() and self.core.drained()
+                                                and self.backend.incoming.empty()))
+        finally:
+            self._drop_scratch()
         return self.res
+
+    def _drop_scratch(self) -> None:
+        """The run's scratch checkpoint directory goes with the run (a late file with it)."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+
+def _scratch_root() -> str | None:
+    """/dev/shm where it has room for a few hundred video states (a container's default 64 MB
+    does not), else the temporary directory."""
+    try:
+        if shutil.disk_usage("/dev/shm").free >= 4 << 30:
+            return "/dev/shm"
+    except OSError:
+        pass
+    return None

@@ -9,10 +9,11 @@ Three streams per worker, each with its own message types:
   see `transfer.py`), and `Shutdown`, which the worker puts there itself;
 - the outbox (worker -> driver): `Ready`, `StartFailed`, `Done` / `JobError` / `JobLost` (how a
   job ended: the same three types are what `PoolBase.result` returns), `Fetched`, `Output` (an
-  encoded output, from the worker's encoder thread), `Heartbeat` (from a thread of its own).
+  encoded output, from the worker's encoder thread), `Saved` (a checkpoint file written, from its
+  saver thread), `Heartbeat` (from a thread of its own).
 
-A job is one of `Run` (the engine's: its members are `New`, `Resident`, `Held`, `Incoming` or
-`Moved`), `Prepare`,
+A job is one of `Run` (the engine's: its members are `New`, `Resident`, `Held`, `Incoming`,
+`Moved` or `Stored`), `Prepare`,
 `Steps`, `Decode`, `Profile`, `Noop`.  Every member of a `Task`'s ranks runs it; the first rank
 answers for the job (every member answers an error).
 
@@ -122,22 +123,36 @@ class Moved:
     state: bytes
 
 
-Member = Union[New, Resident, Held, Incoming, Moved]
+@message
+class Stored:
+    """The state is in the checkpoint file `path` (`saver.py`: written by a worker, maybe by the
+    server's previous run): every rank of the job reads it.  One that cannot be read (gone,
+    damaged) is reported in `RunResult.lost`; the request starts over."""
+
+    rid: str
+    path: str
+
+
+Member = Union[New, Resident, Held, Incoming, Moved, Stored]
 
 
 # ----- jobs -----
 @message
 class Run:
     """The engine's job: take each member's state, run up to `steps` steps, decode the finished
-    ones; the others stay resident.  `want`: requests whose state also comes back (checkpoints).
-    `output`: how finished outputs come back (None: raw arrays in the `RunResult`).
-    Ends with a `RunResult`."""
+    ones; the others stay resident.  `want`: requests whose state is also checkpointed.  `save`:
+    a directory the driver shares with the worker; the first rank's saver thread writes each wanted
+    state there (`saver.py`) and reports it with a `Saved`, so that the bytes never cross to the
+    driver.  Empty (a Ray pool, whose workers may sit on other machines): the states come back in
+    `RunResult.blobs`.  `output`: how finished outputs come back (None: raw arrays in the
+    `RunResult`).  Ends with a `RunResult`."""
 
     model: str
     members: tuple[Member, ...]
     steps: int
     want: tuple[str, ...] = ()
     output: OutputFormat | None = None
+    save: str = ""
 
 
 @message
@@ -190,7 +205,7 @@ class RunResult:
     steps: dict[str, int] = field(default_factory=dict)       # step index reached
     failed: dict[str, str] = field(default_factory=dict)      # reason (it failed alone)
     cancelled: dict[str, int] = field(default_factory=dict)   # step index where it left
-    blobs: dict[str, bytes] = field(default_factory=dict)     # states asked for in `want`
+    blobs: dict[str, bytes] = field(default_factory=dict)     # `want`ed states (no `save`)
     outputs: dict[str, Any] = field(default_factory=dict)     # decoded arrays of finished ones
     lost: dict[str, str] = field(default_factory=dict)        # reason its state never came
 
@@ -347,8 +362,21 @@ class Output:
     error: str | None = None
 
 
+@message
+class Saved:
+    """Request `rid`'s state at step `steps` is in the checkpoint file `path`, written (atomically,
+    synced) by the worker's saver thread for a `Run` with `save`; or why it could not be
+    (`error`: e.g. the disk is full), in which case the request keeps its older checkpoint.
+    Comes apart from the run's `Done`, before or after it."""
+
+    rid: str
+    steps: int
+    path: str = ""
+    error: str | None = None
+
+
 Outcome = Union[Done, JobError, JobLost]
 JOBS = (Run, Prepare, Steps, Decode, Profile, Noop)
 INBOX = (Task, MakeGroup, Restart, Shutdown)
 CONTROL = (Fetch, Drop, Cancel, SendState, Shutdown)
-TO_DRIVER = (Ready, StartFailed, Done, JobError, JobLost, Fetched, Output, Heartbeat)
+TO_DRIVER = (Ready, StartFailed, Done, JobError, JobLost, Fetched, Output, Saved, Heartbeat)

@@ -5,7 +5,8 @@ handler of its type; a job (`Task.job`) likewise.  Every member of a job's group
 steps (the forward is sharded inside, see `sequence.py`), so every member keeps a full copy of
 each state it stepped, in `Store`.  A state leaves it when its request moves to another worker set
 (straight to that set over torch.distributed, never through the driver: `transfer.py`), and goes
-to the driver only when the engine asks (a host-side checkpoint).
+to disk only when the engine asks (a checkpoint: written by the worker's `saver.Saver` thread,
+or, on a pool whose workers share no directory with the driver, sent to it as bytes).
 
 A second thread (`Control`) serves the control queue while the main thread computes: fetch a
 paused state (the old path of a move, through the driver), drop states, hand a `SendState` on to
@@ -45,9 +46,10 @@ from ..spec import GenRequest
 from .protocol import (Cancel, Decode, Done, Drop, Fetch, Fetched, JobError, JobLost, MakeGroup,
                        Moved, New, Noop, Output, OutputFormat, Prepare, Profile, Ready,
                        Rendezvous, Resident, Restart, Run, RunResult, Shutdown, StartFailed, Steps,
-                       Task, handler)
+                       Stored, Task, handler)
 from .protocol import Held, Incoming, SendState  # moves worker to worker (transfer.py)
 from .liveness import Pulse
+from .saver import Saver
 from .transfer import Links, Mover, Parcel, receive, share
 from .ulysses import GroupCache
 from .world import Abandoned, WorkerSpec, rendezvous
@@ -118,6 +120,7 @@ class Worker:
         self.world_cv = threading.Condition()
         self.mover: Mover | None = None
         self.encoders: dict[str, Encoder] = {}  # "image" / "video", started on first use
+        self.saver = Saver(rank, outbox)  # started on first use
         # Bumped by the main thread only; read by the heartbeat thread (`Pulse`).
         self.progress = 0
         self.pulse: Pulse | None = None
@@ -125,7 +128,7 @@ class Worker:
         self._jobs = {Run: self._run, Prepare: self._prepare, Steps: self._steps,
                       Decode: self._decode, Profile: self._profile, Noop: self._noop}
         self._members = {New: self._new, Resident: self._resident, Held: self._held,
-                         Incoming: self._incoming, Moved: self._moved}
+                         Incoming: self._incoming, Moved: self._moved, Stored: self._stored}
 
     # ----- life cycle -----
     def start(self, world: Rendezvous, members: tuple[int, ...], ctl) -> bool:
@@ -330,6 +333,18 @@ class Worker:
     def _moved(self, m: Moved, job: Run, ranks, out: RunResult) -> StepState:
         return StepState.from_bytes(m.state).to(self.dev)
 
+    def _stored(self, m: Stored, job: Run, ranks, out: RunResult) -> StepState | None:
+        """Every rank reads the same file, so all agree whether it is usable."""
+        try:
+            with open(m.path, "rb") as f:
+                st = StepState.from_bytes(f.read())
+            if st.request_id != m.rid:
+                raise ValueError(f"it holds request {st.request_id!r}")
+        except Exception as e:  # noqa: BLE001 - gone or damaged: the request starts over
+            out.lost[m.rid] = f"worker {self.rank}: checkpoint {m.path}: {_reason(e)}"
+            return None
+        return st.to(self.dev)
+
     def _run(self, ranks: tuple[int, ...], job: Run) -> RunResult:
         """The engine's job: take each member's state, run up to `job.steps` steps, decode the
         finished ones; keep the rest resident."""
@@ -353,8 +368,13 @@ class Worker:
         if self.rank != ranks[0]:
             return out
         out.steps.update({s.request_id: s.step_index for s in states})
-        out.blobs.update({s.request_id: s.to_bytes() for s in states
-                          if s.request_id in job.want and not s.done})
+        for s in states:
+            if s.request_id in job.want and not s.done:
+                # The bytes are taken now: the next job steps the state in place.
+                if job.save:
+                    self.saver.save(job.save, s.request_id, s.step_index, s.to_bytes())
+                else:
+                    out.blobs[s.request_id] = s.to_bytes()
         if done:
             try:
                 decoded = adapter.decode(done)

@@ -9,11 +9,14 @@ job names its ranks (the GPU set; SP degree = its size).  Two ways to use the po
 - `submit(ranks, Run(...))`: the engine's job.  States stay resident on the workers that stepped
   them; to move one to another set the driver asks its holder to send it (`send_state`) straight
   to the job that takes it (`transfer.py`); the bytes of a state come to the driver only as a
-  host-side checkpoint (or by `fetch`, the old way of moving, kept for comparison).
+  checkpoint on a pool that shares no directory with its workers (`shares_files` False: Ray), or
+  by `fetch` (the old way of moving, kept for comparison); otherwise workers write checkpoints
+  to files themselves (`saver.py`) and report them with a `Saved`.
 
 The engine's API: `submit(ranks, job) -> job id`; `finished(timeout_s) -> [job id]`;
 `result(job id) -> Done | JobError | JobLost` (a `Run` is `Done` with a `RunResult`); `outputs()
--> [Output]` (a `Run`'s encoded outputs, sent apart from its result);
+-> [Output]` (a `Run`'s encoded outputs, sent apart from its result); `saved() -> [Saved]` (its
+checkpoint files, likewise);
 `wait(job id, timeout_s) -> Done.result` (raises `WorkerError` / `WorkerLost`); `fetch(rank,
 rids) -> {rid: bytes}`; `transfer_id()` and `send_state(holder, rid, dst, transfer)`; `drop` /
 `cancel(ranks, rids)`; and the life cycle (`alive`, `dead`,
@@ -58,7 +61,7 @@ from .process import run_worker
 from .protocol import Heartbeat, SendState
 from .protocol import (JOBS, TO_DRIVER, Cancel, Decode, Done, Drop, Fetch, Fetched, Job, JobError,
                        JobLost, MakeGroup, Outcome, Output, Prepare, Ready, Rendezvous, Restart,
-                       Shutdown, StartFailed, Steps, Task, handler)
+                       Saved, Shutdown, StartFailed, Steps, Task, handler)
 from .world import WorkerSpec, abandon
 
 # A worker silent, or running a job without progress, this long is declared hung (the pools'
@@ -91,6 +94,9 @@ class PoolBase:
     poll_s: float
     restarts: int = 0
     hung: int = 0
+    # Whether the workers see the driver's files (one machine): they then write checkpoints
+    # themselves (`Run.save`), else the states come back as bytes.
+    shares_files: bool = False
 
     def _setup(self, preset: str | tuple[str, ...], n: int, poll_s: float,
                model_path: str | None, device: str, timeout_s: float, faults: dict | None,
@@ -119,6 +125,7 @@ class PoolBase:
         self._jobs: dict[int, tuple[int, ...]] = {}
         self._fetched: dict[int, Fetched] = {}
         self._outputs: list[Output] = []
+        self._saved: list[Saved] = []
         self._starting: dict[int, float] = {}
         self._members: tuple[int, ...] = ()  # the current world (see `_next_world`)
         self._made: set[tuple[int, ...]] = set()  # its process groups
@@ -204,13 +211,16 @@ class PoolBase:
     def _on_output(self, msg: Output) -> None:
         self._outputs.append(msg)
 
+    def _on_saved(self, msg: Saved) -> None:
+        self._saved.append(msg)
+
     def _on_outcome(self, msg: Outcome) -> None:
         if msg.job_id in self._jobs and msg.job_id not in self._results:  # late ones of lost jobs
             self._results[msg.job_id] = msg                                # are dropped
 
     _ROUTES = {Ready: _on_ready, StartFailed: _on_start_failed, Fetched: _on_fetched,
                Done: _on_outcome, JobError: _on_outcome, JobLost: _on_outcome,
-               Output: _on_output, Heartbeat: _on_heartbeat}
+               Output: _on_output, Saved: _on_saved, Heartbeat: _on_heartbeat}
 
     def _route(self, msg) -> None:
         handler(self._ROUTES, msg)(self, msg)
@@ -321,6 +331,12 @@ class PoolBase:
         """The encoded outputs (`Output`) that arrived since the last call: they travel apart from
         their jobs' results (see `protocol.OutputFormat`); any poll (`finished`) collects them."""
         got, self._outputs = self._outputs, []
+        return got
+
+    def saved(self) -> list[Saved]:
+        """The checkpoint files (`Saved`) workers reported since the last call (see `Run.save`);
+        any poll collects them."""
+        got, self._saved = self._saved, []
         return got
 
     def result(self, job_id: int) -> Outcome:
@@ -474,6 +490,7 @@ class WorkerPool(PoolBase):
     # reaped once killed.
     close_grace_s: float = 2.0
     close_reap_s: float = 2.0
+    shares_files = True
 
     def __init__(self, preset: str | tuple[str, ...], n: int, model_path: str | None = None,
                  device: str = "cpu", collective_timeout_s: float = 60.0,

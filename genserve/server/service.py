@@ -124,7 +124,8 @@ class Service:
         self.engine = Engine(make_policy(cfg.policy), self.pool, self.latency,
                              gpus_per_node=cfg.gpus_per_node, time_scale=cfg.time_scale,
                              checkpoint_every=cfg.checkpoint_every, on_update=self._on_update,
-                             output=OutputFormat(fps=cfg.fps), on_checkpoint=self._on_checkpoint)
+                             output=OutputFormat(fps=cfg.fps), on_checkpoint=self._on_checkpoint,
+                             checkpoint_dir=str(self.store.checkpoints))
         self.metrics.watch_engine(self.engine, self.workers_hung)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run_engine, name="genserve-engine",
@@ -420,15 +421,22 @@ class Service:
         job.expires_at = job.completed_at + self.cfg.result_ttl_s
         job.status = status
 
-    def _on_checkpoint(self, rid: str, steps: int, state: bytes) -> None:
-        """The engine's thread: a request's state at `steps`; the writer saves it."""
-        self._later(self._save_checkpoint, rid, steps, state)
+    def _on_checkpoint(self, rid: str, steps: int, saved: str | bytes) -> None:
+        """The engine's thread: a request's state at `steps`, in a file a worker wrote into the
+        store's directory (or as bytes, from workers that share no files with this machine); the
+        writer records it."""
+        self._later(self._save_checkpoint, rid, steps, saved)
 
-    def _save_checkpoint(self, rid: str, steps: int, state: bytes) -> None:
+    def _save_checkpoint(self, rid: str, steps: int, saved: str | bytes) -> None:
         job = self.jobs.get(_job_of(rid))
-        if job is None or job.final or rid in job.ended:
-            return  # it ended while this waited: nothing to resume
-        self.store.save_checkpoint(rid, steps, state)
+        if job is None or job.final or rid in job.ended:  # it ended meanwhile: nothing to resume
+            if isinstance(saved, str):
+                Path(saved).unlink(missing_ok=True)
+            return
+        if isinstance(saved, str):
+            self.store.adopt_checkpoint(rid, steps, Path(saved))
+        else:
+            self.store.save_checkpoint(rid, steps, saved)
 
     def _later(self, fn, *args) -> None:
         """`fn(*args)` on the writer thread, after what is queued there (outputs, checkpoints)."""
@@ -533,13 +541,12 @@ class Service:
             i = int(rid.rpartition("-")[2])
             r = Request(rid, job.spec.kind, replace(gen, seed=gen.seed + i), arrival=now,
                         deadline=deadline, standalone=alone)
-            state, ck = None, self.store.newest_checkpoint(rid)
-            if ck is not None and 0 < ck[0] < gen.steps:
-                state = _checked_state(rid, *ck)
-                r.steps_done = ck[0] if state is not None else 0
+            path, ck = None, self.store.newest_checkpoint(rid)
+            if ck is not None and 0 < ck[0] < gen.steps and _usable(rid, *ck):
+                r.steps_done, path = ck
             job.steps_done[rid] = r.steps_done
             self.metrics.submitted(job.spec.kind.value)
-            self.engine.submit(r, state)
+            self.engine.submit(r, path)
         log.info("resumed job %s: %s", job.id, ", ".join(
             f"{rid} at step {job.steps_done[rid]}" for rid in left))
 
@@ -563,20 +570,19 @@ class Service:
             shutil.rmtree(self.results / job_id, ignore_errors=True)
 
 
-def _checked_state(rid: str, step: int, path: Path) -> bytes | None:
-    """The checkpoint's bytes if they load as `rid`'s state at `step`; else None (a damaged or
-    foreign file: the request starts over rather than failing on its worker)."""
+def _usable(rid: str, step: int, path: Path) -> bool:
+    """Whether the checkpoint loads as `rid`'s state at `step` (a damaged or foreign file: the
+    request starts over rather than failing on its worker)."""
     from ..emulate.state import identity  # a real state (torch) or an emulated one
 
     try:
-        data = path.read_bytes()
-        held = identity(data)
+        held = identity(path.read_bytes())
         if held != (rid, step):
             raise ValueError(f"it holds {held[0]} at step {held[1]}")
-        return data
+        return True
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, start over
         log.warning("job store: checkpoint %s unusable (%s): %s starts over", path.name, e, rid)
-        return None
+        return False
 
 
 def _job_of(request_id: str) -> str:

@@ -7,9 +7,11 @@ once written).  A job is inserted before its client gets an answer; every later 
 by the service's writer thread, never by the engine's loop or the event loop.
 
 Denoising states live beside it as files, `checkpoints/<request id>.<step>.state`
-(`StepState.to_bytes`), written to a temporary name, flushed and renamed into place, so a file
-with a step in its name is always whole: on a restart the newest one is the resume point, whatever
-the database says (the rename may have happened just before a crash that lost its row update).
+(`StepState.to_bytes`), written by the workers themselves (`parallel/saver.py`; by the writer
+thread when a state came back as bytes) to a temporary name, synced and renamed into place, so a
+file with a step in its name is always whole: on a restart the newest one is the resume point,
+whatever the database says (the rename may have happened just before a crash that lost its row
+update, or before the worker could report it).
 
 What does not survive: the steps a request ran since its newest checkpoint (they run again), an
 image kept in memory for a synchronous answer (its file is on disk), and a client's open
@@ -19,13 +21,13 @@ connection (it polls, or retries with the same `Idempotency-Key`).
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..kinds import Kind
+from ..parallel.saver import checkpoint_path, step_of, write_atomic
 from ..spec import GenSpec
 
 SCHEMA = """
@@ -154,23 +156,21 @@ class JobStore:
 
     # ----- checkpoints -----
     def save_checkpoint(self, rid: str, steps: int, state: bytes) -> Path:
-        """Write `rid`'s state at `steps` atomically; older checkpoints of it go."""
-        path = self.checkpoints / f"{rid}.{steps}.state"
-        tmp = path.with_suffix(".tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(state)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self._tx([("UPDATE requests SET steps_done = ? WHERE id = ?", (steps, rid))])
-        for old in self._checkpoint_files(rid):
-            if old != path:
-                old.unlink(missing_ok=True)
+        """Write `rid`'s state at `steps` atomically, then record it (`adopt_checkpoint`)."""
+        path = write_atomic(checkpoint_path(self.checkpoints, rid, steps), state)
+        self.adopt_checkpoint(rid, steps, path)
         return path
 
+    def adopt_checkpoint(self, rid: str, steps: int, path: Path) -> None:
+        """`path` (written whole, by a worker or by `save_checkpoint`) is `rid`'s state at
+        `steps`: record it; older checkpoints of it go (a newer one may already be there)."""
+        self._tx([("UPDATE requests SET steps_done = ? WHERE id = ?", (steps, rid))])
+        for old in self._checkpoint_files(rid):
+            if step_of(old, rid) < steps:
+                old.unlink(missing_ok=True)
+
     def newest_checkpoint(self, rid: str) -> tuple[int, Path] | None:
-        found = [(int(p.name[len(rid) + 1:-len(".state")]), p)
-                 for p in self._checkpoint_files(rid)]
+        found = [(step_of(p, rid), p) for p in self._checkpoint_files(rid)]
         return max(found) if found else None
 
     def drop_checkpoints(self, rid: str) -> None:
@@ -178,12 +178,7 @@ class JobStore:
             p.unlink(missing_ok=True)
 
     def _checkpoint_files(self, rid: str) -> list[Path]:
-        out = []
-        for p in self.checkpoints.glob(f"{rid}.*.state"):
-            step = p.name[len(rid) + 1:-len(".state")]
-            if step.isdigit():
-                out.append(p)
-        return out
+        return [p for p in self.checkpoints.glob(f"{rid}.*.state") if step_of(p, rid) is not None]
 
     # ----- reads -----
     def find(self, owner: str | None, idempotency_key: str) -> str | None:
