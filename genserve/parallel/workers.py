@@ -97,6 +97,9 @@ class PoolBase:
     # Whether the workers see the driver's files (one machine): they then write checkpoints
     # themselves (`Run.save`), else the states come back as bytes.
     shares_files: bool = False
+    # Whether a poll may see a death that `_alive` has not reported yet (then `alive()` is asked
+    # again after every poll); False where the transport clears the memo itself on a death.
+    deaths_seen_by_poll: bool = True
 
     def _setup(self, preset: str | tuple[str, ...], n: int, poll_s: float,
                model_path: str | None, device: str, timeout_s: float, faults: dict | None,
@@ -228,7 +231,8 @@ class PoolBase:
     def _pump(self, timeout_s: float) -> None:
         for msg in self._poll(timeout_s):
             self._route(msg)
-        self._alive_now = None  # deaths seen by this poll count from here on
+        if self.deaths_seen_by_poll:
+            self._alive_now = None  # deaths seen by this poll count from here on
         now = time.monotonic()
         # Not on every turn of the engine's loop (every few ms): it asks every process whether
         # it runs, which at 64 workers was most of a turn; the timeouts it enforces are seconds.
@@ -297,7 +301,7 @@ class PoolBase:
         ranks = tuple(sorted(ranks))
         if not ranks or ranks[0] < 0 or ranks[-1] >= self.n or len(set(ranks)) != len(ranks):
             raise ValueError(f"ranks {ranks} are not distinct workers of 0..{self.n - 1}")
-        self._check_alive(ranks, "submit")
+        self._check_alive(ranks, "submit", memo=True)
         now, busy = time.monotonic(), {r for rs in self._running().values() for r in rs}
         for r in ranks:
             if r not in busy:  # idle until now: its progress is judged from now on
@@ -425,9 +429,12 @@ class PoolBase:
         return self.wait(self.submit((rank,), Decode(tuple(s.to_bytes() for s in states))))
 
     # ----- liveness -----
-    def _check_alive(self, ranks, what: str) -> None:
+    def _check_alive(self, ranks, what: str, memo: bool = False) -> None:
+        """`memo`: as of `alive()` (a death shows there once a poll saw it), not one question
+        per process (a syscall each: a submit at SP 8 asked eight)."""
+        live = set(self.alive()) if memo else None
         for r in ranks:
-            if not self._alive(r):
+            if not (r in live if memo else self._alive(r)):
                 raise WorkerLost(f"{self._death(r)} during {what}")
 
     def alive(self) -> list[int]:
@@ -491,6 +498,7 @@ class WorkerPool(PoolBase):
     close_grace_s: float = 2.0
     close_reap_s: float = 2.0
     shares_files = True
+    deaths_seen_by_poll = False  # a death is an end of file on its channel: `_break`
 
     def __init__(self, preset: str | tuple[str, ...], n: int, model_path: str | None = None,
                  device: str = "cpu", collective_timeout_s: float = 60.0,
@@ -589,6 +597,7 @@ class WorkerPool(PoolBase):
         self._chans[rank].close()
         self._chans[rank] = None
         self._broken[rank] = why
+        self._alive_now = None
         p = self.procs[rank]
         p.join(0.5)  # after end of file it is exiting: let its exit code show
         if p.is_alive():
@@ -598,6 +607,7 @@ class WorkerPool(PoolBase):
         self._chans[rank].close()  # nothing more of it is read: a late result would be stale
         self._chans[rank] = None
         self._broken[rank] = f"declared hung: {why}"
+        self._alive_now = None
         self.procs[rank].kill()  # SIGKILL ends a stopped process too
 
     def _alive(self, rank: int) -> bool:

@@ -139,6 +139,8 @@ class _Decision:
     planned: list[_Planned] = field(default_factory=list)  # videos placed, in placement order
     wake: list[float] = field(default_factory=list)
     hold_until: float | None = None  # when GPUs come back for the video being held for
+    # When running work gives its GPUs back: (time, GPUs), the same for every `_hold` try.
+    returns: list[tuple[float, int]] | None = None
 
 
 @dataclass
@@ -446,21 +448,10 @@ class GenServe(Policy):
         their quantum, videos placed at this decision at their planned degree.  No such time, no
         hold.
         """
-        r, inf, s, now = c.request, c.info, d.s, d.s.now
-        events: list[tuple[float, int]] = []
-        by_id = {q.id: q for q in s.running}
-        for j in s.inflight:
-            q = by_id.get(j.requests[0])
-            if q is None:
-                continue
-            if q.kind is Kind.IMAGE or len(j.requests) > 1:
-                events.append((j.end, len(j.gpus)))
-            else:
-                qi = self.info(q, s)
-                left = q.remaining_steps - 1  # this quantum is one step
-                k = len(j.gpus)
-                events.append((j.end + left * qi.step.get(k, qi.step[qi.degrees[0]]) + qi.decode,
-                               k))
+        r, inf, now = c.request, c.info, d.s.now
+        if d.returns is None:
+            d.returns = self._returns(d.s)
+        events = list(d.returns)
         for p in d.planned:
             q, qi, k = p.cand.request, p.cand.info, len(p.assignment.gpus)
             events.append((now + q.remaining_steps * qi.step[k] + qi.decode, k))
@@ -476,6 +467,25 @@ class GenServe(Policy):
                     d.hold_until = t
                     self.memory.held = r.id
                     return
+
+    def _returns(self, s: SchedulerState) -> list[tuple[float, int]]:
+        """When the work in flight gives its GPUs back, as (time, GPUs): running videos finish
+        at their current degree, images and batches at the end of their quantum."""
+        events: list[tuple[float, int]] = []
+        by_id = {q.id: q for q in s.running}
+        for j in s.inflight:
+            q = by_id.get(j.requests[0])
+            if q is None:
+                continue
+            if q.kind is Kind.IMAGE or len(j.requests) > 1:
+                events.append((j.end, len(j.gpus)))
+            else:
+                qi = self.info(q, s)
+                left = q.remaining_steps - 1  # this quantum is one step
+                k = len(j.gpus)
+                events.append((j.end + left * qi.step.get(k, qi.step[qi.degrees[0]]) + qi.decode,
+                               k))
+        return events
 
     def _boost(self, d: _Decision) -> None:
         """Give spare GPUs within the video budget to planned videos, least laxity first.
