@@ -81,6 +81,46 @@ def test_the_newest_whole_checkpoint_is_the_resume_point(tmp_path):
     assert row.requests == {"video_a-0": (8, None)} and row.status == "queued"
 
 
+def _write_and_stall(path: str) -> None:
+    """A checkpoint write that never finishes: it stalls in fsync (the parent kills it there)."""
+    import os
+
+    from genserve.parallel.saver import write_atomic
+
+    os.fsync = lambda fd: time.sleep(600)
+    write_atomic(Path(path), bytes(1 << 20))
+
+
+def test_a_write_killed_half_way_leaves_a_temporary_that_the_next_start_removes(tmp_path):
+    """A process SIGKILLed inside a checkpoint write leaves its temporary; the store's next
+    start removes it (its writer is dead) but not one whose writer still runs, and the whole
+    checkpoint stays the resume point."""
+    import multiprocessing as mp
+    import os
+
+    store = JobStore(tmp_path)
+    store.save_checkpoint("video_k-0", 4, b"four")
+    ctx = mp.get_context("fork")
+    child = ctx.Process(target=_write_and_stall,
+                        args=(str(store.checkpoints / "video_k-0.8.state"),))
+    child.start()
+    deadline = time.monotonic() + 30
+    while not [p for p in store.checkpoints.glob("*.tmp") if p.stat().st_size == 1 << 20]:
+        assert time.monotonic() < deadline and child.is_alive(), "the write never started"
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    live = store.checkpoints / f"video_k-0.12.state.{os.getpid()}.1.tmp"  # a writer that runs
+    live.write_bytes(b"under way")
+    store.close()
+    assert len(list(store.checkpoints.glob("*.tmp"))) == 2
+    store = JobStore(tmp_path)  # the restart
+    assert sorted(p.name for p in store.checkpoints.iterdir()) == sorted(
+        ["video_k-0.4.state", live.name])
+    step, path = store.newest_checkpoint("video_k-0")
+    assert (step, path.read_bytes()) == (4, b"four")
+
+
 def test_a_damaged_checkpoint_makes_its_request_start_over_not_fail(tmp_path):
     """A checkpoint whose bytes do not load as the request's state at its step (damaged, or
     another request's) is passed over: that request resumes from the start."""

@@ -58,6 +58,28 @@ def write_atomic(path: Path, data: bytes) -> Path:
     return path
 
 
+def sweep_partial(directory: Path) -> int:
+    """Remove the temporaries of writes cut short (`write_atomic` in a process that died): their
+    writer's pid is in the name; a live writer's are left alone.  Returns how many went."""
+    gone = 0
+    for p in Path(directory).glob(f"*{SUFFIX}.*.*.tmp"):
+        pid = p.name.split(".")[-3]
+        if pid.isdigit() and not _running(int(pid)):
+            p.unlink(missing_ok=True)
+            gone += 1
+    return gone
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class Saver(threading.Thread):
     """Writes the checkpoints a worker's jobs hand it, one after another, and reports each to
     the driver on `outbox` as a `Saved` (or its error: the request keeps its older checkpoint).

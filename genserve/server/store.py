@@ -11,7 +11,8 @@ Denoising states live beside it as files, `checkpoints/<request id>.<step>.state
 thread when a state came back as bytes) to a temporary name, synced and renamed into place, so a
 file with a step in its name is always whole: on a restart the newest one is the resume point,
 whatever the database says (the rename may have happened just before a crash that lost its row
-update, or before the worker could report it).
+update, or before the worker could report it).  The temporaries of writes cut short by a crash
+are removed at the next start.
 
 What does not survive: the steps a request ran since its newest checkpoint (they run again), an
 image kept in memory for a synchronous answer (its file is on disk), and a client's open
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..kinds import Kind
-from ..parallel.saver import checkpoint_path, step_of, write_atomic
+from ..parallel.saver import checkpoint_path, step_of, sweep_partial, write_atomic
 from ..spec import GenSpec
 
 SCHEMA = """
@@ -99,6 +100,7 @@ class JobStore:
         self.path = Path(results) / "jobs.db"
         self.checkpoints = Path(results) / "checkpoints"
         self.checkpoints.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sweep_partial(self.checkpoints)
         self.path.touch(mode=0o600, exist_ok=True)  # owners' hashes and prompts: not for others
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
