@@ -188,8 +188,9 @@ def driver_bytes_per_video(fps: int = 16, checkpoint_every: int = 4) -> None:
     """What crosses the driver for one finished 720p 81-frame Wan2.1-14B video of 50 steps: its
     output (the MP4 now, the decoded frames before), its moves (none now; one state each before)
     and its checkpoints (one state every `checkpoint_every` steps before; now the worker writes
-    the file and the driver gets its path).  The output goes through the worker's real encoder thread
-    (bench/data_path_outputs.py) with a synthetic smooth scene, so its size is indicative."""
+    the file and the driver gets its path).  The output goes through the worker's real encoder
+    thread (bench/data_path_outputs.py) with a synthetic smooth scene, so its size is
+    indicative."""
     from data_path_outputs import encoded_path, raw_path, scene
 
     video = scene(F, H, W)

@@ -106,8 +106,8 @@ def test_workers_write_checkpoints_and_the_driver_gets_only_paths(pool, lat, tmp
     # Without a directory of its own, the engine's scratch one goes with the run.
     seen.clear()
     vid2 = video("ck-scratch", steps=12)
-    Engine(Route({vid2.id: [((1,), 4), ((1,), 4), ((1,), 99)]}), pool, lat, 4, time_scale=SCALE, checkpoint_every=4,
-           on_checkpoint=on_checkpoint).run([vid2])
+    Engine(Route({vid2.id: [((1,), 4), ((1,), 4), ((1,), 99)]}), pool, lat, 4,
+           time_scale=SCALE, checkpoint_every=4, on_checkpoint=on_checkpoint).run([vid2])
     assert_ended_once(vid2, Status.FINISHED)
     assert [s for s, _, _ in seen] == [4, 8] and not os.path.exists(os.path.dirname(seen[0][1]))
 

@@ -165,8 +165,8 @@ class WorkerBackend(Backend):
     def _source(self, r: Request, gpus: tuple[int, ...], now: float
                 ) -> Resident | Held | Incoming | Moved | Stored | New:
         """What the job needs to run `r` on `gpus`: its state from where it lives (see
-        `_from_holders`), from its checkpoint (a file, or bytes), or the prompt (a new request, encoded
-        by the worker).  Waits for nothing: a move is asked for once the job is submitted."""
+        `_from_holders`), from its checkpoint (a file, or bytes), or the prompt (a new request,
+        encoded by the worker).  Waits for nothing: a move is asked for once the job is submitted."""
         if r.gpus and set(r.gpus) == set(gpus):
             return Resident(r.id)
         if r.gpus:

@@ -82,7 +82,8 @@ class Engine:
         if pool.shares_files and self._opts["checkpoint_every"] and running:
             where, owns = self.checkpoint_dir, False
             if where is None:
-                where = self._scratch = tempfile.mkdtemp(prefix="genserve-ck-", dir=_scratch_root())
+                where = tempfile.mkdtemp(prefix="genserve-ck-", dir=_scratch_root())
+                self._scratch = where
                 owns = True
         self.backend = WorkerBackend(pool, self.clock, keep=keep, result=self.res,
                                      checkpoint_dir=str(where), owns_checkpoints=owns,
