@@ -158,6 +158,21 @@ def test_a_checkpoint_deleted_before_its_resume_makes_the_request_start_over(poo
     assert statuses(vid).count(Status.PREEMPTED) >= 2  # back to 8, then back to 0
 
 
+def test_a_run_on_a_pool_that_a_halted_run_left_busy_finishes(pool, lat):
+    """A run halted with a job in flight leaves that job to the pool; the next run on the same
+    pool sees it end and carries on with its own requests (it used to fail on the unknown job)."""
+    wait_ready(pool)
+    long = video("halted-long", frames_=81, steps=20)  # 1.2 trace s a step: 1.2 s wall
+    first = Engine(Route({long.id: [((0,), 99)]}), pool, lat, 4, time_scale=SCALE)
+    threading.Timer(0.3, first.halt).start()
+    first.run([long])
+    assert not long.is_final  # its job is still running on worker 0
+    vid = video("after-halt", frames_=81, steps=20)
+    res = Engine(Route({vid.id: [((1,), 99)]}), pool, lat, 4, time_scale=SCALE).run([vid])
+    assert_ended_once(vid, Status.FINISHED)
+    assert_straight(res, vid)
+
+
 # ----- the saver alone -----
 
 def test_a_write_that_runs_out_of_space_leaves_no_file_and_the_saver_goes_on(tmp_path):

@@ -263,8 +263,11 @@ class WorkerBackend(Backend):
     def ended(self, now: float) -> list[Ended]:
         out = []
         for jid in self.pool.finished(timeout_s=0.0):
-            q = self.core.inflight[self.jobs.pop(jid)]
+            key = self.jobs.pop(jid, None)
             res = self.pool.result(jid)
+            if key is None:  # a job of an earlier run on this pool, halted with it in flight
+                continue
+            q = self.core.inflight[key]
             if isinstance(res, JobLost):
                 outcomes = self._lost(q)
             elif isinstance(res, JobError):  # not pinned on one request (SP > 1): all fail
