@@ -98,13 +98,18 @@ def backlog(pool: WorkerPool, lat: LatencyModel, gpus: int, per_node: int, scale
             n: int, seed: int) -> None:
     """Decision time with hundreds of requests in the system: `n` requests arrive within 20 s
     on `gpus` GPUs; only the decisions taken with >= 400 known requests are counted.  Twice:
-    with every core shared by the driver and the emulated workers, then with the driver's
-    thread on a core of its own and the workers on the others, as on a GPU node, where workers
-    wait on their GPUs and the driver does not compete with dozens of processes for two cores."""
-    _backlog(pool, lat, gpus, per_node, scale, n, seed, "cores shared")
+    with the driver's thread on a core of its own and the workers on the others, as on a GPU
+    node, where workers wait on their GPUs and the driver does not compete with dozens of
+    processes for two cores; then with every core shared by all."""
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        return
+    if len(cores) >= 2:
+        _pinned(pool, lat, gpus, per_node, scale, n, seed, cores)
+        time.sleep(10.0)  # the halted run's jobs end (their results are ignored)
+    _backlog(pool, lat, gpus, per_node, scale, n, seed, "cores shared")
+
+
+def _pinned(pool: WorkerPool, lat: LatencyModel, gpus: int, per_node: int, scale: float,
+            n: int, seed: int, cores: list[int]) -> None:
     before = {p.pid: os.sched_getaffinity(p.pid) for p in pool.procs}
     os.sched_setaffinity(0, {cores[0]})  # this (the engine's) thread
     for p in pool.procs:
