@@ -24,7 +24,7 @@ from genserve.emulate.state import EmuState
 from genserve.engine import Engine
 from genserve.latency import LatencyModel
 from genserve.parallel.protocol import Done, Saved
-from genserve.parallel.saver import Saver, checkpoint_path, write_atomic
+from genserve.parallel.saver import Saver, checkpoint_path, scratch_dir, write_atomic
 from genserve.parallel.workers import WorkerPool
 from genserve.request import Status
 
@@ -110,6 +110,7 @@ def test_workers_write_checkpoints_and_the_driver_gets_only_paths(pool, lat, tmp
            time_scale=SCALE, checkpoint_every=4, on_checkpoint=on_checkpoint).run([vid2])
     assert_ended_once(vid2, Status.FINISHED)
     assert [s for s, _, _ in seen] == [4, 8] and not os.path.exists(os.path.dirname(seen[0][1]))
+    assert os.path.basename(os.path.dirname(seen[0][1])).startswith(f"genserve-ck-{os.getpid()}-")
 
 
 def test_unwritable_checkpoints_cost_only_themselves(pool, lat, tmp_path):
@@ -209,3 +210,23 @@ def test_a_write_that_runs_out_of_space_leaves_no_file_and_the_saver_goes_on(tmp
     # A write into a missing directory fails whole, too.
     with pytest.raises(FileNotFoundError):
         write_atomic(tmp_path / "gone" / "x.state", b"x")
+
+
+def test_scratch_directories_of_dead_drivers_are_removed_by_the_next_one(tmp_path):
+    """A driver SIGKILLed leaves its scratch directory (checkpoints, the emulated exchange); the
+    next one made with that prefix removes it, and leaves those of live processes alone."""
+    import multiprocessing as mp
+
+    child = mp.get_context("fork").Process(target=os._exit, args=(0,))
+    child.start()
+    child.join()
+    dead = tmp_path / f"genserve-ck-{child.pid}-abcd"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "r-0.4.state").write_bytes(b"left behind")
+    live = tmp_path / f"genserve-ck-{os.getpid()}-efgh"
+    live.mkdir()
+    other = tmp_path / f"genserve-emu-{child.pid}-ijkl"  # another prefix: not this one's
+    other.mkdir()
+    new = Path(scratch_dir("genserve-ck-", str(tmp_path)))
+    assert new.name.startswith(f"genserve-ck-{os.getpid()}-") and new.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, new.name])

@@ -11,7 +11,6 @@ in its backend, `genserve.engine.backend`.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +20,7 @@ from ..executor.clock import RealClock
 from ..latency import LatencyModel
 from ..models.output import Encoded
 from ..parallel.protocol import OutputFormat
+from ..parallel.saver import scratch_dir
 from ..parallel.workers import PoolBase
 from ..policies.base import Policy
 from ..request import Request
@@ -82,7 +82,7 @@ class Engine:
         if pool.shares_files and self._opts["checkpoint_every"] and running:
             where, owns = self.checkpoint_dir, False
             if where is None:
-                where = tempfile.mkdtemp(prefix="genserve-ck-", dir=_scratch_root())
+                where = scratch_dir("genserve-ck-", _scratch_root())
                 self._scratch = where
                 owns = True
         self.backend = WorkerBackend(pool, self.clock, keep=keep, result=self.res,

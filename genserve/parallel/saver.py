@@ -70,6 +70,20 @@ def sweep_partial(directory: Path) -> int:
     return gone
 
 
+def scratch_dir(prefix: str, root: str | None = None) -> str:
+    """A new private directory `<root>/<prefix><pid>-XXXX`, after removing the ones of this
+    prefix whose process is gone (a driver SIGKILLed never removed its own)."""
+    import shutil
+    import tempfile
+
+    base = Path(root if root is not None else tempfile.gettempdir())
+    for old in base.glob(f"{prefix}*-*"):
+        pid = old.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _running(int(pid)) and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=str(base))
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)

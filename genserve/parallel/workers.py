@@ -514,11 +514,11 @@ class WorkerPool(PoolBase):
         its profile (no model is loaded; `preset` names the real models they stand for)."""
         self._exchange = None
         if emulate is not None:  # where the emulated workers pass states (see emulate/exchange.py)
-            import tempfile
+            from .saver import scratch_dir
 
             emulate.validate()
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            self._exchange = tempfile.mkdtemp(prefix="genserve-emu-", dir=shm)
+            self._exchange = scratch_dir("genserve-emu-", shm)
             emulate = dataclasses.replace(emulate, exchange=self._exchange)
         self._setup(preset, n, poll_s, model_path, device, collective_timeout_s, faults,
                     min_free_bytes, worker_timeout_s, loopback=True, emulate=emulate)
