@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
 
+from ..parallel.liveness import pid_alive
+
 _HEADER = struct.Struct("!Q")
 
 
@@ -65,18 +67,6 @@ def generation(prefix: str) -> int:
     """The number of a world from its key prefix ("world3/" -> 3)."""
     m = re.search(r"(\d+)", prefix)
     return int(m.group(1)) if m else 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
 
 
 class Exchange:
@@ -152,13 +142,13 @@ class Exchange:
     def alive(self, rank: int, generation: int) -> bool:
         """Whether the process that was rank `rank` in world `generation` still runs."""
         got = self._registered(rank)
-        return got is not None and got[1] <= generation and _alive(got[0])
+        return got is not None and got[1] <= generation and pid_alive(got[0])
 
     def joined(self, rank: int, generation: int) -> bool:
         """Whether rank `rank` is up for world `generation`: its pid file names a live process
         (or one started for a later world), not a dead one whose replacement is still starting."""
         got = self._registered(rank)
-        return got is not None and (got[1] > generation or _alive(got[0]))
+        return got is not None and (got[1] > generation or pid_alive(got[0]))
 
     # ----- sending -----
     def send(self, dst: int, msg: Message) -> bool:

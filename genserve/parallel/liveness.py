@@ -40,6 +40,21 @@ import threading
 from typing import Callable
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except PermissionError:  # someone else's process
+            return True
+        except OSError:
+            return False
+
+
 # ----- the worker's side -----
 class Pulse(threading.Thread):
     """Sends `Heartbeat(rank, progress())` every `every_s` until `stop`."""

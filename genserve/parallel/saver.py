@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from .liveness import pid_alive
 from .protocol import Saved
 
 SUFFIX = ".state"
@@ -64,7 +65,7 @@ def sweep_partial(directory: Path) -> int:
     gone = 0
     for p in Path(directory).glob(f"*{SUFFIX}.*.*.tmp"):
         pid = p.name.split(".")[-3]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             p.unlink(missing_ok=True)
             gone += 1
     return gone
@@ -79,19 +80,9 @@ def scratch_dir(prefix: str, root: str | None = None) -> str:
     base = Path(root if root is not None else tempfile.gettempdir())
     for old in base.glob(f"{prefix}*-*"):
         pid = old.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not _running(int(pid)) and old.is_dir():
+        if pid.isdigit() and not pid_alive(int(pid)) and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=str(base))
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class Saver(threading.Thread):
