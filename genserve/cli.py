@@ -1,4 +1,5 @@
-"""Command line: `genserve simulate | sweep | trace | replay | generate | profile | serve | demo`.
+"""Command line: `genserve simulate | sweep | bound | trace | replay | generate | profile | serve |
+demo`.
 
 Bad options: one line on stderr, exit 2.
 """
@@ -12,8 +13,8 @@ import os
 import sys
 
 from .catalog import GENERATE_DEFAULTS
-from .experiment import (ABLATIONS, DEFAULT_POLICIES, RunSpec, plot_sweep, requests_for,
-                         run_many, sweep)
+from .experiment import (ABLATIONS, BOUND, DEFAULT_POLICIES, RunSpec, plot_sweep,
+                         requests_for, run_many, sweep)
 from .policies import make_policy, policy_names
 from .workload import ARRIVALS, WorkloadConfig, save_trace
 
@@ -63,7 +64,9 @@ def _spec(a: argparse.Namespace) -> RunSpec:
     spec = RunSpec(workload=wl, gpus=a.gpus, gpus_per_node=a.gpus_per_node, profile=a.profile,
                    intra_bw=a.intra_bw * 1e9, cross_bw=a.cross_bw * 1e9,
                    trace=getattr(a, "trace", None), horizon=getattr(a, "horizon", None),
-                   drain=getattr(a, "drain", False))
+                   drain=getattr(a, "drain", False),
+                   profile_error=getattr(a, "profile_error", None),
+                   feedback=getattr(a, "feedback", False))
     spec.validate()
     return spec
 
@@ -114,14 +117,43 @@ def print_table(results: dict[str, dict], out=None) -> None:
           file=out)
 
 
+def print_bound(b: dict, results: dict[str, dict], out=None) -> None:
+    out = out if out is not None else sys.stdout
+    print(f"upper bound (no policy meets more): {_fmt(b['slo_attainment'], True)} "
+          f"({b['met']} of {b['count']}; {b['alone']} can meet their deadline alone)", file=out)
+    if results and b["slo_attainment"] > 0:
+        print("share of the bound: " + ", ".join(
+            f"{n} {m['slo_attainment'] / b['slo_attainment']:.3f}" for n, m in results.items()),
+            file=out)
+    if b.get("note"):
+        print(f"({b['note']})", file=out)
+
+
 def cmd_simulate(a: argparse.Namespace) -> int:
     spec = _spec(a)
     names = _policies(a.policy)
-    results = dict(zip(names, run_many([(spec, n) for n in names], a.jobs)))
+    jobs = [(spec, n) for n in names] + ([(spec, BOUND)] if a.bound else [])
+    got = run_many(jobs, a.jobs)
+    results = dict(zip(names, got))
     print_table(results)
+    out = {"config": spec.config_dict(), "policies": results}
+    if a.bound:
+        out["bound"] = got[-1]
+        print_bound(out["bound"], results)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"config": spec.config_dict(), "policies": results}, f, indent=1)
+            json.dump(out, f, indent=1)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_bound(a: argparse.Namespace) -> int:
+    spec = _spec(a)
+    b = run_many([(spec, BOUND)], 1)[0]
+    print_bound(b, {})
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"config": spec.config_dict(), "bound": b}, f, indent=1)
         print(f"wrote {a.json}")
     return 0
 
@@ -130,10 +162,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     spec = _spec(a)
     names = _policies(a.policy)
     over = a.over.replace("-", "_")
-    res = sweep(spec, over, a.values, names, a.tune, a.jobs)
+    res = sweep(spec, over, a.values, names, a.tune, a.jobs, a.bound)
     for p in res["points"]:
         print(f"\n== {a.over} = {p[over]}")
         print_table(p["policies"])
+        if a.bound:
+            print_bound(p["bound"], p["policies"])
     out = {"config": spec.config_dict(), "tune": a.tune, **res}
     if a.json:
         with open(a.json, "w") as f:
@@ -335,7 +369,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                       infeasible=a.infeasible, api_keys=tuple(a.api_key or ()),
                       results_dir=a.results_dir, result_ttl_s=a.result_ttl,
                       drain_timeout_s=a.drain_timeout, checkpoint_every=a.checkpoint_steps,
-                      worker_timeout_s=a.worker_timeout, max_body_bytes=a.max_body_bytes,
+                      latency_feedback=not a.no_latency_feedback, worker_timeout_s=a.worker_timeout, max_body_bytes=a.max_body_bytes,
                       max_upload_bytes=a.max_upload_bytes)
     cfg.validate()
     make_policy(cfg.policy)  # a bad policy is a one-line error now
@@ -479,6 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write the results as JSON here")
     s.add_argument("--horizon", type=float, help="stop the clock here (default: last deadline)")
     s.add_argument("--drain", action="store_true", help="run until every request finished")
+    s.add_argument("--bound", action="store_true",
+                   help="also compute the upper bound on SLO attainment (docs/bound.md)")
+    s.add_argument("--profile-error", metavar="F|MODEL=F,...",
+                   help="policies plan with step times wrong by these factors; the simulator "
+                        "runs with the profile's")
+    s.add_argument("--feedback", action="store_true",
+                   help="policies' step times correct themselves from observed quanta")
     s.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
     s.set_defaults(func=cmd_simulate)
 
@@ -491,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep each baseline's free parameter and report its best value per point")
     w.add_argument("--json", help="write the results as JSON here")
     w.add_argument("--plot", help="write a PNG plot of SLO attainment here")
+    w.add_argument("--bound", action="store_true",
+                   help="also compute the upper bound per point (a dashed curve in --plot)")
     w.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
     w.set_defaults(func=cmd_sweep)
 
@@ -582,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drain-linger", type=float, default=5.0,
                     help="after the drain, seconds results stay readable before exit (within "
                          "the drain timeout)")
+    sv.add_argument("--no-latency-feedback", action="store_true",
+                    help="plan with the profile as it is (default: step times correct "
+                         "themselves from the quanta the workers run)")
     sv.add_argument("--checkpoint-steps", type=int, default=4,
                     help="every this many steps a request's state is saved to --results-dir, "
                          "where a restarted server resumes it (0: never)")
@@ -624,6 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--emulated-duration", type=float, default=DEMO_DURATION,
                     help=f"seconds of arrivals of the emulated trace (default {DEMO_DURATION:g})")
     dm.set_defaults(func=cmd_demo)
+
+    bd = sub.add_parser("bound", help="the upper bound on SLO attainment any policy can reach on "
+                                      "a trace and cluster (docs/bound.md)")
+    _add_workload(bd)
+    bd.add_argument("--json", help="write the bound as JSON here")
+    bd.set_defaults(func=cmd_bound)
 
     t = sub.add_parser("trace", help="write a workload trace (JSONL) for simulate --trace")
     _add_workload(t, trace_ok=False)

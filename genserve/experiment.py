@@ -10,6 +10,8 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
+from .bound import upper_bound
+from .feedback import Corrected, Scaled, parse_factors
 from .latency import Bandwidth, LatencyModel
 from .metrics import summarize
 from .policies import Cluster, make_policy
@@ -35,6 +37,10 @@ class RunSpec:
     trace: str | None = None
     horizon: float | None = None
     drain: bool = False
+    # The policy plans with step times wrong by these factors (`feedback.parse_factors`: "1.3" or
+    # "MODEL=F,..."), while the simulator executes with the profile's; `feedback` corrects them.
+    profile_error: str | None = None
+    feedback: bool = False
 
     def validate(self) -> None:
         if self.gpus < 1 or self.gpus_per_node < 1:
@@ -42,6 +48,8 @@ class RunSpec:
                              f"{self.gpus_per_node}")
         if self.horizon is not None and self.drain:
             raise ValueError("--horizon and --drain exclude each other")
+        if self.profile_error is not None:
+            parse_factors(self.profile_error)
         Bandwidth(self.intra_bw, self.cross_bw).validate()
         if self.trace is None:
             self.workload.validate()
@@ -70,17 +78,35 @@ def requests_for(spec: RunSpec) -> list[Request]:
     return generate(spec.workload, latency_for(spec), spec.gpus)
 
 
+def belief_for(spec: RunSpec) -> LatencyModel:
+    """What the policy plans with: the profile, wrong by `profile_error`, corrected by feedback."""
+    lat = latency_for(spec)
+    if spec.profile_error is not None:
+        lat = Scaled(lat, *parse_factors(spec.profile_error))
+    return Corrected(lat) if spec.feedback else lat
+
+
 def run_one(spec: RunSpec, policy: str) -> dict:
     """Simulate one policy on the spec's workload; returns the metrics summary."""
-    lat = latency_for(spec)
+    truth = latency_for(spec)
     pol = make_policy(policy)
-    sim = Simulator(Cluster(spec.gpus, spec.gpus_per_node), lat, pol,
-                    SimConfig(horizon=spec.horizon, drain=spec.drain))
+    sim = Simulator(Cluster(spec.gpus, spec.gpus_per_node), belief_for(spec), pol,
+                    SimConfig(horizon=spec.horizon, drain=spec.drain), truth=truth)
     return summarize(sim.run(requests_for(spec)))
 
 
+BOUND = "bound"  # in a job list: the spec's upper bound instead of a policy's run
+
+
+def bound_one(spec: RunSpec) -> dict:
+    """The upper bound on SLO attainment for the spec's trace and cluster (genserve/bound.py)."""
+    return upper_bound(requests_for(spec), Cluster(spec.gpus, spec.gpus_per_node),
+                       latency_for(spec)).as_dict()
+
+
 def _run_star(args: tuple[RunSpec, str]) -> dict:
-    return run_one(*args)
+    spec, policy = args
+    return bound_one(spec) if policy == BOUND else run_one(spec, policy)
 
 
 def run_many(jobs: list[tuple[RunSpec, str]], workers: int | None = None) -> list[dict]:
@@ -110,11 +136,12 @@ def base_name(policy: str) -> str:
 
 
 def sweep(spec: RunSpec, over: str, values: list[float], policies: list[str], tune: bool,
-          workers: int | None = None) -> dict:
+          workers: int | None = None, bound: bool = False) -> dict:
     """Run every policy at every value of `over` (rate or slo_scale).
 
     With `tune`, each baseline runs over its grid and the point reports its best setting.
-    Returns {"points": [{over: v, "policies": {name: summary + "param" (the setting that won)}}]}.
+    Returns {"points": [{over: v, "policies": {name: summary + "param" (the setting that won)}}]},
+    each point with "bound" (`bound_one`) when `bound` is set.
     """
     if over not in ("rate", "slo_scale"):
         raise ValueError(f"--over must be rate or slo-scale, got {over!r}")
@@ -127,9 +154,15 @@ def sweep(spec: RunSpec, over: str, values: list[float], policies: list[str], tu
             for p in grid or [name]:
                 jobs.append((point, p))
                 owners.append((i, name))
+        if bound:
+            jobs.append((point, BOUND))
+            owners.append((i, BOUND))
     results = run_many(jobs, workers)
     points = [{over: v, "policies": {}} for v in values]
     for (i, name), (_, p), res in zip(owners, jobs, results):
+        if name == BOUND:
+            points[i]["bound"] = res
+            continue
         best = points[i]["policies"].get(name)
         res = {**res, "param": p}
         if best is None or res["slo_attainment"] > best["slo_attainment"]:
@@ -150,6 +183,9 @@ def plot_sweep(result: dict, path: str, title: str = "") -> None:
     for n in names:
         ys = [p["policies"][n]["slo_attainment"] for p in result["points"]]
         ax.plot(xs, ys, marker="o", label=n, linewidth=2.5 if n == "genserve" else 1.2)
+    if result["points"] and "bound" in result["points"][0]:
+        ax.plot(xs, [p["bound"]["slo_attainment"] for p in result["points"]], color="black",
+                linestyle="--", linewidth=1.5, label="upper bound (any policy)")
     ax.set_xlabel("request rate (req/s)" if over == "rate" else "SLO scale")
     ax.set_ylabel("SLO attainment")
     ax.set_ylim(0, 1.02)
