@@ -383,6 +383,22 @@ def test_a_video_preempted_for_urgent_images_finishes_with_the_straight_output(p
     assert len(res.timeline[vid.id]) >= 2
 
 
+def test_the_engine_corrects_a_wrong_profile_from_the_quanta_it_runs(pool, lat):
+    """The policy plans with step times 1.5x the emulated GPUs' (the truth): after a few images on
+    the real clock its correction for that model is the truth's within 15%, and only that
+    model's moved."""
+    from genserve.feedback import Corrected, Scaled
+
+    belief = Corrected(Scaled(lat, {"flux-dev": 1.5}))
+    imgs = [image(f"fb-{i}", size=(1024, 1024), model="flux-dev", steps=20, arrival=0.5 * i,
+                  deadline=500.0) for i in range(6)]
+    engine(make_policy("genserve"), pool, belief).run(imgs)
+    assert all(r.status is Status.FINISHED for r in imgs)
+    assert belief.observations >= 6
+    assert belief.estimate("flux-dev") == pytest.approx(1 / 1.5, rel=0.15)
+    assert belief.estimate("sd3-medium") == 1.0
+
+
 def test_sp_re_sharding_across_degrees_and_sets_gives_the_straight_output(pool, lat):
     """1 -> 2 GPUs (moved in, shared by the first rank), 2 -> 1 (from one of two holders), 1 -> 2
     overlapping (held by the non-first rank), 2 -> 4 (disjoint), 4 -> 2 inside (resident), 2 -> 2

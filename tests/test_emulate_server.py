@@ -60,6 +60,20 @@ def test_images_of_the_requested_size(oai, model, size):
     assert wall < 30
 
 
+def test_the_policys_latency_correction_is_exported(oai, server):
+    oai.images.generate(model="sd3-medium", prompt="x", size="1024x1024")
+    text = httpx.get(server.url + "/metrics").text
+    got = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+           for line in text.splitlines() if line.startswith("genserve_latency_correction{")}
+    assert set(got) == {f'model="{m}"' for m in EMULATED_MODELS}
+    # What the policy plans with now.  (Not near 1 here: at time scale 50 a wall millisecond of
+    # the engine's own cost is 50 trace ms, and the steps' share absorbs where the calibrated cost
+    # per quantum is off for this shape.)
+    lat = server.svc.latency
+    assert lat.observations >= 1 and got['model="sd3-medium"'] > 0
+    assert got == {f'model="{m}"': lat.estimate(m) for m in EMULATED_MODELS}
+
+
 @pytest.mark.parametrize("model", ["wan2.1-1.3b", "wan2.1-14b"])
 def test_videos_of_the_requested_size_and_length(oai, model):
     v = oai.videos.create(model=model, prompt="a fox running", seconds="2", size="832x480")

@@ -31,7 +31,7 @@ from ..latency import LatencyModel
 from ..policies.base import Assignment, Cluster, Policy, SchedulerState
 from ..request import Request
 from .quanta import (PlanError, Quantum, count_reasons, pause_unplanned, place_members,
-                     quantum_cost, validate_assignment)
+                     quantum_parts, step_key, validate_assignment)
 
 
 # ----- what a backend reports for each member of a quantum that ended -----
@@ -176,6 +176,9 @@ class ExecutorCore:
         self._last_reason: dict[str, str] = {}
         self._next_key = 0
         self.replan = False
+        # A self-correcting latency model (`feedback.Corrected`) learns from every quantum.
+        self._observe = getattr(latency, "observe", None)
+        self._keys: dict[int, tuple] = {}           # quantum -> its step key, while in flight
         self.res = result or ExecResult(requests=[], num_gpus=cluster.num_gpus, busy_gpu_s=0.0,
                                         end_time=0.0, decisions=0, preemptions=0, migrations=0)
 
@@ -310,9 +313,11 @@ class ExecutorCore:
             if sourced is None:
                 self.replan = True
                 continue
-            q = Quantum(self._next_key, a, now, quantum_cost(a, members, self.cluster,
-                                                              self.latency),
-                        self.cluster.spans_nodes(a.gpus))
+            other, steps = quantum_parts(a, members, self.cluster, self.latency)
+            q = Quantum(self._next_key, a, now, other + steps, self.cluster.spans_nodes(a.gpus),
+                        steps)
+            if self._observe is not None:
+                self._keys[q.key] = step_key(a, members, self.cluster)
             self._next_key += 1
             self.res.migrations += place_members(members, a.gpus, now, self.queue)
             if not self.backend.start(q, members, sourced):
@@ -342,9 +347,19 @@ class ExecutorCore:
             self.res.cross_node_gpu_s += q.cost * k
 
     # ----- results -----
+    def _feed_back(self, q: Quantum, e: Ended) -> None:
+        """Tell the latency model how long the steps of a quantum that ran whole took: its clock
+        time less the parts that are not steps, as predicted."""
+        key = self._keys.pop(q.key, None)
+        whole = all(isinstance(o, (Stepped, Finishing)) for o in e.outcomes.values())
+        if key is not None and whole and q.step_s > 0:
+            self._observe(key, q.assignment.steps, e.ran_s - (q.cost - q.step_s))
+
     def _apply(self, e: Ended, now: float) -> None:
         q = self.inflight.pop(e.key)
         self.free.update(q.gpus)
+        if self._observe is not None:
+            self._feed_back(q, e)
         if self.keep:
             self.res.quanta_log.append((q.cost, e.ran_s, q.assignment.steps))
         if e.ran_s != q.cost:  # the real clock: count what it held, not what was predicted

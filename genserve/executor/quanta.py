@@ -33,6 +33,7 @@ class Quantum:
     start: float
     cost: float
     cross_node: bool
+    step_s: float = 0.0  # the part of `cost` that is steps (the rest: dispatch, encode, moves, decode)
 
     @property
     def gpus(self) -> tuple[int, ...]:
@@ -82,6 +83,19 @@ def quantum_cost(a: Assignment, members: list[Request], cluster: Cluster,
     trip; a new member encoded inside the job; a state held elsewhere moved in (from its GPUs, or
     from a host checkpoint after a loss); the steps of the batch; decode of members that finish.
     Call it before the members are placed: it reads where their states are."""
+    other, steps = quantum_parts(a, members, cluster, latency)
+    return other + steps
+
+
+def step_key(a: Assignment, members: list[Request], cluster: Cluster) -> tuple:
+    """What a quantum's step time depends on: (model, tokens, batch, SP degree, cross-node)."""
+    lead = members[0]
+    return (lead.model, tokens_of(lead), len(members), len(a.gpus), cluster.spans_nodes(a.gpus))
+
+
+def quantum_parts(a: Assignment, members: list[Request], cluster: Cluster,
+                  latency: LatencyModel) -> tuple[float, float]:
+    """`quantum_cost` as (everything but the steps, the steps)."""
     lat = latency
     setup = lat.dispatch_time()
     for r in members:
@@ -92,12 +106,10 @@ def quantum_cost(a: Assignment, members: list[Request], cluster: Cluster,
             setup += lat.move_time(r, cluster.spans_nodes(r.gpus + a.gpus))
         elif not r.gpus:  # back from a host checkpoint
             setup += lat.move_time(r, False)
-    lead = members[0]
-    cost = setup + a.steps * lat.step_time(lead.model, tokens_of(lead), len(members),
-                                           len(a.gpus), cluster.spans_nodes(a.gpus))
-    cost += sum(lat.decode_time(r.model, r.height, r.width, r.frames)
-                for r in members if r.remaining_steps == a.steps)
-    return cost
+    steps = a.steps * lat.step_time(*step_key(a, members, cluster))
+    setup += sum(lat.decode_time(r.model, r.height, r.width, r.frames)
+                 for r in members if r.remaining_steps == a.steps)
+    return setup, steps
 
 
 def place_members(members: list[Request], gpus: tuple[int, ...], now: float,

@@ -41,6 +41,9 @@ class ServeConfig:
     # Every this many steps a request's state is copied to the driver and written to
     # results_dir, so a restarted server resumes it there (0: never).
     checkpoint_every: int = 4
+    # The policy's step times correct themselves from the quanta the workers run
+    # (`genserve.feedback.Corrected`): the profile drifts from the hardware, the load, the drivers.
+    latency_feedback: bool = True
     # A worker silent (no heartbeat, or no step progress on a job) this long is declared lost,
     # killed and replaced.  None: a few times the longest profiled step, at least 60 s.
     worker_timeout_s: float | None = None

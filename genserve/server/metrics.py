@@ -56,13 +56,20 @@ class ServeMetrics:
         self.output_bytes = Gauge("genserve_output_bytes",
                                   "Bytes of finished outputs (PNG / MP4 files, encoded on the "
                                   "workers) that reached the server", registry=r)
+        self.correction = Gauge("genserve_latency_correction",
+                                "Observed / profiled step time per model, as the policy now "
+                                "plans with it (1: the profile holds; --no-latency-feedback: "
+                                "absent)", ["model"], registry=r)
         for s in ("waiting", "running", "preempted"):
             self.state.labels(s).set(0)
         self._last: dict[str, Status] = {}
         self._lock = threading.Lock()
 
-    def watch_engine(self, engine, hung=lambda: 0) -> None:
+    def watch_engine(self, engine, hung=lambda: 0, models=()) -> None:
         self.workers_hung.set_function(hung)
+        estimate = getattr(engine.latency, "estimate", None)
+        for m in models if estimate is not None else ():
+            self.correction.labels(m).set_function(lambda m=m: estimate(m))
         self.workers_down.set_function(lambda: len(engine.down_workers))
         self.worker_restarts.set_function(lambda: engine.res.restarts
                                           if hasattr(engine, "res") else 0)

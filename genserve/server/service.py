@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..catalog import MODELS
 from ..engine import Engine
+from ..feedback import Corrected
 from ..latency import CostEstimates, LatencyModel
 from ..models.output import Encoded
 from ..parallel.protocol import OutputFormat
@@ -119,6 +120,8 @@ class Service:
             self.latency = LatencyModel(cfg.profile)
         for p in cfg.presets:
             self.latency.profile_of(p)  # a clear error now, not inside the policy
+        if cfg.latency_feedback:
+            self.latency = Corrected(self.latency)
         if cfg.worker_timeout_s is None:
             self.pool.set_worker_timeout(self._default_worker_timeout())
         self.engine = Engine(make_policy(cfg.policy), self.pool, self.latency,
@@ -126,7 +129,7 @@ class Service:
                              checkpoint_every=cfg.checkpoint_every, on_update=self._on_update,
                              output=OutputFormat(fps=cfg.fps), on_checkpoint=self._on_checkpoint,
                              checkpoint_dir=str(self.store.checkpoints))
-        self.metrics.watch_engine(self.engine, self.workers_hung)
+        self.metrics.watch_engine(self.engine, self.workers_hung, cfg.presets)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run_engine, name="genserve-engine",
                                         daemon=True)

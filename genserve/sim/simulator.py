@@ -4,6 +4,10 @@ Its backend completes every quantum exactly at the end the core predicted for it
 (`quantum_cost`: dispatch + moves + encode of new members + steps x batched step time + decode of
 members that finish), so the clock jumps from event to event.  The loop, the checks and the
 policy are the real engine's (`genserve.executor`).
+
+With a `truth` latency model the backend completes quanta when *it* says instead, while the core
+and the policy keep planning with theirs: a profile that is wrong, or one that corrects itself
+from what it observes (`genserve.feedback`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from ..executor import Backend, Ended, ExecResult, ExecutorCore, PlanError, Quantum, Stepped
+from ..executor import (Backend, Ended, ExecResult, ExecutorCore, PlanError, Quantum, Stepped,
+                        quantum_cost)
 from ..executor.clock import VirtualClock
 from ..latency import LatencyModel
 from ..policies.base import Cluster, Policy
@@ -37,21 +42,28 @@ class SimConfig:
 
 
 class ModelBackend(Backend):
-    """Quanta complete at their predicted end; every member advances by the quantum's steps."""
+    """Quanta complete at their predicted end (or at the end `truth` gives them); every member
+    advances by the quantum's steps."""
 
-    def __init__(self, clock: VirtualClock):
-        self.clock = clock
-        self._ends: list[tuple[float, int, Quantum]] = []
+    def __init__(self, clock: VirtualClock, truth: LatencyModel | None = None):
+        self.clock, self.truth = clock, truth
+        self._ends: list[tuple[float, int, float, Quantum]] = []
+
+    def source(self, a, members: list[Request], now: float) -> object:
+        # Before the members are placed: the true cost reads where their states are, as the core's.
+        return () if self.truth is None else quantum_cost(a, members, self.core.cluster,
+                                                          self.truth)
 
     def start(self, q: Quantum, members: list[Request], sourced: object) -> bool:
-        heapq.heappush(self._ends, (q.end, q.key, q))
+        cost = q.cost if self.truth is None else sourced
+        heapq.heappush(self._ends, (q.start + cost, q.key, cost, q))
         return True
 
     def ended(self, now: float) -> list[Ended]:
         out = []
         while self._ends and self._ends[0][0] <= now:
-            q = heapq.heappop(self._ends)[2]
-            out.append(Ended(q.key, q.cost, {
+            _, _, cost, q = heapq.heappop(self._ends)
+            out.append(Ended(q.key, cost, {
                 rid: Stepped(self.core.by_id[rid].steps_done + q.assignment.steps)
                 for rid in q.requests}))
         return out
@@ -66,8 +78,10 @@ class ModelBackend(Backend):
 
 class Simulator:
     def __init__(self, cluster: Cluster, latency: LatencyModel, policy: Policy,
-                 config: SimConfig | None = None):
-        self.cluster, self.latency, self.policy = cluster, latency, policy
+                 config: SimConfig | None = None, truth: LatencyModel | None = None):
+        """`latency`: what the core and the policy plan with; `truth`: how long quanta really
+        take (default: `latency`)."""
+        self.cluster, self.latency, self.policy, self.truth = cluster, latency, policy, truth
         self.config = config or SimConfig()
         self.config.validate()
 
@@ -75,7 +89,8 @@ class Simulator:
         if len({r.id for r in requests}) != len(requests):
             raise ValueError("request ids must be unique")
         clock = VirtualClock()
-        core = ExecutorCore(self.cluster, self.latency, self.policy, ModelBackend(clock), clock,
+        core = ExecutorCore(self.cluster, self.latency, self.policy,
+                            ModelBackend(clock, self.truth), clock,
                             time_decisions=self.config.time_decisions)
         for r in sorted(requests, key=lambda r: (r.arrival, r.id)):
             core.add(r)
