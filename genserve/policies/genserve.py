@@ -24,7 +24,8 @@ phases (the method that does each in brackets):
    GPU time.  A video whose laxity is nearly gone may use the reserve.
 5. Hold (`_hold`, EASY backfilling): when the first new video in admission order cannot start, the
    policy computes when enough GPUs come back for it to still meet its deadline and lets later
-   videos start only if they finish before then.
+   videos start only if they finish before then.  The held video itself stays out of the image
+   reserve until it is critical, like any other.
 6. Boost (`_boost`): spare GPUs within the video share speed admitted videos up (Ulysses scales
    videos almost linearly, so this is nearly free in GPU time and buys slack for later preemptions).
 7. Best effort (`_best_effort`): demoted work runs on what is left beyond the reserve.
@@ -151,6 +152,7 @@ class _Memory:
     # Per-shape constants: a cache, valid for `cluster` only.
     shapes: dict[tuple, _ShapeInfo] = field(default_factory=dict)
     cluster: Cluster | None = None
+    latency_version: int = 0  # a self-correcting latency model's (`genserve.feedback`)
     # Images that arrived within the window, for the mean image load.
     recent: deque[tuple[float, str, float]] = field(default_factory=deque)  # (arrival, id, GPU-s)
     seen: set[str] = field(default_factory=set)  # ids in `recent`
@@ -158,7 +160,8 @@ class _Memory:
     # Window maximum of image GPU demand, as a monotonic deque of (time, demand), decreasing.
     peak: deque[tuple[float, int]] = field(default_factory=deque)
     admitted: set[str] = field(default_factory=set)  # videos committed to
-    hopeless: set[str] = field(default_factory=set)  # once a deadline is out of reach it stays so
+    # Once a deadline is out of reach it stays so (until step times are corrected).
+    hopeless: set[str] = field(default_factory=set)
     held: str | None = None  # the waiting video GPUs are being held for
 
 
@@ -229,6 +232,11 @@ class GenServe(Policy):
             mem.hopeless &= live
         if s.cluster != mem.cluster:
             mem.shapes, mem.cluster = {}, s.cluster
+        version = getattr(s.latency, "version", 0)
+        if version != mem.latency_version:
+            # Step times were corrected: a request given up on with the old ones may make it now.
+            mem.shapes, mem.latency_version = {}, version
+            mem.hopeless.clear()
         horizon = s.now - self.settings.window_s
         for r in s.queue:
             if r.kind is Kind.IMAGE and r.id not in mem.seen and r.arrival >= horizon:
@@ -409,18 +417,20 @@ class GenServe(Policy):
             return False
         margin = self.laxity(r, inf, now) - 2 * inf.step[self._options(r, inf)[-1]]
         critical = margin <= 1e-6
-        # A critical video, or the one GPUs are being held for, may dip into the image reserve.
-        privileged = critical or r.id == mem.held
+        # A critical video may take the whole cluster, image reserve included.  The video GPUs
+        # are held for may dip into the reserve but must leave images a GPU: one that needs every
+        # GPU would hold them all for its whole run, long before it has to, and an image arriving
+        # meanwhile waits a video step, longer than its slack.
+        n = d.s.cluster.num_gpus
+        limit = n if critical else n - min(d.reserve, 1) if r.id == mem.held else video_share
         if is_fresh and d.hold_until is not None and not critical and (
                 now + self._fin(r, inf) + r.remaining_steps * inf.step[k] > d.hold_until):
             d.plan.reasons[r.id] = HELD_FOR_EARLIER
             d.wake.append(now + margin)
             return False  # backfill only what is done before the held video's GPUs are due
         # Admitted videos are committed: they take their need wherever GPUs are free (only images
-        # come before them).  A new one must fit next to them in the video share; one that is
-        # critical or held for may use the whole cluster.
-        fits = not is_fresh or committed + k <= (d.s.cluster.num_gpus if privileged
-                                                 else video_share)
+        # come before them).  A new one must fit next to them within its limit.
+        fits = not is_fresh or committed + k <= limit
         gpus = self._take(r, inf, k, d.pool, d.s) if fits else None
         if gpus is None:
             if not is_fresh:
