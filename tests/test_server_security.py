@@ -159,10 +159,12 @@ def test_chunked_body_is_counted_while_read(live):
             f"transfer-encoding: chunked\r\n\r\n").encode()
     piece = b" " * 1024
     chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
-    answer, sent = raw_request(live.port, head, (chunk for _ in range(4096)))  # 4 MiB at most
+    answer, sent = raw_request(live.port, head, (chunk for _ in range(16384)))  # 16 MiB at most
     status, _, body = parse_answer(answer)
     assert status == 413 and body["error"]["param"] == "body", answer[:300]
-    assert sent < 1 << 20, sent  # answered long before the client would have stopped
+    # Answered before the client ran out.  (`sent` is what the kernel took: on a loaded machine
+    # loopback buffers absorb megabytes before the server's answer is read; 1.4 MB seen in CI.)
+    assert sent < 16 << 20, sent
 
 
 @pytest.mark.parametrize("path", [IMG, VID])
