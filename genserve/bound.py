@@ -15,8 +15,9 @@ quantum, any batch of equal shapes, moves for free), because it only uses two fa
    [arrival, deadline], at a rate of at most its largest degree.  Its steps' shares are at least
    the cheapest mix of (degree, batch) step options whose step times fit its window (the lower
    convex hull of the (step time, share) points: a linear program of two constraints), batches
-   only as large as the requests of its shape that arrived before its deadline; encode and decode
-   at least on one GPU.
+   only as large as the requests of its shape that arrived before its deadline and the profile's
+   largest measured batch (past it a step costs in proportion); a degree that fits in a node at
+   the faster of inside one node and across nodes; encode and decode at least on one GPU.
 
 The capacity part is a linear program over time buckets: maximize sum x_r (x_r in [0, 1]: the met
 fraction of request r) subject to r's work sum_b y_rb = w_r x_r, y_rb <= rate_r x |b and r's
@@ -39,12 +40,16 @@ import time
 from dataclasses import dataclass, field
 
 from .catalog import get_model
-from .latency import LatencyModel
+from .latency import Grid, LatencyModel
 from .policies.base import Cluster
 from .request import Kind, Request
 
 EPS = 1e-9          # the executor's deadline tolerance (`Request.met_deadline`)
-MAX_BATCH = 64      # larger batches add no credit: the profile scales batch linearly beyond its points
+
+
+def _tolerance(r: Request) -> float:
+    # deadline - arrival on large clock values (epoch seconds) carries rounding far above EPS.
+    return EPS + 1e-12 * max(abs(r.arrival), abs(r.deadline))
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,32 @@ class _Costs:
     def __init__(self, cluster: Cluster, latency: LatencyModel):
         self.cluster, self.lat = cluster, latency
         self.node = max(cluster.node_sizes().values())
+        self.several_nodes = len(cluster.node_sizes()) > 1
         self._opts: dict[tuple, _Options] = {}
+        self._limits: dict[str, int] = {}
+
+    def batch_limit(self, model: str) -> int:
+        """Requests per batch beyond which batching gives no more credit: past the profile's
+        largest measured batch, step time grows in proportion to the batch (`latency.Grid`)."""
+        hit = self._limits.get(model)
+        if hit is None:
+            prof = self.lat.profile_of(model)
+            grids = [prof.f1, *prof.speedup.values()]
+            if isinstance(prof.calib, Grid):
+                grids.append(prof.calib)
+            top = max(b for g in grids for row in g.rows for b, _ in row)
+            hit = self._limits[model] = math.ceil(top / prof.spec.cfg_factor) + 1
+        return hit
+
+    def step(self, r: Request, tokens: int, n: int, k: int) -> float:
+        """The fastest a step of degree k can be: inside a node when one is big enough (or across
+        nodes, should that link be the faster one), else across nodes."""
+        if k > self.node:
+            return self.lat.step_time(r.model, tokens, n, k, True)
+        t = self.lat.step_time(r.model, tokens, n, k, False)
+        if self.several_nodes and k > 1:
+            t = min(t, self.lat.step_time(r.model, tokens, n, k, True))
+        return t
 
     def degrees(self, r: Request) -> tuple[int, ...]:
         return tuple(k for k in self.lat.degrees(r.model) if k <= self.cluster.num_gpus)
@@ -150,7 +180,7 @@ class _Costs:
             pts = []
             for k in self.degrees(r):
                 for n in range(1, batch + 1):
-                    t = self.lat.step_time(r.model, tokens, n, k, k > self.node)
+                    t = self.step(r, tokens, n, k)
                     pts.append((t, k * t / n))
             hit = self._opts[key] = _Options(pts)
         return hit
@@ -162,9 +192,9 @@ class _Costs:
         dec = lat.decode_time(r.model, r.height, r.width, r.frames)
         steps = r.remaining_steps
         room = r.deadline - r.arrival - lat.dispatch_time() - enc - dec
-        if steps * opts.fastest > room + EPS:
+        if steps * opts.fastest > room + _tolerance(r):
             return None
-        tau = max(room / steps, opts.fastest)
+        tau = max(room / steps, opts.fastest) if steps > 0 else opts.fastest
         return Need(r, r.arrival, r.deadline, enc + dec + steps * opts.per_step(tau),
                     max(self.degrees(r)))
 
@@ -181,7 +211,7 @@ def needs(requests: list[Request], cluster: Cluster, latency: LatencyModel) -> l
     for r in requests:
         # A batch partner must have arrived before the deadline (it may be late itself).
         partners = bisect.bisect_right(arrivals[r.shape], r.deadline)
-        n = costs.need(r, max(1, min(MAX_BATCH, partners)))
+        n = costs.need(r, max(1, min(costs.batch_limit(r.model), partners)))
         if n is not None:
             out.append(n)
     return out
@@ -194,6 +224,8 @@ def _fine_cuts(ns: list[Need]) -> list[float]:
     for p in pts[1:]:
         if p - cuts[-1] > 1e-6:
             cuts.append(p)
+    if len(cuts) > 1:
+        cuts[-1] = pts[-1]  # the last window's end, even when merged with a point just before
     return cuts
 
 
@@ -241,8 +273,8 @@ def capacity_lp(ns: list[Need], gpus: int, cfg: BoundConfig) -> float:
             vals.append(1.0)
 
     for i, n in enumerate(ns):
-        lo = bisect.bisect_right(cuts, n.start + 1e-7) - 1
-        hi = bisect.bisect_left(cuts, n.end - 1e-7)
+        hi = min(max(bisect.bisect_left(cuts, n.end - 1e-7), 1), len(cuts) - 1)
+        lo = min(max(bisect.bisect_right(cuts, n.start + 1e-7) - 1, 0), hi - 1)
         if hi - lo <= cfg.short_buckets:
             for b in range(lo, hi):
                 ov = min(n.end, cuts[b + 1]) - max(n.start, cuts[b])
@@ -277,6 +309,9 @@ def upper_bound(requests: list[Request], cluster: Cluster, latency: LatencyModel
     ns = needs(requests, cluster, latency)
     kinds = {k.value: sum(r.kind is k for r in requests) for k in Kind}
     b = Bound(len(requests), len(ns), len(ns), kinds=kinds)
+    # A request without a deadline is met whenever it ends: it constrains no one.
+    free = sum(math.isinf(n.end) for n in ns)
+    ns = [n for n in ns if not math.isinf(n.end)]
     if cfg.lp and ns:
         try:
             b.lp_value = capacity_lp(ns, cluster.num_gpus, cfg)
@@ -285,6 +320,6 @@ def upper_bound(requests: list[Request], cluster: Cluster, latency: LatencyModel
         else:
             # The solver's tolerances (~1e-7 per constraint, over thousands of requests) must not
             # round a whole request away.
-            b.met = min(len(ns), math.floor(b.lp_value + 0.01))
+            b.met = free + min(len(ns), math.floor(b.lp_value + 0.01))
     b.seconds = time.perf_counter() - t0
     return b

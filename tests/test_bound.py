@@ -185,3 +185,53 @@ def test_needs_charge_the_deadline_not_only_the_cheapest_degree():
     tight_need, loose_need = needs([tight, loose], Cluster(8), LAT)
     assert tight_need.work > 1.5 * loose_need.work
     assert tight_need.rate == loose_need.rate == 8
+
+
+# ----- found by an adversarial run (each failed before its fix) -----
+def test_window_ends_closer_than_the_cut_merge_do_not_crash():
+    # Gamma arrivals put deadlines 1e-7..1e-6 apart; the last fine cut used to fall short.
+    a, b = image(0, 0.0, 2.0), image(1, 0.0, 2.0)
+    b.deadline = a.deadline + 5e-7
+    assert upper_bound([a, b], Cluster(4), LAT).met == 2
+    wl = WorkloadConfig(rate=0.025, duration=400, arrival="gamma", cv=2.0, video_share=0,
+                        slo_scale=2.0, seed=179)
+    reqs = generate(wl, LAT, 1)
+    assert upper_bound(reqs, Cluster(1, 4), LAT).met >= simulate(make_policy("genserve"),
+                                                                 fresh(reqs), 1, 4)
+
+
+def test_no_deadline_and_nothing_left_to_do_are_met():
+    r = Request("x", Kind.IMAGE, GenSpec("sd3-medium", 1024, 1024, steps=28))  # deadline inf
+    done = image(1, 0.0, 2.0)
+    done.steps_done = done.steps
+    b = upper_bound([r, done, image(2, 0.0, 2.0)], Cluster(4), LAT)
+    assert (b.alone, b.met) == (3, 3)
+
+
+def test_a_cross_node_link_faster_than_nvlink_is_priced_as_such():
+    from genserve.latency import Bandwidth
+
+    lat = LatencyModel("h200", bandwidth=Bandwidth(intra_node=5e9, cross_node=450e9))
+    r = image(0, 0.0, 1.0)
+    r.deadline = (lat.encode_time(r.model) + r.steps * lat.step_time(r.model, 4096, 1, 2, True)
+                  + lat.decode_time(r.model, r.height, r.width))
+    assert upper_bound([r], Cluster(3, 2), lat).met == 1  # degree 2 over nodes {0, 1} and {2}
+
+
+def test_epoch_scale_clocks_keep_requests_due_exactly_at_their_fastest():
+    base = 1.7e9
+    r = image(0, base, 1.0)
+    lat = LAT
+    r.deadline = base + (lat.encode_time(r.model) + r.steps * min(
+        lat.step_time(r.model, 4096, 1, k) for k in lat.degrees(r.model))
+        + lat.decode_time(r.model, r.height, r.width))
+    assert upper_bound([r], Cluster(8), LAT).met == 1
+
+
+def test_batch_credit_reaches_the_profiles_largest_batch():
+    from genserve.bound import _Costs
+
+    costs = _Costs(Cluster(1), LAT)
+    prof = LAT.profile_of("sd3-medium")
+    top = max(b for row in prof.f1.rows for b, _ in row)
+    assert costs.batch_limit("sd3-medium") * prof.spec.cfg_factor >= top
