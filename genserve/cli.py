@@ -369,7 +369,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                       infeasible=a.infeasible, api_keys=tuple(a.api_key or ()),
                       results_dir=a.results_dir, result_ttl_s=a.result_ttl,
                       drain_timeout_s=a.drain_timeout, checkpoint_every=a.checkpoint_steps,
-                      latency_feedback=not a.no_latency_feedback, worker_timeout_s=a.worker_timeout, max_body_bytes=a.max_body_bytes,
+                      latency_feedback=not a.no_latency_feedback,
+                      worker_timeout_s=a.worker_timeout, max_body_bytes=a.max_body_bytes,
                       max_upload_bytes=a.max_upload_bytes)
     cfg.validate()
     make_policy(cfg.policy)  # a bad policy is a one-line error now

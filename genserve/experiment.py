@@ -88,10 +88,10 @@ def belief_for(spec: RunSpec) -> LatencyModel:
 
 def run_one(spec: RunSpec, policy: str) -> dict:
     """Simulate one policy on the spec's workload; returns the metrics summary."""
-    truth = latency_for(spec)
-    pol = make_policy(policy)
-    sim = Simulator(Cluster(spec.gpus, spec.gpus_per_node), belief_for(spec), pol,
-                    SimConfig(horizon=spec.horizon, drain=spec.drain), truth=truth)
+    truth, belief = latency_for(spec), belief_for(spec)
+    sim = Simulator(Cluster(spec.gpus, spec.gpus_per_node), belief, make_policy(policy),
+                    SimConfig(horizon=spec.horizon, drain=spec.drain),
+                    truth=None if belief is truth else truth)
     return summarize(sim.run(requests_for(spec)))
 
 
