@@ -24,6 +24,25 @@ def _assert_one_line_error(rc, err):
 
 # ----- simulate -----
 
+def test_simulate_bound_and_the_bound_command(tmp_path, capsys):
+    j = tmp_path / "out.json"
+    rc, out, err = _run(["simulate", *SHORT, "--policy", "fcfs,genserve", "--bound", "--json",
+                         str(j)], capsys)
+    assert rc == 0, err
+    assert "upper bound (no policy meets more)" in out and "share of the bound: fcfs" in out
+    d = json.loads(j.read_text())
+    b = d["bound"]
+    assert b["count"] == d["policies"]["fcfs"]["count"]
+    assert b["slo_attainment"] >= max(p["slo_attainment"] for p in d["policies"].values())
+    rc, out2, err = _run(["bound", *SHORT[:4], "--json", str(j)], capsys)
+    assert rc == 0, err
+    again = json.loads(j.read_text())["bound"]
+    assert {**again, "seconds": 0} == {**b, "seconds": 0}
+    rc, out, err = _run(["simulate", *SHORT, "--policy", "genserve", "--profile-error", "0.7",
+                         "--feedback"], capsys)
+    assert rc == 0, err
+
+
 def test_simulate_prints_table_and_writes_json(tmp_path, capsys):
     j = tmp_path / "out.json"
     rc, out, err = _run(["simulate", *SHORT, "--policy", "fcfs,genserve", "--json", str(j)],
@@ -89,6 +108,8 @@ def test_simulate_parallel_jobs_match_serial(tmp_path, capsys):
     (["--intra-bw", "0"], "bandwidth"),
     (["--horizon", "100", "--drain"], "horizon"),
     (["--trace", "/nonexistent/dir/t.jsonl"], "nonexistent"),
+    (["--profile-error", "sd3-medium=fast"], "profile error"),
+    (["--profile-error", "0"], "> 0"),
 ])
 def test_simulate_bad_options_exit_2(args, needle, capsys):
     rc, out, err = _run(["simulate", "--duration", "300", "--jobs", "1", *args], capsys)
