@@ -37,12 +37,12 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .catalog import get_model
 from .latency import Grid, LatencyModel
 from .policies.base import Cluster
-from .request import Kind, Request
+from .policies.common import tokens_of
+from .request import Request
 
 EPS = 1e-9          # the executor's deadline tolerance (`Request.met_deadline`)
 
@@ -82,7 +82,6 @@ class Bound:
     met: int                      # the bound: at most this many are met
     lp_value: float | None = None
     seconds: float = 0.0
-    kinds: dict[str, int] = field(default_factory=dict)   # requests per kind
     note: str = ""
 
     @property
@@ -176,7 +175,7 @@ class _Costs:
         key = (r.shape, batch)
         hit = self._opts.get(key)
         if hit is None:
-            tokens = get_model(r.model).tokens(r.height, r.width, r.frames)
+            tokens = tokens_of(r)
             pts = []
             for k in self.degrees(r):
                 for n in range(1, batch + 1):
@@ -307,8 +306,7 @@ def upper_bound(requests: list[Request], cluster: Cluster, latency: LatencyModel
     cfg.validate()
     t0 = time.perf_counter()
     ns = needs(requests, cluster, latency)
-    kinds = {k.value: sum(r.kind is k for r in requests) for k in Kind}
-    b = Bound(len(requests), len(ns), len(ns), kinds=kinds)
+    b = Bound(len(requests), len(ns), len(ns))
     # A request without a deadline is met whenever it ends: it constrains no one.
     free = sum(math.isinf(n.end) for n in ns)
     ns = [n for n in ns if not math.isinf(n.end)]

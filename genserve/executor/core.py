@@ -31,7 +31,7 @@ from ..latency import LatencyModel
 from ..policies.base import Assignment, Cluster, Policy, SchedulerState
 from ..request import Request
 from .quanta import (PlanError, Quantum, count_reasons, pause_unplanned, place_members,
-                     quantum_parts, step_key, validate_assignment)
+                     quantum_parts, validate_assignment)
 
 
 # ----- what a backend reports for each member of a quantum that ended -----
@@ -178,7 +178,6 @@ class ExecutorCore:
         self.replan = False
         # A self-correcting latency model (`feedback.Corrected`) learns from every quantum.
         self._observe = getattr(latency, "observe", None)
-        self._keys: dict[int, tuple] = {}           # quantum -> its step key, while in flight
         self.res = result or ExecResult(requests=[], num_gpus=cluster.num_gpus, busy_gpu_s=0.0,
                                         end_time=0.0, decisions=0, preemptions=0, migrations=0)
 
@@ -313,11 +312,9 @@ class ExecutorCore:
             if sourced is None:
                 self.replan = True
                 continue
-            other, steps = quantum_parts(a, members, self.cluster, self.latency)
+            other, steps, key = quantum_parts(a, members, self.cluster, self.latency)
             q = Quantum(self._next_key, a, now, other + steps, self.cluster.spans_nodes(a.gpus),
-                        steps)
-            if self._observe is not None:
-                self._keys[q.key] = step_key(a, members, self.cluster)
+                        steps, key)
             self._next_key += 1
             self.res.migrations += place_members(members, a.gpus, now, self.queue)
             if not self.backend.start(q, members, sourced):
@@ -350,10 +347,9 @@ class ExecutorCore:
     def _feed_back(self, q: Quantum, e: Ended) -> None:
         """Tell the latency model how long the steps of a quantum that ran whole took: its clock
         time less the parts that are not steps, as predicted."""
-        key = self._keys.pop(q.key, None)
         whole = all(isinstance(o, (Stepped, Finishing)) for o in e.outcomes.values())
-        if key is not None and whole and q.step_s > 0:
-            self._observe(key, q.assignment.steps, e.ran_s - (q.cost - q.step_s))
+        if whole and q.step_s > 0:
+            self._observe(q.step_key, q.assignment.steps, e.ran_s - (q.cost - q.step_s))
 
     def _apply(self, e: Ended, now: float) -> None:
         q = self.inflight.pop(e.key)

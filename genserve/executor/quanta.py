@@ -34,6 +34,7 @@ class Quantum:
     cost: float
     cross_node: bool
     step_s: float = 0.0  # the part of `cost` that is steps (the rest: dispatch, encode, moves, decode)
+    step_key: tuple = ()  # what its step time depends on (`step_key`)
 
     @property
     def gpus(self) -> tuple[int, ...]:
@@ -83,7 +84,7 @@ def quantum_cost(a: Assignment, members: list[Request], cluster: Cluster,
     trip; a new member encoded inside the job; a state held elsewhere moved in (from its GPUs, or
     from a host checkpoint after a loss); the steps of the batch; decode of members that finish.
     Call it before the members are placed: it reads where their states are."""
-    other, steps = quantum_parts(a, members, cluster, latency)
+    other, steps, _ = quantum_parts(a, members, cluster, latency)
     return other + steps
 
 
@@ -94,8 +95,8 @@ def step_key(a: Assignment, members: list[Request], cluster: Cluster) -> tuple:
 
 
 def quantum_parts(a: Assignment, members: list[Request], cluster: Cluster,
-                  latency: LatencyModel) -> tuple[float, float]:
-    """`quantum_cost` as (everything but the steps, the steps)."""
+                  latency: LatencyModel) -> tuple[float, float, tuple]:
+    """`quantum_cost` as (everything but the steps, the steps), and the steps' `step_key`."""
     lat = latency
     setup = lat.dispatch_time()
     for r in members:
@@ -106,10 +107,11 @@ def quantum_parts(a: Assignment, members: list[Request], cluster: Cluster,
             setup += lat.move_time(r, cluster.spans_nodes(r.gpus + a.gpus))
         elif not r.gpus:  # back from a host checkpoint
             setup += lat.move_time(r, False)
-    steps = a.steps * lat.step_time(*step_key(a, members, cluster))
+    key = step_key(a, members, cluster)
+    steps = a.steps * lat.step_time(*key)
     setup += sum(lat.decode_time(r.model, r.height, r.width, r.frames)
                  for r in members if r.remaining_steps == a.steps)
-    return setup, steps
+    return setup, steps, key
 
 
 def place_members(members: list[Request], gpus: tuple[int, ...], now: float,
