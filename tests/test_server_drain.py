@@ -151,9 +151,22 @@ def test_a_drain_timeout_answers_waiting_clients_with_json_503_and_exits_in_boun
     print(f"{sig.name}: exit {took:.1f} s after the signal (drain timeout 2 s)")
 
 
+def _proc(pid: int, name: str) -> str:
+    """A /proc file of a process that may exit between being listed and being read ("" then)."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running (neither gone nor a zombie waiting to be reaped)."""
+    stat = _proc(pid, "stat")
+    return bool(stat) and "Z" not in stat.rsplit(")", 1)[1][:3]
+
+
 def _spawned(s) -> list[int]:
-    return [p for p in s.workers()
-            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    return [p for p in s.workers() if "spawn_main" in _proc(p, "cmdline")]
 
 
 def test_after_a_worker_and_its_replacement_die_sigterm_still_exits_in_bound(serve):
@@ -179,8 +192,7 @@ def test_after_a_worker_and_its_replacement_die_sigterm_still_exits_in_bound(ser
     except subprocess.TimeoutExpired:
         raise AssertionError(f"still running 12 s after SIGTERM:\n{s.output()[-2000:]}")
     assert time.monotonic() - t0 < 2 + 5 and rc == 0, s.output()[-2000:]
-    assert not [p for p in first + new if Path(f"/proc/{p}").exists()
-                and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]]
+    assert not [p for p in first + new if _alive(p)]
 
 
 def test_a_hung_worker_is_replaced_its_video_completes_and_health_says_degraded(serve):
@@ -208,8 +220,7 @@ def test_a_hung_worker_is_replaced_its_video_completes_and_health_says_degraded(
         assert time.monotonic() < deadline, v
         time.sleep(0.1)
     assert v["status"] == "completed", v
-    assert not Path(f"/proc/{workers[0]}").exists() or "Z" in Path(
-        f"/proc/{workers[0]}/stat").read_text().split(")")[1][:3]  # killed
+    assert not _alive(workers[0])  # killed
 
 
 def test_result_stays_fetchable_for_a_polling_client_during_drain(serve):
