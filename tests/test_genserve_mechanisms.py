@@ -5,7 +5,7 @@ from __future__ import annotations
 from genserve.catalog import get_model
 from genserve.latency import LatencyModel
 from genserve.policies import Cluster, InFlight, SchedulerState, make_policy
-from genserve.policies.base import HELD_FOR_EARLIER, NOT_ADMITTED
+from genserve.policies.base import BEST_EFFORT, HELD_FOR_EARLIER, NOT_ADMITTED
 from genserve.request import Request, Status
 from genserve.sim import Simulator
 from genserve.spec import GenSpec
@@ -54,9 +54,35 @@ def test_no_ping_pong_between_admitted_videos():
     assert res.preemptions == 0
 
 
+def test_a_short_video_goes_before_admitted_ones_due_much_later():
+    """Issue 15, share 0.5: three 14B videos admitted minutes before their deadlines need 4 + 2 +
+    1 GPUs, all the video share of 8 GPUs with one kept for images.  A 1.3B video due in a minute
+    arrives.  In the order of commitment it is not admitted and waits until it misses; in deadline
+    order it runs first and the long ones, with slack to spare, take what is left."""
+    v720, v480 = video("x", h=720, w=1280), video("y")
+    heavy = [video("h4", h=720, w=1280, deadline=1.2 * LAT.standalone(v720, 4)),
+             video("h2", deadline=1.2 * LAT.standalone(v480, 2)),
+             video("h1", deadline=1.05 * LAT.standalone(v480, 1))]
+    short = video("s", model="wan2.1-1.3b", frames=33, arrival=1.0)
+    short.deadline = 1.0 + 3 * LAT.standalone(short, 1)
+    assert short.deadline < min(h.deadline for h in heavy)
+
+    def second_plan(spec):
+        pol = make_policy(spec)
+        first = pol.schedule(st(8, heavy))
+        assert sorted(len(a.gpus) for a in first.assignments) == [1, 2, 4]  # all admitted
+        return pol.schedule(st(8, heavy + [short], now=1.0))
+
+    plan = second_plan("genserve")
+    placed = {a.requests[0]: len(a.gpus) for a in plan.assignments}
+    assert placed["s"] == 1 and sum(placed.values()) <= 8, placed
+    old = second_plan("genserve:video_order=admitted")
+    assert "s" not in {a.requests[0] for a in old.assignments}
+    assert old.reasons["s"] == NOT_ADMITTED
+
+
 def test_hold_blocks_long_videos_but_backfills_short_ones():
-    # GPUs 0-3 run video `a` until it finishes; 4-7 are free.  Admission in deadline order
-    # (admission=false) puts `big` first: it needs all 8 GPUs and can start when `a` is done, so GPUs
+    # GPUs 0-3 run video `a` until it finishes; 4-7 are free.  Deadline order puts `big` first: it needs all 8 GPUs and can start when `a` is done, so GPUs
     # are held for it.  `long` would still hold GPUs then, so it waits; `short` is done before, so
     # it backfills.
     a = video("a")
@@ -78,12 +104,12 @@ def test_hold_blocks_long_videos_but_backfills_short_ones():
                                running=[a]))
         return pol, plan, {rid for x in plan.assignments for rid in x.requests}
 
-    pol, plan, started = plan_for("genserve:admission=false")
+    pol, plan, started = plan_for("genserve")
     assert started == {"short"}
     assert plan.reasons["long"] == HELD_FOR_EARLIER
     assert pol.memory.held == "big"
     # Without the hold, the long video takes free GPUs.
-    _, _, started = plan_for("genserve:admission=false,hold=false")
+    _, _, started = plan_for("genserve:hold=false")
     assert "long" in started
 
 
@@ -106,6 +132,21 @@ def test_critical_video_may_use_the_reserve():
     v.deadline = LAT.standalone(v, 8) + 0.5
     plan = make_policy("genserve").schedule(st(8, [v]))
     assert [len(x.gpus) for x in plan.assignments] == [8]
+
+
+def test_a_late_video_with_long_steps_leaves_the_reserve_even_on_an_idle_cluster():
+    """A 14B 720p video past its deadline runs best effort.  Its shortest step is 3 s: on all 8
+    GPUs an image arriving would wait one out and miss (issue 15's repro lost an image so), so it
+    keeps within 8 minus the reserve (degree 4 of 1/2/4/8) even with nothing else running."""
+    v = video("v", h=720, w=1280, deadline=1.0)
+    pol = make_policy("genserve")
+    plan = pol.schedule(st(8, [v], now=2.0))
+    assert plan.reasons["v"] == BEST_EFFORT
+    assert pol.reserve(st(8, [], now=2.0)) == 1
+    assert [len(a.gpus) for a in plan.assignments] == [4]
+    # A degree that fits only with the reserve (SP fixed at 8) still runs: nothing else would.
+    plan = make_policy("genserve-nosp").schedule(st(8, [v], now=2.0))
+    assert [len(a.gpus) for a in plan.assignments] == [8]
 
 
 def test_nopreempt_keeps_started_video_running_past_its_deadline():

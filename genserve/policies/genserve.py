@@ -14,15 +14,16 @@ phases (the method that does each in brackets):
 3. A reserve of GPUs (`reserve`) is kept from new videos for images: the larger of the recent mean
    image load times a headroom and the peak image demand in a sliding window (arrivals are bursty; a
    video step must not hold the last free GPU when an image with a one-second SLO arrives).
-4. Admit videos (`_admit_videos`); they are re-planned every step.  Admitted videos are
-   committed: least laxity first, each takes its `need` degree from the GPUs images left; one that
-   finds none at its step boundary is paused there (its state stays where it is): that is the
-   preemption.  A new video is admitted only if the admitted videos' needs plus its own fit in the
-   cluster minus the reserve, so admitted videos do not crowd each other out.  Choosing whom to
-   admit is a knapsack with weight = GPUs and value = 1 per deadline met; for unit values
-   lightest-first attains the optimum count (exchange argument), so the DP collapses to a sort by
-   GPU time.  A video whose laxity is nearly gone may use the reserve.
-5. Hold (`_hold`, EASY backfilling): when the first new video in admission order cannot start, the
+4. Admit videos (`_admit_videos`); they are re-planned every step, earliest deadline first.  Each
+   takes its `need` degree from the GPUs images left; one that finds none at its step boundary is
+   paused there (its state stays where it is): that is the preemption.  Admitted videos are
+   committed: they take their need wherever GPUs are free.  A new video is admitted only if its
+   need fits next to the videos placed before it (and those still in flight) within the cluster
+   minus the reserve, so admitted videos do not crowd each other out.  A new video due earlier
+   goes before admitted ones due later: they have the slack to wait for it (admitting in a fixed
+   order of commitment instead left short videos queued behind long ones until they missed).  A
+   video whose laxity is nearly gone may use the reserve.
+5. Hold (`_hold`, EASY backfilling): when the first new video in that order cannot start, the
    policy computes when enough GPUs come back for it to still meet its deadline and lets later
    videos start only if they finish before then.  The held video itself stays out of the image
    reserve until it is critical, like any other.
@@ -37,8 +38,9 @@ intra-node step time of the largest allowed degree that fits in one node, else t
 is taken inside one node (fewer GPUs and at least as fast).
 
 Mechanisms switch off for ablation: preempt (started videos always continue), elastic_sp (videos
-keep their default degree), batch, reserve, peak, admission (deadline order instead), hold,
-topology (topology-blind placement: lowest-index free GPUs, wherever they are).
+keep their default degree), batch, reserve, peak, hold, topology (topology-blind placement:
+lowest-index free GPUs, wherever they are); `video_order=admitted` places admitted videos first
+(least laxity first), then new ones lightest first.
 
 The phases pass `Candidate`s (a request, its shape's constants, the degree it needs now) and write
 into one `_Decision` (the free GPUs, the plan, the videos placed so far).  All the policy carries
@@ -65,7 +67,9 @@ class GenServeParams:
     elastic_sp: bool = True         # re-choose a video's SP degree every step
     batch: bool = True              # images join compatible planned batches
     reserve: bool = True            # keep GPUs from new videos for images
-    admission: bool = True          # admit new videos lightest first (else deadline first)
+    # "deadline": all videos earliest deadline first; "admitted": admitted videos first (least
+    # laxity first), then new ones lightest first.
+    video_order: str = "deadline"
     window_s: float = 120.0         # sliding window of image load and peak image demand
     headroom: float = 2.0           # reserve >= mean image load x headroom
     min_reserve: int = 1
@@ -82,6 +86,8 @@ class GenServeParams:
             problems.append(f"window_s must be > 0 (the image-load window), got {self.window_s}")
         if not self.headroom >= 0:
             problems.append(f"headroom must be >= 0, got {self.headroom}")
+        if self.video_order not in ("deadline", "admitted"):
+            problems.append(f"video_order must be deadline or admitted, got {self.video_order!r}")
         if self.max_batch < 1:
             problems.append(f"max_batch must be >= 1 (1 means no batching), got {self.max_batch}")
         if problems:
@@ -382,27 +388,36 @@ class GenServe(Policy):
         return False
 
     def _admit_videos(self, videos: list[Candidate], d: _Decision) -> None:
-        """Admitted videos least laxity first, then new ones in admission order."""
+        """Place videos in `video_order`; a new one is admitted only if it fits next to the
+        videos committed before it (see the module's phase 4)."""
         mem, s, now = self.memory, d.s, d.s.now
-        admitted = [c for c in videos if c.request.id in mem.admitted]
-        fresh = [c for c in videos if c.request.id not in mem.admitted]
-        admitted.sort(key=lambda c: (self.laxity(c.request, c.info, now), c.request.id))
-        if self.settings.admission:
-            # Knapsack with unit values: lightest (least GPU time) first attains the most deadlines.
-            fresh.sort(key=lambda c: (c.sp * c.request.remaining_steps * c.info.step[c.sp],
-                                      c.request.id))
-        else:
-            fresh.sort(key=lambda c: (c.request.deadline, c.request.id))
-        # Admission keeps the admitted videos' current needs within the video share of the cluster,
-        # so admitted videos do not crowd each other out (no ping-pong between half-served videos).
-        committed = sum(c.sp for c in admitted)
+        by_deadline = self.settings.video_order == "deadline"
+        # Admitted videos still in flight keep their current need (their GPUs come back later).
+        committed = 0
         for q in s.running:
             if q.id in mem.admitted and q.kind is Kind.VIDEO:
                 committed += self.need(q, self.info(q, s), now) or len(q.gpus)
+        if by_deadline:
+            # A new video with an earlier deadline goes before admitted ones due later: they have
+            # the slack to wait for it, while a short video queued behind long ones committed
+            # minutes before their deadlines misses its own.  It still must fit next to the videos
+            # before it; admitted ones after it take their need from what is left.  Deadlines do
+            # not move, so neither does the order: no ping-pong between half-served videos.
+            order = sorted(videos, key=lambda c: (c.request.deadline, c.request.id))
+        else:
+            admitted = [c for c in videos if c.request.id in mem.admitted]
+            fresh = [c for c in videos if c.request.id not in mem.admitted]
+            admitted.sort(key=lambda c: (self.laxity(c.request, c.info, now), c.request.id))
+            # Knapsack with unit values: lightest (least GPU time) first meets the most deadlines.
+            fresh.sort(key=lambda c: (c.sp * c.request.remaining_steps * c.info.step[c.sp],
+                                      c.request.id))
+            order = admitted + fresh
+            committed += sum(c.sp for c in admitted)  # their needs are reserved up front
         video_share = s.cluster.num_gpus - d.reserve
-        for c in admitted + fresh:
+        for c in order:
             is_fresh = c.request.id not in mem.admitted
-            if self._place_video(c, d, is_fresh, committed, video_share) and is_fresh:
+            if self._place_video(c, d, is_fresh, committed, video_share) and (
+                    is_fresh or by_deadline):
                 mem.admitted.add(c.request.id)
                 committed += c.sp
 
@@ -541,7 +556,12 @@ class GenServe(Policy):
             if not opts:
                 continue
             # Short steps keep best-effort work preemptible; images just run to completion.
-            k = next((g for g in opts if inf.step[g] <= self.settings.be_step_s), opts[-1])
+            k = next((g for g in opts if inf.step[g] <= self.settings.be_step_s), None)
+            if k is None:
+                # Only long steps: an image arriving would wait one out and miss, so the reserve
+                # stays free even on an idle system, where a degree fits beside it.
+                beside = [g for g in opts if g <= len(pool) - d.reserve]
+                k = (beside or opts)[-1]
             gpus = self._take(r, inf, k, pool, s)
             if gpus is None:
                 continue
