@@ -211,8 +211,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
                          f"use a {want} file")
     if a.sp < 1:
         raise ValueError(f"--sp {a.sp}: must be >= 1")
-    if a.sp > 1 and "flux" in a.model:
-        raise ValueError(f"--sp {a.sp}: {a.model} has no sequence parallelism yet (SD3 and Wan do)")
     from tqdm.auto import tqdm
 
     try:

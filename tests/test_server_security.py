@@ -243,7 +243,7 @@ def test_an_unexpected_exception_is_a_json_500(app, client, monkeypatch):
 
     monkeypatch.setattr(app.state.service, "list", broken)
     r = client.get(VID)
-    err = assert_error(r, 500, code="internal_error")
+    assert_error(r, 500, code="internal_error")
     assert "secret" not in r.text and "Traceback" not in r.text, r.text
 
 

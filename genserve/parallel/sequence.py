@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism for diffusers' Wan and SD3 transformers, degree chosen per call.
+"""Ulysses sequence parallelism for diffusers' Wan, SD3 and FLUX transformers, degree chosen per call.
 
 Our own hooks and processor rather than diffusers' `enable_parallelism`: that one keeps the degree
 in private module state (`_cp_plan`, `_parallel_config`) that must be torn down to change it, while
@@ -12,6 +12,10 @@ every rank.  Text tokens stay replicated.
 - Wan: every block's rotary embedding is cut like the tokens; self-attention runs through
   `ulysses_attention` (padded keys masked); cross-attention needs nothing.
 - SD3 (MMDiT joint attention): `joint_ulysses_attention`, image tokens sharded, text replicated.
+- FLUX: the same joint attention in both block kinds.  Double-stream blocks get text and image
+  apart; single-stream blocks concatenate [text, local image shard] themselves, so the processor
+  splits at the text length.  The rotary embedding is computed once from [text ids, image ids]:
+  its text rows stay whole, its image rows are cut like the image tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from diffusers.models.embeddings import apply_rotary_emb
 
 from .ulysses import joint_ulysses_attention, shard, ulysses_attention, unshard
 
@@ -57,12 +63,16 @@ class _SelfAttn:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def _refuse_reinstall(transformer) -> None:
+    if getattr(transformer, "_genserve_sp", None) is not None:
+        raise ValueError("sequence parallelism is already installed on this transformer")
+
+
 class _SequenceParallel:
     """Shared part: the active group and the token shards."""
 
     def __init__(self, transformer):
-        if getattr(transformer, "_genserve_sp", None) is not None:
-            raise ValueError("sequence parallelism is already installed on this transformer")
+        _refuse_reinstall(transformer)
         self.group = None
         self.n_valid = 0
         transformer._genserve_sp = self
@@ -189,6 +199,112 @@ class SD3SequenceParallel(_SequenceParallel):
         return text, unshard(hidden, 1, self.n_valid, self.group)
 
 
+def _flux_qkv(attn, x: torch.Tensor, added: bool) -> tuple[torch.Tensor, ...]:
+    """FLUX q, k, v of `x` as (B, S, H, D), q and k normed (diffusers' `_get_qkv_projections` and
+    the reshape and norms of FluxAttnProcessor); `added`: the text stream's projections."""
+    if added:
+        fused, proj = getattr(attn, "to_added_qkv", None), (attn.add_q_proj, attn.add_k_proj,
+                                                           attn.add_v_proj)
+        norm_q, norm_k = attn.norm_added_q, attn.norm_added_k
+    else:
+        fused, proj = getattr(attn, "to_qkv", None), (attn.to_q, attn.to_k, attn.to_v)
+        norm_q, norm_k = attn.norm_q, attn.norm_k
+    if attn.fused_projections and fused is not None:
+        q, k, v = fused(x).chunk(3, dim=-1)
+    else:
+        q, k, v = (p(x) for p in proj)
+    q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+    return norm_q(q), norm_k(k), v
+
+
+def _rope(x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on (B, S, H, D), as FluxAttnProcessor applies it (elementwise per token, so text and
+    image parts can be rotated apart)."""
+    return apply_rotary_emb(x, rot, sequence_dim=1)
+
+
+class _FluxAttn:
+    """FLUX attention for both block kinds: diffusers' own processor when no group is active, so
+    the unsharded model is unchanged; else RoPE on the local tokens and joint Ulysses attention
+    (image keys sharded, text keys replicated; key order does not change the softmax)."""
+
+    def __init__(self, sp: "FluxSequenceParallel", inner):
+        self.sp = sp
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        sp = self.sp
+        if sp.group is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask,
+                              image_rotary_emb)
+        if attention_mask is not None:
+            raise ValueError("FLUX sequence parallelism takes no attention mask")
+        single = encoder_hidden_states is None  # single-stream: hidden is [text, local image]
+        q, k, v = _flux_qkv(attn, hidden_states, added=False)
+        if single:
+            t = sp.n_text
+            (tq, q), (tk, k), (tv, v) = (x.split_with_sizes([t, x.shape[1] - t], dim=1)
+                                         for x in (q, k, v))
+        else:
+            tq, tk, tv = _flux_qkv(attn, encoder_hidden_states, added=True)
+        q, k = _rope(q, sp.rot_img), _rope(k, sp.rot_img)
+        tq, tk = _rope(tq, sp.rot_txt), _rope(tk, sp.rot_txt)
+        img, txt = joint_ulysses_attention(*(x.transpose(1, 2) for x in (q, k, v, tq, tk, tv)),
+                                           sp.n_valid, sp.group)
+        img, txt = (x.transpose(1, 2).flatten(2, 3).to(q.dtype) for x in (img, txt))
+        if single:  # pre-only: the block's proj_out follows
+            return torch.cat([txt, img], dim=1)
+        return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(txt)
+
+
+class FluxSequenceParallel(_SequenceParallel):
+    """Both block lists run sharded: the first block (double- or single-stream) gets the image
+    shard, the last one's image output is gathered."""
+
+    def __init__(self, transformer):
+        _refuse_reinstall(transformer)  # before the processor check: ours are not diffusers'
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        for b in blocks:
+            if type(b.attn.processor).__name__ != "FluxAttnProcessor":
+                raise ValueError(f"FLUX attention processor {type(b.attn.processor).__name__} "
+                                 "is not supported (only diffusers' FluxAttnProcessor)")
+        super().__init__(transformer)
+        self.n_text = 0
+        self.rot_txt: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rot_img: tuple[torch.Tensor, torch.Tensor] | None = None
+        for b in blocks:
+            b.attn.set_processor(_FluxAttn(self, b.attn.processor))
+        transformer.register_forward_pre_hook(self._refuse_controlnet, with_kwargs=True)
+        blocks[0].register_forward_pre_hook(self._shard_first, with_kwargs=True)
+        blocks[-1].register_forward_hook(self._gather)
+
+    def _reset(self) -> None:
+        self.rot_txt = self.rot_img = None
+
+    def _refuse_controlnet(self, module, args, kwargs):
+        if self.group is not None and (kwargs.get("controlnet_block_samples") is not None
+                                       or kwargs.get("controlnet_single_block_samples") is not None):
+            raise ValueError("FLUX sequence parallelism does not shard ControlNet residuals")
+
+    def _shard_first(self, module, args, kwargs):
+        if self.group is None:
+            return None
+        hidden, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        self.n_valid, self.n_text = hidden.shape[1], text.shape[1]
+        rot = kwargs["image_rotary_emb"]  # rows: [text ids..., image ids...]
+        self.rot_txt = tuple(r[:self.n_text] for r in rot)
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.rot_img = tuple(shard(r[self.n_text:], 0, rank, world) for r in rot)
+        return args, {**kwargs, "hidden_states": self._shards(hidden)}
+
+    def _gather(self, module, args, output):
+        if self.group is None:
+            return None
+        text, hidden = output
+        return text, unshard(hidden, 1, self.n_valid, self.group)
+
+
 def install(transformer) -> _SequenceParallel:
     """Sequence parallelism for a supported diffusers transformer."""
     name = type(transformer).__name__
@@ -196,4 +312,6 @@ def install(transformer) -> _SequenceParallel:
         return WanSequenceParallel(transformer)
     if name == "SD3Transformer2DModel":
         return SD3SequenceParallel(transformer)
-    raise ValueError(f"no sequence parallelism for {name} (supported: Wan, SD3)")
+    if name == "FluxTransformer2DModel":
+        return FluxSequenceParallel(transformer)
+    raise ValueError(f"no sequence parallelism for {name} (supported: Wan, SD3, FLUX)")
