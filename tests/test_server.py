@@ -154,6 +154,48 @@ def test_health_and_models(http, oai):
     assert {m["id"]: m["kind"] for m in body["data"]} == {"tiny-t2i": "image",
                                                           "tiny-t2v": "video"}
     assert {m.id for m in oai.models.list()} == set(PRESETS)
+    caps = {m["id"]: m["capabilities"] for m in body["data"]}
+    t2i, t2v = caps["tiny-t2i"], caps["tiny-t2v"]
+    assert (t2i["default_size"], t2i["cfg"], t2i["negative_prompt"], t2i["image_input"]) == (
+        "64x64", True, True, False)
+    assert t2i["sp_degrees"] == [1, 2]  # two workers here
+    assert "frames" not in t2i and t2v["frames"] == {"default": 9, "max": 33, "rule": "4k+1"}
+    assert t2v["fps"] == 16 and t2v["size_rule"]["multiple_of"] == 16
+
+
+def test_capabilities_say_what_to_spec_accepts():
+    """Every size `GET /v1/models` lists validates; FLUX takes no negative prompt, and a request
+    with one is a 400 naming it."""
+    from genserve.server.schemas import capabilities
+
+    cfg = ServeConfig(presets=("tiny-t2i", "tiny-flux", "tiny-t2v"), workers=4)
+    for m in cfg.presets:
+        caps = capabilities(m, cfg)
+        kind = MODELS[m].kind
+        body_cls = ImageBody if kind is Kind.IMAGE else VideoBody
+        for size in caps["sizes"]:
+            to_spec(parse(body_cls, {"prompt": "p", "size": size}, 100), kind, cfg.presets, 4,
+                    cfg.fps)
+        assert caps["negative_prompt"] is MODELS[m].cfg
+    assert capabilities("tiny-flux", cfg)["sp_degrees"] == [1, 2, 4]
+    body = parse(ImageBody, {"prompt": "p", "model": "tiny-flux", "negative_prompt": "x"}, 100)
+    with pytest.raises(ApiError) as e:
+        to_spec(body, Kind.IMAGE, cfg.presets, 4, cfg.fps)
+    assert e.value.param == "negative_prompt" and "guidance-distilled" in str(e.value)
+
+
+def test_negative_prompt_steers_the_image(oai):
+    """Same seed, with and without a negative prompt: the unconditional branch changes, so the
+    image does; the same negative prompt again gives the same bytes."""
+    def one(**extra) -> bytes:
+        res = oai.images.generate(model="tiny-t2i", prompt="a cat", size="32x32",
+                                  response_format="b64_json",
+                                  extra_body={"steps": 2, "seed": 5, **extra})
+        return base64.b64decode(res.data[0].b64_json)
+
+    plain, neg = one(), one(negative_prompt="blurry, dark")
+    assert plain != neg
+    assert one(negative_prompt="blurry, dark") == neg
 
 
 # ----------------------------------------------------------------------------- openai: images
@@ -514,6 +556,9 @@ BAD_FIELDS = [
     (VID, {"model": "tiny-t2i"}, "model"),
     (VID, {"steps": 1001}, "steps"),
     (VID, {"prompt": ""}, "prompt"),
+    (IMG, {"negative_prompt": 3}, "negative_prompt"),
+    (IMG, {"negative_prompt": "blurry", "guidance": 1.0}, "negative_prompt"),  # no CFG: no effect
+    (VID, {"negative_prompt": "x" * 2001}, "negative_prompt"),
 ]
 
 

@@ -33,7 +33,7 @@ from ..catalog import MODELS
 from ..request import Kind
 from .auth import Keys
 from .config import ServeConfig
-from .schemas import ImageBody, VideoBody, parse, to_spec
+from .schemas import ImageBody, VideoBody, capabilities, parse, to_spec
 from .service import ApiError, Job, Service, short
 from .transfer import OpenFileResponse, open_regular, read_body
 
@@ -373,7 +373,8 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         now = int(time.time())
         return {"object": "list", "data": [
             {"id": m, "object": "model", "created": now, "owned_by": "genserve",
-             "kind": MODELS[m].kind.value} for m in svc.cfg.presets]}
+             "kind": MODELS[m].kind.value, "capabilities": capabilities(m, svc.cfg)}
+            for m in svc.cfg.presets]}
 
     @app.api_route("/health", methods=GET)
     async def health():

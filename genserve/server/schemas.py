@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..catalog import GENERATE_DEFAULTS, MODELS, ShapeError
+from ..catalog import GENERATE_DEFAULTS, MODELS, ShapeError, uses_cfg
 from ..request import Kind
 from ..spec import GenSpec
 from .service import ApiError, JobSpec
@@ -28,6 +28,8 @@ class _Common(BaseModel):
 
     model: str | None = Field(None, max_length=200)
     prompt: str = Field(..., min_length=1)
+    # What the unconditional branch of classifier-free guidance steers away from.
+    negative_prompt: str | None = None
     size: str | None = Field(None, max_length=20)
     steps: int | None = Field(None, ge=1, le=1000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -63,9 +65,11 @@ def parse(cls, data, max_prompt_chars: int, strict: bool = True):
             msg += (" (a JSON number, not a "
                     f"{'boolean' if isinstance(data[field], bool) else 'string'})")
         raise ApiError(400, f"{field}: {msg}", "invalid_request_error", field) from None
-    if len(body.prompt) > max_prompt_chars:
-        raise ApiError(400, f"prompt: {len(body.prompt)} characters; at most {max_prompt_chars}",
-                       "invalid_request_error", "prompt")
+    for field in ("prompt", "negative_prompt"):
+        text = getattr(body, field) or ""
+        if len(text) > max_prompt_chars:
+            raise ApiError(400, f"{field}: {len(text)} characters; at most {max_prompt_chars}",
+                           "invalid_request_error", field)
     return body
 
 
@@ -91,6 +95,11 @@ def _model(name: str | None, kind: Kind, served: tuple[str, ...]) -> str:
         raise ApiError(400, f"model={name!r}: not a {kind.value} model served here; served: "
                             f"{', '.join(of_kind) or 'none'}", "model_not_found", "model")
     return name
+
+
+def _default_guidance(spec) -> float:
+    """CFG scale for a model trained with it; FLUX's distilled guidance input otherwise."""
+    return 5.0 if spec.cfg else 3.5
 
 
 def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
@@ -137,9 +146,40 @@ def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
         elif param == "frames" and body.seconds is not None:
             param, msg = "seconds", f"seconds={body.seconds!r} -> {msg}"
         raise ApiError(400, msg, "invalid_request_error", param) from None
-    guidance = body.guidance if body.guidance is not None else (3.5 if not spec.cfg else 5.0)
+    guidance = body.guidance if body.guidance is not None else _default_guidance(spec)
     slo_ms = body.slo_ms
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
-    gen = GenSpec(model, height, width, frames, steps, guidance, seed, prompt=body.prompt)
+    negative = body.negative_prompt or ""
+    if negative and not uses_cfg(model, guidance):
+        why = (f"{model} is guidance-distilled (no classifier-free guidance)" if not spec.cfg
+               else f"guidance={guidance:g} runs no unconditional branch (it must be > 1)")
+        raise ApiError(400, f"negative_prompt: has no effect here: {why}",
+                       "invalid_request_error", "negative_prompt")
+    gen = GenSpec(model, height, width, frames, steps, guidance, seed, prompt=body.prompt,
+                  negative_prompt=negative)
     return (JobSpec(kind, gen, n=n, slo_ms=slo_ms, seconds=seconds),
             PRIORITY_SCALE[body.priority or "normal"])
+
+
+def capabilities(model: str, cfg) -> dict:
+    """What `GET /v1/models` tells a client about one served model: the sizes, frames and steps it
+    takes (the same rules `to_spec` enforces), and which features apply."""
+    spec = MODELS[model]
+    dh, dw, df, dsteps = GENERATE_DEFAULTS.get(model, (spec.sizes[0][1], spec.sizes[0][0],
+                                                       spec.sizes[0][2], spec.steps))
+    out = {"sizes": sorted({f"{w}x{h}" for w, h, _ in spec.sizes} | {f"{dw}x{dh}"}),
+           "default_size": f"{dw}x{dh}",
+           "size_rule": {"multiple_of": spec.vae_spatial * spec.patch,
+                         "min_side": spec.min_side, "max_side": spec.max_side},
+           "default_steps": dsteps, "max_steps": 1000,
+           # Classifier-free guidance: the unconditional branch a negative prompt steers.
+           "cfg": spec.cfg, "negative_prompt": spec.cfg,
+           "default_guidance": _default_guidance(spec),
+           # Ulysses degrees the scheduler may give one request (within this server's GPUs).
+           "sp_degrees": [k for k in spec.sp_degrees if not cfg.workers or k <= cfg.workers],
+           "image_input": False}
+    if spec.kind is Kind.VIDEO:
+        out["frames"] = {"default": df, "max": spec.max_frames,
+                         "rule": f"{spec.vae_temporal}k+1"}
+        out["fps"] = cfg.fps
+    return out
