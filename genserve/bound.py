@@ -158,18 +158,23 @@ class _Costs:
             hit = self._limits[model] = math.ceil(top / prof.spec.cfg_factor) + 1
         return hit
 
-    def step(self, r: Request, tokens: int, n: int, k: int) -> float:
-        """The fastest a step of degree k can be: inside a node when one is big enough (or across
-        nodes, should that link be the faster one), else across nodes."""
+    def step(self, r: Request, tokens: int, n: int, k: int, split: bool = False) -> float:
+        """The fastest a step on k GPUs (Ulysses, or CFG split) can be: inside a node when one is
+        big enough (or across nodes, should that link be the faster one), else across nodes."""
         if k > self.node:
-            return self.lat.step_time(r.model, tokens, n, k, True)
-        t = self.lat.step_time(r.model, tokens, n, k, False)
+            return self.lat.step_time(r.model, tokens, n, k, True, split)
+        t = self.lat.step_time(r.model, tokens, n, k, False, split)
         if self.several_nodes and k > 1:
-            t = min(t, self.lat.step_time(r.model, tokens, n, k, True))
+            t = min(t, self.lat.step_time(r.model, tokens, n, k, True, split))
         return t
 
-    def degrees(self, r: Request) -> tuple[int, ...]:
-        return tuple(k for k in self.lat.degrees(r.model) if k <= self.cluster.num_gpus)
+    def configs(self, r: Request) -> tuple[tuple[int, bool], ...]:
+        """(GPUs, CFG split) a step of `r` can run on: every SP degree, and twice each for a
+        request under classifier-free guidance (its branches side by side)."""
+        n = self.cluster.num_gpus
+        split = self.lat.cfg_split_sizes(r.model) if r.shape[-1] else ()
+        return (tuple((k, False) for k in self.lat.degrees(r.model) if k <= n)
+                + tuple((k, True) for k in split if k <= n))
 
     def options(self, r: Request, batch: int) -> _Options:
         key = (r.shape, batch)
@@ -177,9 +182,9 @@ class _Costs:
         if hit is None:
             tokens = tokens_of(r)
             pts = []
-            for k in self.degrees(r):
+            for k, split in self.configs(r):
                 for n in range(1, batch + 1):
-                    t = self.step(r, tokens, n, k)
+                    t = self.step(r, tokens, n, k, split)
                     pts.append((t, k * t / n))
             hit = self._opts[key] = _Options(pts)
         return hit
@@ -195,7 +200,7 @@ class _Costs:
             return None
         tau = max(room / steps, opts.fastest) if steps > 0 else opts.fastest
         return Need(r, r.arrival, r.deadline, enc + dec + steps * opts.per_step(tau),
-                    max(self.degrees(r)))
+                    max(k for k, _ in self.configs(r)))
 
 
 def needs(requests: list[Request], cluster: Cluster, latency: LatencyModel) -> list[Need]:

@@ -43,6 +43,14 @@ class ModelSpec:
     # Tiny random-weight presets (tests, CPU): in the catalog so traces and profiles can name them,
     # left out of the default workload mixes.
     tiny: bool = False
+    # Mixture of denoising experts (Wan2.2 A14B): the high-noise transformer runs the steps whose
+    # timestep is >= boundary_ratio x 1000, the low-noise one the rest.  0: one transformer.
+    boundary_ratio: float = 0.0
+    # Takes an input image (image-to-video: the first frame), required or optional.
+    image_input: str = "none"  # "none" | "required" | "optional"
+    # No profile rows of its own: step times derived from this measured model of the same kind,
+    # scaled by per-token transformer FLOPs (`latency.py`); an estimate until measured.
+    estimate_from: str = ""
 
     def latent_frames(self, frames: int) -> int:
         return 1 if self.kind is Kind.IMAGE else (frames - 1) // self.vae_temporal + 1
@@ -99,6 +107,26 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     ModelSpec("wan2.1-14b", Kind.VIDEO, steps=50, cfg=True, heads=40, hidden=5120, layers=40,
               sizes=(_WAN_480P_81, _WAN_720P_81), default_sp_rule=((32760, 4), (math.inf, 8)),
               vae_temporal=4, max_frames=161, max_side=1280),
+    # Estimated step times until measured (`estimate_from`, see latency.py).  Qwen-Image: a 20B
+    # MMDiT of 60 double-stream blocks, Qwen2.5-VL text (3584 wide), true CFG.
+    ModelSpec("qwen-image", Kind.IMAGE, steps=50, cfg=True, heads=24, hidden=3072, layers=60,
+              sizes=((1024, 1024, 1), (1328, 1328, 1)), text_tokens=256, text_dim=3584,
+              estimate_from="flux-dev"),
+    # Wan2.2 A14B: two 14B experts of Wan2.1-14B's architecture, switched at boundary_ratio.
+    ModelSpec("wan2.2-a14b", Kind.VIDEO, steps=40, cfg=True, heads=40, hidden=5120, layers=40,
+              sizes=(_WAN_480P_81, _WAN_720P_81), default_sp_rule=((32760, 4), (math.inf, 8)),
+              vae_temporal=4, max_frames=161, max_side=1280, boundary_ratio=0.875,
+              estimate_from="wan2.1-14b"),
+    # Wan2.2 TI2V-5B: its own VAE (16x spatial, 48 channels), 720p at 24 fps; text or image in.
+    ModelSpec("wan2.2-ti2v-5b", Kind.VIDEO, steps=50, cfg=True, heads=24, hidden=3072,
+              layers=30, sizes=((1280, 704, 121),), default_sp_rule=((math.inf, 2),),
+              vae_spatial=16, latent_channels=48, vae_temporal=4, max_frames=241,
+              max_side=1280, image_input="optional", estimate_from="wan2.1-14b"),
+    # Wan2.1 I2V 14B (480p): the first frame from an image (CLIP image tokens and its latents).
+    ModelSpec("wan2.1-i2v-14b", Kind.VIDEO, steps=40, cfg=True, heads=40, hidden=5120,
+              layers=40, sizes=(_WAN_480P_81,), default_sp_rule=((math.inf, 4),),
+              vae_temporal=4, max_frames=161, max_side=1280, image_input="required",
+              estimate_from="wan2.1-14b"),
     # The tiny presets of genserve.models.presets (same geometry; steps as `generate` uses them).
     ModelSpec("tiny-t2i", Kind.IMAGE, steps=8, cfg=True, heads=4, hidden=32, layers=2,
               sizes=((64, 64, 1),), vae_spatial=2, latent_channels=4, text_tokens=109,
@@ -111,6 +139,11 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
               sizes=((32, 32, 9),), sp_degrees=(1, 2), vae_temporal=4, text_tokens=32,
               text_dim=32, min_side=16, max_side=512, max_frames=33, tiny=True),
 )}
+
+
+# The evaluation protocol's models (DESIGN.md): the default workload mix.  Others join a workload
+# through `--mix`.
+CANONICAL_MODELS = ("sd3-medium", "flux-dev", "wan2.1-1.3b", "wan2.1-14b")
 
 
 def get_model(name: str) -> ModelSpec:
@@ -139,4 +172,6 @@ def batch_key(model: str, height: int, width: int, frames: int, guidance: float)
 GENERATE_DEFAULTS = {"tiny-t2i": (64, 64, 1, 8), "tiny-flux": (64, 64, 1, 8),
                      "tiny-t2v": (32, 32, 9, 8),
                      "sd3-medium": (1024, 1024, 1, 28), "flux-dev": (1024, 1024, 1, 28),
-                     "wan2.1-1.3b": (480, 832, 81, 50), "wan2.1-14b": (480, 832, 81, 50)}
+                     "wan2.1-1.3b": (480, 832, 81, 50), "wan2.1-14b": (480, 832, 81, 50),
+                     "qwen-image": (1328, 1328, 1, 50), "wan2.2-a14b": (480, 832, 81, 40),
+                     "wan2.2-ti2v-5b": (704, 1280, 121, 50), "wan2.1-i2v-14b": (480, 832, 81, 40)}

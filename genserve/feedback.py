@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from .latency import LatencyModel
 
-StepKey = tuple[str, int, int, int, bool]  # model, tokens, requests in the batch, SP degree, cross
+# model, tokens, requests in the batch, GPUs, cross-node, CFG split (`LatencyModel.step_time`)
+StepKey = tuple[str, int, int, int, bool, bool]
 
 
 class LatencyView(LatencyModel):
@@ -45,9 +46,9 @@ class LatencyView(LatencyModel):
         return 1.0
 
     def step_time(self, model: str, tokens: int, n_requests: int = 1, sp: int = 1,
-                  cross_node: bool = False) -> float:
-        return (self.base.step_time(model, tokens, n_requests, sp, cross_node)
-                * self.factor((model, tokens, n_requests, sp, cross_node)))
+                  cross_node: bool = False, cfg_split: bool = False) -> float:
+        return (self.base.step_time(model, tokens, n_requests, sp, cross_node, cfg_split)
+                * self.factor((model, tokens, n_requests, sp, cross_node, cfg_split)))
 
 
 class Scaled(LatencyView):

@@ -90,11 +90,15 @@ class CostEstimates:
     # The engine's fixed cost per quantum (job round trip driver <-> worker).  Not measured for the
     # shipped profile, so 0 there; `genserve profile --workers N` measures it on the setup used.
     dispatch_s: float = 0.0
+    # CFG parallelism: the two branches exchange their noise predictions every step, a collective
+    # of two ranks (its latency; the bytes go over the link at its bandwidth).  An estimate.
+    cfg_exchange_s: float = 30e-6
 
     def validate(self) -> None:
         bad = [k for k, v in self.encode_s.items() if v < 0]
         if bad or min(self.default_encode_s, self.image_decode_s_per_mpix,
-                      self.video_decode_s_per_mpix, self.move_overhead_s, self.dispatch_s) < 0:
+                      self.video_decode_s_per_mpix, self.move_overhead_s, self.dispatch_s,
+                      self.cfg_exchange_s) < 0:
             raise ValueError(f"cost estimates must be >= 0 (negative: {bad or 'a scalar field'})")
 
 
@@ -157,6 +161,24 @@ class ModelProfile:
         return self.a2a_bytes_per_token * tokens * batch * (sp - 1) / sp**2 * self.layers
 
 
+def _estimated_rows(spec: ModelSpec, ref: ModelSpec, fwd_rows: list[dict], blk_rows: list[dict]
+                    ) -> tuple[list[dict], list[dict]]:
+    """Profile rows for `spec` from the measured rows of `ref`, a model of the same kind: the same
+    shapes, times scaled by per-token transformer FLOPs (layers x hidden^2: projections and MLP,
+    which dominate at these widths) and all-to-all bytes by the width.  An estimate: attention's
+    share, text tokens and kernels of a different shape are not in it."""
+    flops = (spec.layers * spec.hidden ** 2) / (ref.layers * ref.hidden ** 2)
+    width = spec.hidden / ref.hidden
+    blk = [{**r, "model": spec.name, "layers": spec.layers, "step_ms": r["step_ms"] * flops,
+            "block_ms": r.get("block_ms", 0.0) * flops * ref.layers / spec.layers,
+            "alltoall_bytes_per_layer_per_rank":
+                r.get("alltoall_bytes_per_layer_per_rank", 0) * width,
+            "estimated_from": ref.name} for r in blk_rows]
+    fwd = [{**r, "model": spec.name, "forward_ms": r["forward_ms"] * flops,
+            "estimated_from": ref.name} for r in fwd_rows]
+    return fwd, blk
+
+
 def _resolve_profile(profile: str | Path) -> tuple[Path | resources.abc.Traversable, str]:
     p = Path(profile)
     if p.is_dir():
@@ -194,11 +216,18 @@ class LatencyModel:
         ms = self.meta["forward"].get("dispatch_ms")
         self._dispatch = self.costs.dispatch_s if ms is None else ms / 1e3
         self.models: dict[str, ModelProfile] = {}
+        # Models whose step times are derived from another's measured rows: model -> that model.
+        self.estimated: dict[str, str] = {}
+        rows = {name: ([r for r in fwd["rows"] if r["model"] == name],
+                       [r for r in blk["rows"] if r["model"] == name]) for name in MODELS}
         for name, spec in MODELS.items():
-            brows = [r for r in blk["rows"] if r["model"] == name]
+            frows, brows = rows[name]
+            if not brows and spec.estimate_from and rows[spec.estimate_from][1]:
+                frows, brows = _estimated_rows(spec, MODELS[spec.estimate_from],
+                                               *rows[spec.estimate_from])
+                self.estimated[name] = spec.estimate_from
             if brows:
-                self.models[name] = ModelProfile(
-                    spec, [r for r in fwd["rows"] if r["model"] == name], brows)
+                self.models[name] = ModelProfile(spec, frows, brows)
         self._cache: dict[tuple, float] = {}
         self._degrees: dict[str, tuple[int, ...]] = {}
 
@@ -218,30 +247,47 @@ class LatencyModel:
         return hit
 
     def step_time(self, model: str, tokens: int, n_requests: int = 1, sp: int = 1,
-                  cross_node: bool = False) -> float:
-        key = (model, tokens, n_requests, sp, cross_node)
+                  cross_node: bool = False, cfg_split: bool = False) -> float:
+        """Seconds per denoising step of a batch on `sp` GPUs: Ulysses over all of them, or with
+        `cfg_split` the two CFG branches side by side, each at half the batch with Ulysses over
+        half the GPUs, plus the exchange of their noise predictions."""
+        key = (model, tokens, n_requests, sp, cross_node, cfg_split)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
         prof = self.profile_of(model)
-        if sp not in prof.degrees or sp not in prof.spec.sp_degrees:
-            raise ValueError(f"sp={sp}: {model} supports degrees {self.degrees(model)}")
+        k = sp // 2 if cfg_split else sp
+        if cfg_split and (not prof.spec.cfg or sp % 2):
+            why = "has no CFG branch" if not prof.spec.cfg else "needs an even count"
+            raise ValueError(f"cfg_split on {sp} GPUs: {model} {why}")
+        if k not in prof.degrees or k not in prof.spec.sp_degrees:
+            raise ValueError(f"sp={k}: {model} supports degrees {self.degrees(model)}")
         if n_requests < 1 or tokens < 1:
             raise ValueError(f"step_time needs n_requests >= 1 and tokens >= 1, got "
                              f"{n_requests}, {tokens}")
-        batch = n_requests * prof.spec.cfg_factor
-        t = prof.compute_s(tokens, batch, sp)
-        if sp > 1:
-            bw = self.bandwidth.cross_node if cross_node else self.bandwidth.intra_node
-            t += prof.alltoall_bytes(tokens, batch, sp) / bw
+        batch = n_requests * (1 if cfg_split else prof.spec.cfg_factor)
+        t = prof.compute_s(tokens, batch, k)
+        bw = self.bandwidth.cross_node if cross_node else self.bandwidth.intra_node
+        if k > 1:
+            t += prof.alltoall_bytes(tokens, batch, k) / bw
+        if cfg_split:
+            # A bf16 noise prediction per request: latent channels x (patch area) per token.
+            spec = prof.spec
+            nbytes = n_requests * tokens * spec.patch ** 2 * spec.latent_channels * 2
+            t += self.costs.cfg_exchange_s + nbytes / bw
         self._cache[key] = t
         return t
 
+    def cfg_split_sizes(self, model: str) -> tuple[int, ...]:
+        """GPU counts a CFG-split step of `model` can run on: twice its SP degrees (none for a
+        model without CFG)."""
+        return tuple(2 * k for k in self.degrees(model)) if self.profile_of(model).spec.cfg else ()
+
     def request_step_time(self, req: Request | GenSpec, n_requests: int = 1, sp: int = 1,
-                          cross_node: bool = False) -> float:
+                          cross_node: bool = False, cfg_split: bool = False) -> float:
         spec = get_model(req.model)
         return self.step_time(req.model, spec.tokens(req.height, req.width, req.frames),
-                              n_requests, sp, cross_node)
+                              n_requests, sp, cross_node, cfg_split)
 
     def encode_time(self, model: str) -> float:
         hit = self._encode_measured.get(model)

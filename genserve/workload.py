@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import MODELS, get_model
+from .catalog import CANONICAL_MODELS, MODELS, get_model
 from .latency import LatencyModel
 from .request import Kind, Request
 from .spec import GenSpec
@@ -62,7 +62,7 @@ def parse_mix(text: str) -> list[MixItem]:
 
 def default_mix(video_share: float, models: list[str] | None = None) -> list[MixItem]:
     """Each kind gets its share; inside a kind, models share equally, sizes equally per model."""
-    names = models or [n for n, m in MODELS.items() if not m.tiny]
+    names = models or list(CANONICAL_MODELS)
     items = []
     for kind, share in ((Kind.IMAGE, 1.0 - video_share), (Kind.VIDEO, video_share)):
         specs = [MODELS[n] for n in names if MODELS[n].kind is kind]

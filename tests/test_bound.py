@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genserve.bound import BoundConfig, _Options, needs, upper_bound
+from genserve.bound import BoundConfig, _Costs, _Options, needs, upper_bound
 from genserve.latency import LatencyModel
 from genserve.policies import Cluster, make_policy
 from genserve.policies.base import Assignment, Plan, Policy, SchedulerState, policy_names
+from genserve.policies.common import tokens_of
 from genserve.request import Kind, Request
 from genserve.sim import SimConfig, Simulator
 from genserve.spec import GenSpec
@@ -178,13 +179,32 @@ def test_the_hull_gives_the_cheapest_mix_of_two_options(points, frac):
 
 def test_needs_charge_the_deadline_not_only_the_cheapest_degree():
     # An SD3 1024 image due at 1.2x its time on 8 GPUs must run most steps on 8, which costs
-    # 2.3x the GPU-seconds of a step on one: its least work is well above a loose one's.
+    # 2.3x the GPU-seconds of a step on one (2.1x as a CFG split of 4 + 4): its least work is
+    # well above a loose one's.
     tight, loose = image(0, 0.0, 1.0), image(1, 0.0, 1.0)
     tight.deadline = 1.2 * LAT.standalone(tight, 8)
     loose.deadline = 10 * LAT.standalone(loose, 1)
     tight_need, loose_need = needs([tight, loose], Cluster(8), LAT)
-    assert tight_need.work > 1.5 * loose_need.work
+    assert tight_need.work > 1.35 * loose_need.work
     assert tight_need.rate == loose_need.rate == 8
+
+
+def test_cfg_split_configurations_are_options_of_the_bound():
+    """A CFG split is a way to run a step (genserve uses it), so the bound must price it: an
+    SD3 1024 image under CFG has 8-GPU split options, one without CFG (guidance 1) has none, and
+    a Wan 1.3B video (SP up to 4: 12 heads) may use 8 GPUs as a split of 4 + 4."""
+    costs = _Costs(Cluster(8), LAT)
+    cfg = image(0, 0.0, 1.0)
+    assert (8, True) in costs.configs(cfg) and (2, True) in costs.configs(cfg)
+    plain = Request("p", Kind.IMAGE, GenSpec("sd3-medium", 1024, 1024, steps=28, guidance=1.0),
+                    arrival=0.0, deadline=1.0)
+    assert not any(split for _, split in costs.configs(plain))
+    wan = Request("w", Kind.VIDEO, GenSpec("wan2.1-1.3b", 480, 832, 81, steps=50))
+    assert max(k for k, _ in costs.configs(wan)) == 8
+    # The fastest option of the bound is the split's step time where that is the fastest.
+    t = tokens_of(cfg)
+    assert costs.options(cfg, 1).fastest == pytest.approx(
+        LAT.step_time("sd3-medium", t, 1, 8, False, True))
 
 
 # ----- found by an adversarial run (each failed before its fix) -----
@@ -229,8 +249,6 @@ def test_epoch_scale_clocks_keep_requests_due_exactly_at_their_fastest():
 
 
 def test_batch_credit_reaches_the_profiles_largest_batch():
-    from genserve.bound import _Costs
-
     costs = _Costs(Cluster(1), LAT)
     prof = LAT.profile_of("sd3-medium")
     top = max(b for row in prof.f1.rows for b, _ in row)

@@ -112,8 +112,8 @@ def test_a_request_given_up_on_a_pessimistic_profile_is_served_once_corrected():
 
 @pytest.mark.parametrize("error", ["0.7", "1.3"])
 def test_correction_recovers_most_of_what_a_wrong_profile_loses(error):
-    wl = WorkloadConfig(rate=0.08, duration=3600, arrival="gamma", cv=2.0, video_share=0.5,
-                        slo_scale=1.5, seed=2)
+    wl = WorkloadConfig(rate=0.04, duration=3600, arrival="gamma", cv=2.0, video_share=0.5,
+                        slo_scale=2.0, seed=1)
     true = run_one(RunSpec(workload=wl), "genserve")["slo_attainment"]
     wrong = run_one(RunSpec(workload=wl, profile_error=error), "genserve")["slo_attainment"]
     fixed = run_one(RunSpec(workload=wl, profile_error=error, feedback=True),

@@ -96,9 +96,15 @@ def check_drained(res, reqs: list[Request], n_gpus: int) -> None:
         assert r.finish_time <= res.end_time + 1e-9
     assert res.busy_gpu_s >= 0
     assert res.busy_gpu_s <= n_gpus * res.end_time + 1e-6
-    # Each request needs at least its encode + all steps at its fastest degree + decode.
+    # Each request needs at least its encode + all steps at its fastest degree (or CFG split,
+    # under guidance) + decode.
     for r in reqs:
         fastest = min(LAT.standalone(r, k) for k in LAT.degrees(r.model))
+        if r.shape[-1]:
+            fastest = min([fastest] + [
+                LAT.standalone(r, 1) + r.steps * (LAT.request_step_time(r, 1, k, False, True)
+                                                  - LAT.request_step_time(r, 1, 1))
+                for k in LAT.cfg_split_sizes(r.model)])
         assert r.finish_time - r.arrival >= fastest - 1e-6
 
 

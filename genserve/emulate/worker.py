@@ -233,7 +233,7 @@ class EmuWorker:
             if not states:
                 break
             clock.charge(self.latency.request_step_time(states[0].spec, len(states),
-                                                        len(ranks), cross))
+                                                        len(ranks), cross, job.cfg_split))
             for s in states:
                 s.step()
         self.cancelled.difference_update(out.cancelled)

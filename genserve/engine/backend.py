@@ -160,7 +160,7 @@ class WorkerBackend(Backend):
         want = tuple(m.id for m in members if every and m.remaining_steps > a.steps
                      and (m.steps_done + a.steps) // every > m.steps_done // every)
         return Run(members[0].model, srcs, a.steps, want, self.output,
-                   self.checkpoint_dir if want else "")
+                   self.checkpoint_dir if want else "", cfg_split=a.cfg_split)
 
     def _source(self, r: Request, gpus: tuple[int, ...], now: float
                 ) -> Resident | Held | Incoming | Moved | Stored | New:

@@ -73,7 +73,14 @@ def validate_assignment(a: Assignment, free: set[int], queue: dict[str, Request]
         raise PlanError(f"incompatible batch {a.requests}: shapes differ")
     if a.steps > min(r.remaining_steps for r in members):
         raise PlanError(f"{a.steps} steps exceed a member's remaining steps in {a.requests}")
-    if len(a.gpus) not in latency.degrees(lead.model):
+    if a.cfg_split:
+        if not lead.shape[-1]:  # the batch key's CFG flag
+            raise PlanError(f"cfg_split for {a.requests}: {lead.model} at guidance "
+                            f"{lead.guidance:g} runs no unconditional branch")
+        if len(a.gpus) not in latency.cfg_split_sizes(lead.model):
+            raise PlanError(f"cfg_split on {len(a.gpus)} GPUs not allowed for {lead.model}: "
+                            f"{latency.cfg_split_sizes(lead.model)}")
+    elif len(a.gpus) not in latency.degrees(lead.model):
         raise PlanError(f"SP degree {len(a.gpus)} not allowed for {lead.model}")
     return members
 
@@ -89,9 +96,11 @@ def quantum_cost(a: Assignment, members: list[Request], cluster: Cluster,
 
 
 def step_key(a: Assignment, members: list[Request], cluster: Cluster) -> tuple:
-    """What a quantum's step time depends on: (model, tokens, batch, SP degree, cross-node)."""
+    """What a quantum's step time depends on: (model, tokens, batch, GPUs, cross-node, CFG
+    split), the arguments of `LatencyModel.step_time`."""
     lead = members[0]
-    return (lead.model, tokens_of(lead), len(members), len(a.gpus), cluster.spans_nodes(a.gpus))
+    return (lead.model, tokens_of(lead), len(members), len(a.gpus), cluster.spans_nodes(a.gpus),
+            a.cfg_split)
 
 
 def quantum_parts(a: Assignment, members: list[Request], cluster: Cluster,

@@ -8,7 +8,9 @@ no change to its output.
 Everything a request needs to resume lives in its `StepState`: latents, its own scheduler (diffusers
 schedulers are stateful, and multistep ones such as UniPC keep a history: we snapshot the whole
 `__dict__`, never share one scheduler between requests), prompt embeddings, guidance, and the
-generator state.  Classifier-free guidance is batch doubling: [uncond..., cond...].
+generator state.  Classifier-free guidance is batch doubling: [uncond..., cond...]; or, with a
+`CfgBranch` (CFG parallelism), this process runs one branch's half of that batch and swaps its
+noise prediction with the process that runs the other one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import copy
 import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -103,6 +105,21 @@ class StepState:
         self.scheduler_state = _to(self.scheduler_state, device)
         self.scheduler = None
         return self
+
+
+@dataclass(frozen=True)
+class CfgBranch:
+    """This process's part of a CFG-parallel step: it runs only the conditional (`cond`) or only
+    the unconditional branch, and `exchange` hands its noise prediction (full, already gathered
+    over its Ulysses group) to the process that runs the other branch and returns that one's.
+    Both then apply the same guidance and scheduler step, so their states stay identical."""
+
+    cond: bool
+    exchange: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def name(self) -> str:
+        return "cond" if self.cond else "uncond"
 
 
 def _to(obj: Any, device) -> Any:
@@ -196,11 +213,14 @@ class DiffusionAdapter(ABC):
         return states
 
     @torch.no_grad()
-    def step(self, states: list[StepState]) -> None:
+    def step(self, states: list[StepState], cfg: CfgBranch | None = None) -> None:
         """Advance every state by one denoising step; compatible states share one forward.
 
         States may be at different step positions: each brings its own timestep, and each
-        request's scheduler update runs on its own slice of the batched output.
+        request's scheduler update runs on its own slice of the batched output.  `cfg`: run one
+        branch of classifier-free guidance here and swap predictions with the other branch's
+        process (every state must use CFG: checked before any forward, so that a refusal never
+        leaves the peer waiting in an exchange).
         """
         groups: dict[tuple, list[StepState]] = {}
         for s in states:
@@ -208,45 +228,67 @@ class DiffusionAdapter(ABC):
                 raise ModelInputError("model", f"state of {s.model} given to {self.name}")
             if s.done:
                 raise ModelInputError("step_index", f"request {s.request_id} has no step left")
+            if cfg is not None and not s.cfg:
+                raise ModelInputError("cfg_split", f"request {s.request_id} has no "
+                                      f"classifier-free guidance to split ({self.name} at "
+                                      f"guidance {s.guidance:g}: guidance <= 1, or a "
+                                      "guidance-distilled model such as FLUX)")
             groups.setdefault(s.shape_key, []).append(s)
         for group in groups.values():
-            self._step_group(group)
+            self._step_group(group, cfg)
 
-    def _embeds(self, group: list[StepState]) -> dict[str, torch.Tensor]:
-        """Batched prompt embeddings ([uncond..., cond...] under CFG), reused while the batch
-        composition stays the same (they do not change between steps)."""
-        key = tuple(id(s.cond) for s in group)
+    def _embeds(self, group: list[StepState], branch: str | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Batched prompt embeddings ([uncond..., cond...] under CFG; one branch's alone with
+        `branch` "uncond" / "cond"), reused while the batch composition and branch stay the same
+        (they do not change between steps)."""
+        key = (branch, tuple(id(s.cond) for s in group))
         if self._emb_cache is not None and self._emb_cache[0] == key:
             return self._emb_cache[1]
-        parts = [s.cond for s in group]
-        if group[0].cfg:
-            parts = [s.uncond for s in group] + parts
+        if branch == "uncond":
+            parts = [s.uncond for s in group]
+        else:
+            parts = [s.cond for s in group]
+            if branch is None and group[0].cfg:
+                parts = [s.uncond for s in group] + parts
         emb = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
         self._emb_cache = (key, emb, group)  # holding `group` keeps the ids in the key alive
         return emb
 
-    def _step_group(self, group: list[StepState]) -> None:
+    def _step_group(self, group: list[StepState], cfg: CfgBranch | None = None) -> None:
         scheds = [self._live_scheduler(s) for s in group]
         lat = (group[0].latents if len(group) == 1
                else torch.cat([s.latents for s in group])).to(self.device)
         ts = torch.stack([sch.timesteps[s.step_index] for sch, s in zip(scheds, group)])
         ts = ts.to(self.device)
-        emb = self._embeds(group)
         if group[0].cfg:
-            out = self._forward(torch.cat([lat, lat]), torch.cat([ts, ts]), emb, group + group)
-            out_u, out_c = out.chunk(2)
+            if cfg is None:
+                emb = self._embeds(group)
+                out = self._forward(torch.cat([lat, lat]), torch.cat([ts, ts]), emb,
+                                    group + group)
+                out_u, out_c = out.chunk(2)
+            else:
+                out_u, out_c = self._branch_forward(lat, ts, group, cfg)
             if len({s.guidance for s in group}) == 1:
                 noise = out_u + group[0].guidance * (out_c - out_u)
             else:
-                shape = (len(group),) + (1,) * (out.dim() - 1)
-                g = torch.tensor([s.guidance for s in group], dtype=out.dtype,
-                                 device=out.device).view(shape)
+                shape = (len(group),) + (1,) * (out_u.dim() - 1)
+                g = torch.tensor([s.guidance for s in group], dtype=out_u.dtype,
+                                 device=out_u.device).view(shape)
                 noise = out_u + g * (out_c - out_u)
         else:
-            noise = self._forward(lat, ts, emb, group)
+            noise = self._forward(lat, ts, self._embeds(group), group)
         for i, (s, sch) in enumerate(zip(group, scheds)):
             s.latents = sch.step(noise[i:i + 1], ts[i], s.latents, return_dict=False)[0]
             s.step_index += 1
+
+    def _branch_forward(self, lat: torch.Tensor, ts: torch.Tensor, group: list[StepState],
+                        cfg: CfgBranch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unconditional, conditional) predictions: this branch's forward, the other's from the
+        peer.  Both processes end with the same two tensors, so the same guidance result."""
+        mine = self._forward(lat, ts, self._embeds(group, cfg.name), group)
+        theirs = cfg.exchange(mine)
+        return (theirs, mine) if cfg.cond else (mine, theirs)
 
     def _live_scheduler(self, s: StepState):
         if s.scheduler is None:

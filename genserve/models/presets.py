@@ -11,15 +11,13 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .base import DiffusionAdapter, ModelLoadError
 from .families import FluxAdapter, SD3Adapter, WanAdapter
 
-TINY = ("tiny-t2i", "tiny-t2v", "tiny-flux")
-REAL = {"sd3-medium": "sd3", "flux-dev": "flux", "wan2.1-1.3b": "wan", "wan2.1-14b": "wan"}
-PRESETS = TINY + tuple(REAL)
 
 
 def _clip_tokenizer():
@@ -152,6 +150,17 @@ def tiny_t2v(device="cpu") -> WanAdapter:
     return WanAdapter(pipe.to(device), "tiny-t2v", device, max_sequence_length=32)
 
 
+# Real presets: name -> family; a family is (diffusers pipeline class, adapter factory).  Families
+# of other modules register below.
+REAL = {"sd3-medium": "sd3", "flux-dev": "flux", "wan2.1-1.3b": "wan", "wan2.1-14b": "wan"}
+FAMILIES: dict[str, tuple[str, Callable[..., DiffusionAdapter]]] = {
+    "sd3": ("StableDiffusion3Pipeline", SD3Adapter), "flux": ("FluxPipeline", FluxAdapter),
+    "wan": ("WanPipeline", WanAdapter)}
+# Tiny presets: name -> builder(device).
+TINY_BUILDERS: dict[str, Callable[..., DiffusionAdapter]] = {
+    "tiny-t2i": tiny_t2i, "tiny-t2v": tiny_t2v, "tiny-flux": tiny_flux}
+
+
 def load_local(preset: str, path: str | os.PathLike, device="cpu",
                dtype: torch.dtype = torch.bfloat16) -> DiffusionAdapter:
     """A real preset from a local diffusers directory (model_index.json and its folders)."""
@@ -162,35 +171,36 @@ def load_local(preset: str, path: str | os.PathLike, device="cpu",
     if not (p / "model_index.json").is_file():
         raise ModelLoadError(f"model_path={str(path)!r}: no model_index.json; expected a "
                              f"diffusers checkpoint directory for {preset}")
-    family = REAL[preset]
+    pipe_name, factory = FAMILIES[REAL[preset]]
     try:
-        if family == "sd3":
-            from diffusers import StableDiffusion3Pipeline as Pipe
-        elif family == "flux":
-            from diffusers import FluxPipeline as Pipe
-        else:
-            from diffusers import WanPipeline as Pipe
-        pipe = Pipe.from_pretrained(p, local_files_only=True, dtype=dtype)
+        import diffusers
+
+        pipe = getattr(diffusers, pipe_name).from_pretrained(p, local_files_only=True,
+                                                             dtype=dtype)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"model_path={str(path)!r}: cannot load {preset}: {e}") from None
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
-    cls = {"sd3": SD3Adapter, "flux": FluxAdapter, "wan": WanAdapter}[family]
-    return cls(pipe, preset, device)
+    return factory(pipe, preset, device)
 
 
 def load_preset(name: str, model_path: str | None = None, device="cpu") -> DiffusionAdapter:
-    if name == "tiny-t2i":
-        return tiny_t2i(device)
-    if name == "tiny-t2v":
-        return tiny_t2v(device)
-    if name == "tiny-flux":
-        return tiny_flux(device)
+    build = TINY_BUILDERS.get(name)
+    if build is not None:
+        return build(device)
     if name in REAL:
         if model_path is None:
             raise ModelLoadError(f"model={name!r} needs --model-path DIR (a local diffusers "
                                  f"checkpoint; nothing is downloaded)")
         return load_local(name, model_path, device)
     raise ModelLoadError(f"model={name!r}: unknown preset; known: {', '.join(PRESETS)}")
+
+
+# ----- families in their own modules (each adds its tiny builders, real presets, family) -----
+# (one block per family below this line)
+
+
+TINY = tuple(TINY_BUILDERS)
+PRESETS = TINY + tuple(REAL)

@@ -153,6 +153,9 @@ class Run:
     want: tuple[str, ...] = ()
     output: OutputFormat | None = None
     save: str = ""
+    # CFG parallelism (`Assignment.cfg_split`): the lower half of the sorted ranks runs the
+    # unconditional branch, the upper half the conditional one, each with Ulysses inside its half.
+    cfg_split: bool = False
 
 
 @message

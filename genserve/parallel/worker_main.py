@@ -3,7 +3,10 @@
 A worker runs the messages of its inbox in order, on its main thread (`Worker.serve`), each by the
 handler of its type; a job (`Task.job`) likewise.  Every member of a job's group runs the same
 steps (the forward is sharded inside, see `sequence.py`), so every member keeps a full copy of
-each state it stepped, in `Store`.  A state leaves it when its request moves to another worker set
+each state it stepped, in `Store`.  A CFG-parallel run (`Run.cfg_split`, `cfg.py`) keeps that
+so: each half of the set runs one branch of classifier-free guidance sharded over the half, the
+two halves swap their predictions after every forward, and all members take the same scheduler
+step.  A state leaves it when its request moves to another worker set
 (straight to that set over torch.distributed, never through the driver: `transfer.py`), and goes
 to disk only when the engine asks (a checkpoint: written by the worker's `saver.Saver` thread,
 or, on a pool whose workers share no directory with the driver, sent to it as bytes).
@@ -37,17 +40,19 @@ import queue
 import threading
 import time
 import traceback
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from ..models.base import StepState
+from ..models.base import CfgBranch, StepState
 from ..spec import GenRequest
 from .protocol import (Cancel, Decode, Done, Drop, Fetch, Fetched, JobError, JobLost, MakeGroup,
                        Moved, New, Noop, Output, OutputFormat, Prepare, Profile, Ready,
                        Rendezvous, Resident, Restart, Run, RunResult, Shutdown, StartFailed, Steps,
                        Stored, Task, handler)
 from .protocol import Held, Incoming, SendState  # moves worker to worker (transfer.py)
+from .cfg import cfg_layout
 from .liveness import Pulse
 from .saver import Saver
 from .transfer import Links, Mover, Parcel, receive, share
@@ -351,14 +356,16 @@ class Worker:
         out = RunResult()
         states = self._take(job, ranks, out)
         adapter = self._adapter(job.model)
-        group = self._group_of(ranks)
+        group = self._group_of(ranks)  # every member's: broadcasts of states and cancels
         src = 0 if group is None else self.groups.world_rank(ranks[0])  # no world needed alone
-        with self.sps[adapter.name].use(group):
+        sp_group, branch = self._cfg_branch(ranks) if job.cfg_split else (group, None)
+        with self.sps[adapter.name].use(sp_group):
             for _ in range(job.steps):
                 states = _drop_cancelled(states, self.cancelled, src, group, out)
                 if not states:
                     break
-                states = _step(adapter, states, self.spec.faults, self.rank, len(ranks), out)
+                states = _step(adapter, states, self.spec.faults, self.rank, len(ranks), out,
+                               branch)
                 self._bump()
         done = [s for s in states if s.done]
         self.store.put([s for s in states if not s.done])
@@ -388,6 +395,14 @@ class Worker:
                     else:  # encoded apart; the result goes back now (see `Encoder`)
                         self._encode(s.request_id, array, job.output)
         return out
+
+    def _cfg_branch(self, ranks: tuple[int, ...]) -> tuple[object | None, CfgBranch]:
+        """A CFG-parallel run (`cfg_layout`): the Ulysses group of this rank's half (None: a
+        half of one), and its branch, which swaps predictions over its pair's group."""
+        layout = cfg_layout(ranks)
+        pair = self.groups.get(layout.pair(self.rank))
+        branch = CfgBranch(layout.is_cond(self.rank), partial(_swap, pair))
+        return self._group_of(layout.half(self.rank)), branch
 
     def _encode(self, rid: str, array, fmt: OutputFormat) -> None:
         # Images never queue behind a video's encode (seconds): a lane each.
@@ -503,14 +518,22 @@ def _drop_cancelled(states, cancelled: set, src: int, group, out: RunResult) -> 
     return keep
 
 
-def _step(adapter, states, faults: dict, rank: int, degree: int, out: RunResult
-          ) -> list[StepState]:
-    """One step of the batch; at degree 1 a failure is pinned on the request(s) that cause it."""
+def _swap(pair, mine: torch.Tensor) -> torch.Tensor:
+    """Give this branch's noise prediction to the other rank of `pair` and return that rank's."""
+    parts = [torch.empty_like(mine) for _ in range(2)]
+    dist.all_gather(parts, mine.contiguous(), group=pair)
+    return parts[1 - dist.get_rank(pair)]
+
+
+def _step(adapter, states, faults: dict, rank: int, degree: int, out: RunResult,
+          branch: CfgBranch | None = None) -> list[StepState]:
+    """One step of the batch; at degree 1 a failure is pinned on the request(s) that cause it
+    (a CFG-parallel step has a peer, so it is never at degree 1)."""
     before = {s.request_id: s.step_index for s in states}
     try:
         if faults:
             _inject(faults, states, rank)
-        adapter.step(states)
+        adapter.step(states, branch)
         return states
     except Exception as e:  # noqa: BLE001
         if degree > 1:
@@ -526,7 +549,7 @@ def _step(adapter, states, faults: dict, rank: int, degree: int, out: RunResult
             if s.step_index == before[s.request_id]:  # not advanced by the failed batch step
                 if faults:
                     _inject(faults, [s], rank)
-                adapter.step([s])
+                adapter.step([s], branch)
             keep.append(s)
         except Exception as e:  # noqa: BLE001
             out.failed[s.request_id] = _reason(e)

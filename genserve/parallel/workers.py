@@ -55,13 +55,14 @@ import shutil
 import time
 from multiprocessing.connection import wait as wait_for
 
+from .cfg import cfg_layout
 from .channel import Receiver, Sender
 from .liveness import Watch, start_process
 from .process import run_worker
 from .protocol import Heartbeat, SendState
 from .protocol import (JOBS, TO_DRIVER, Cancel, Decode, Done, Drop, Fetch, Fetched, Job, JobError,
                        JobLost, MakeGroup, Outcome, Output, Prepare, Ready, Rendezvous, Restart,
-                       Saved, Shutdown, StartFailed, Steps, Task, handler)
+                       Run, Saved, Shutdown, StartFailed, Steps, Task, handler)
 from .world import WorkerSpec, abandon
 
 # A worker silent, or running a job without progress, this long is declared hung (the pools'
@@ -293,24 +294,27 @@ class PoolBase:
 
     # ----- jobs -----
     def submit(self, ranks: tuple[int, ...], job: Job) -> int:
-        """Run `job` on the workers `ranks` (SP degree = their number); returns its id.  Does
-        not wait: see `finished` and `result`, or `wait`."""
+        """Run `job` on the workers `ranks` (SP degree = their number; half of it for a `Run`
+        with `cfg_split`, whose rank count must be even); returns its id.  Does not wait: see
+        `finished` and `result`, or `wait`."""
         if not isinstance(job, JOBS):
             raise TypeError(f"submit: a {type(job).__name__} is not a job (one of "
                             f"{', '.join(t.__name__ for t in JOBS)})")
         ranks = tuple(sorted(ranks))
         if not ranks or ranks[0] < 0 or ranks[-1] >= self.n or len(set(ranks)) != len(ranks):
             raise ValueError(f"ranks {ranks} are not distinct workers of 0..{self.n - 1}")
+        sets = _group_sets(ranks, job)  # before anything is sent: a bad layout is refused
         self._check_alive(ranks, "submit", memo=True)
         now, busy = time.monotonic(), {r for rs in self._running().values() for r in rs}
         for r in ranks:
             if r not in busy:  # idle until now: its progress is judged from now on
                 self._watch.restart_clock(r, now)
-        if len(ranks) > 1 and ranks not in self._made:
-            # First job of this set in this world: every member makes its group, in one order.
-            for r in self._members:
-                self._send(r, MakeGroup(ranks))
-            self._made.add(ranks)
+        for group in sets:
+            if group not in self._made:
+                # First job of this set in this world: every member makes its group, in one order.
+                for r in self._members:
+                    self._send(r, MakeGroup(group))
+                self._made.add(group)
         job_id = next(self._ids)
         self._jobs[job_id] = ranks
         task = Task(job_id, ranks, job)
@@ -473,6 +477,15 @@ class PoolBase:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _group_sets(ranks: tuple[int, ...], job: Job) -> tuple[tuple[int, ...], ...]:
+    """The process groups `job` on `ranks` needs, in the order they are made: the whole set's
+    (member broadcasts, cancels, Ulysses), then for a CFG-parallel run its halves and pairs."""
+    sets = (ranks,) if len(ranks) > 1 else ()
+    if isinstance(job, Run) and job.cfg_split:
+        sets += cfg_layout(ranks).groups()
+    return sets
 
 
 def _emulator_context():

@@ -51,11 +51,15 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Assignment:
-    """Run `steps` denoising steps of a batch of compatible requests on a GPU set (SP = len(gpus))."""
+    """Run `steps` denoising steps of a batch of compatible requests on a GPU set: Ulysses over all
+    of `gpus`, or with `cfg_split` the two branches of classifier-free guidance side by side, each
+    on half of the set (sorted: the lower half unconditional, the upper conditional) with Ulysses
+    inside the half, exchanging only the noise predictions every step."""
 
     gpus: tuple[int, ...]
     requests: tuple[str, ...]
     steps: int
+    cfg_split: bool = False
 
 
 @dataclass

@@ -30,6 +30,13 @@ phases (the method that does each in brackets):
 6. Boost (`_boost`): spare GPUs within the video share speed admitted videos up (Ulysses scales
    videos almost linearly, so this is nearly free in GPU time and buys slack for later preemptions).
 7. Best effort (`_best_effort`): demoted work runs on what is left beyond the reserve.
+8. CFG split (`_choose_cfg_split`): each assignment runs its GPUs the faster way for its batch.
+
+A degree above is a GPU count.  Under classifier-free guidance 2k GPUs can also run the two
+guidance branches side by side, each at half the batch with Ulysses degree k, exchanging only the
+noise predictions (`Assignment.cfg_split`): a second elastic dimension, chosen per step like the
+SP degree.  Each count is priced at the faster of the two ways (`_config`), and counts no faster
+than a smaller one are not used, so `need` stays the least GPU time that meets the deadline.
 
 Topology (`_take`, clusters of several nodes).  GPUs are placed inside one node (NVLink) when one
 has room.  When the degree a request wants fits in no node, SP spans nodes only if it pays: the
@@ -38,9 +45,9 @@ intra-node step time of the largest allowed degree that fits in one node, else t
 is taken inside one node (fewer GPUs and at least as fast).
 
 Mechanisms switch off for ablation: preempt (started videos always continue), elastic_sp (videos
-keep their default degree), batch, reserve, peak, hold, topology (topology-blind placement:
-lowest-index free GPUs, wherever they are); `video_order=admitted` places admitted videos first
-(least laxity first), then new ones lightest first.
+keep their default degree), cfg_split, batch, reserve, peak, hold, topology (topology-blind
+placement: lowest-index free GPUs, wherever they are); `video_order=admitted` places admitted
+videos first (least laxity first), then new ones lightest first.
 
 The phases pass `Candidate`s (a request, its shape's constants, the degree it needs now) and write
 into one `_Decision` (the free GPUs, the plan, the videos placed so far).  All the policy carries
@@ -51,7 +58,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..request import Kind, Request, Status
 from .base import (BEST_EFFORT, HELD_FOR_EARLIER, NO_GPU, NOT_ADMITTED, PREEMPTED_FOR_URGENT,
@@ -79,6 +86,7 @@ class GenServeParams:
     max_batch: int = 8
     be_step_s: float = 2.0          # longest step best-effort work takes, so it stays preemptible
     topology: bool = True           # node-aware placement (else lowest-index free GPUs)
+    cfg_split: bool = True          # CFG branches side by side on two GPU halves where faster
 
     def validate(self) -> None:
         problems = []
@@ -99,14 +107,26 @@ class _ShapeInfo:
     """Constants of one request shape on one cluster, computed once."""
 
     tokens: int
+    # GPU counts a step may run on, each strictly faster than every smaller one: SP degrees and,
+    # under classifier-free guidance, CFG splits (twice an SP degree), whichever is faster.
     degrees: tuple[int, ...]
-    # Seconds per step alone, by SP degree.  The engine's fixed cost of a quantum
+    # Seconds per step alone, by GPU count.  The engine's fixed cost of a quantum
     # (`LatencyModel.dispatch_time`) is in it for a video, which runs a step per quantum (a plan
     # without it finishes videos just late), and in `decode` for an image (one quantum).
     step: dict[int, float]
     decode: float
     encode: float
     fixed: int                 # default SP degree (used when elastic SP is off)
+
+
+def _faster_with_more(step: dict[int, float]) -> tuple[int, ...]:
+    """The GPU counts worth using: each strictly faster than every smaller count (a CFG split on
+    many GPUs may not be), ascending."""
+    out: list[int] = []
+    for k in sorted(step):
+        if not out or step[k] < step[out[-1]]:
+            out.append(k)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -192,17 +212,38 @@ class GenServe(Policy):
         inf = self.memory.shapes.get(key)
         if inf is None:
             lat = s.latency
-            degs = degrees_for(r, lat, s.cluster)
             t = tokens_of(r)
             video = r.kind is Kind.VIDEO
             per = lat.dispatch_time()
-            inf = _ShapeInfo(t, degs, {k: lat.step_time(r.model, t, 1, k) + video * per
-                                       for k in degs},
+            step = {k: self._config(r, lat, t, 1, k, False)[0] + video * per
+                    for k in self._counts(r, lat, s.cluster)}
+            inf = _ShapeInfo(t, _faster_with_more(step), step,
                              lat.decode_time(r.model, r.height, r.width, r.frames)
                              + (not video) * per,
                              lat.encode_time(r.model), default_sp(r, lat, s.cluster))
             self.memory.shapes[key] = inf
         return inf
+
+    def _split_ok(self, r: Request) -> bool:
+        return self.settings.cfg_split and r.shape[-1]  # the batch key's CFG flag
+
+    def _counts(self, r: Request, lat, cluster: Cluster) -> list[int]:
+        """GPU counts a step of `r` can run on within the cluster, ascending."""
+        counts = set(degrees_for(r, lat, cluster))
+        if self._split_ok(r):
+            counts.update(k for k in lat.cfg_split_sizes(r.model) if k <= cluster.num_gpus)
+        return sorted(counts)
+
+    def _config(self, r: Request, lat, tokens: int, n: int, k: int, cross: bool
+                ) -> tuple[float, bool]:
+        """The faster way to run a step of `n` requests like `r` on `k` GPUs: (seconds, CFG
+        split).  Ulysses where k is an SP degree, the CFG split where k is twice one."""
+        options = []
+        if k in lat.degrees(r.model):
+            options.append((lat.step_time(r.model, tokens, n, k, cross), False))
+        if self._split_ok(r) and k in lat.cfg_split_sizes(r.model):
+            options.append((lat.step_time(r.model, tokens, n, k, cross, True), True))
+        return min(options)
 
     def _fin(self, r: Request, inf: _ShapeInfo) -> float:
         return inf.decode + (inf.encode if r.steps_done == 0 else 0.0)
@@ -298,6 +339,7 @@ class GenServe(Policy):
             self._boost(d)
         d.plan.assignments.extend(p.assignment for p in d.planned)
         self._best_effort(hopeless, d)
+        self._choose_cfg_split(d)
         if d.wake:
             d.plan.wake_at = min(d.wake)
         return d.plan
@@ -373,8 +415,8 @@ class GenServe(Policy):
             if n > self.settings.max_batch:
                 continue
             k, cross = len(b.gpus), s.cluster.spans_nodes(b.gpus)  # a spanning batch pays more
-            t_new = lat.step_time(r.model, b.tokens, n, k, cross)
-            t_cur = lat.step_time(r.model, b.tokens, n - 1, k, cross)
+            t_new = self._config(r, lat, b.tokens, n, k, cross)[0]
+            t_cur = self._config(r, lat, b.tokens, n - 1, k, cross)[0]
             cheap = (t_new - t_cur) <= 0.25 * c.info.step.get(k, t_new)
             if not cheap and len(d.pool) > 0:
                 continue
@@ -569,6 +611,21 @@ class GenServe(Policy):
             plan.assignments.append(Assignment(gpus, (r.id,), steps))
             idle_system = False
 
+    def _choose_cfg_split(self, d: _Decision) -> None:
+        """Each assignment runs its GPUs the faster way for its batch: Ulysses over all of them or
+        the two CFG branches side by side (the GPU counts were chosen by the fastest way alone;
+        for a batch the other may win)."""
+        s, lat = d.s, d.s.latency
+        by_id = {r.id: r for r in s.queue}
+        for i, a in enumerate(d.plan.assignments):
+            lead = by_id[a.requests[0]]
+            if not self._split_ok(lead):
+                continue
+            split = self._config(lead, lat, tokens_of(lead), len(a.requests), len(a.gpus),
+                                 s.cluster.spans_nodes(a.gpus))[1]
+            if split:
+                d.plan.assignments[i] = replace(a, cfg_split=True)
+
     def _take(self, r: Request, inf: _ShapeInfo, k: int, pool: GpuPool, s: SchedulerState
               ) -> tuple[int, ...] | None:
         """Take `k` GPUs for `r`, spanning nodes only if it pays.
@@ -582,7 +639,7 @@ class GenServe(Policy):
         if not self.settings.topology or len(pool) < k or pool.max_in_node() >= k:
             return pool.take(k, prefer=r.gpus)  # blind, no room at all, or fits in one node
         inside = [g for g in self._options(r, inf) if g <= pool.max_in_node()]
-        if inside and not (s.latency.step_time(r.model, inf.tokens, 1, k, cross_node=True)
+        if inside and not (self._config(r, s.latency, inf.tokens, 1, k, True)[0]
                            < inf.step[inside[-1]]):
             return pool.take(inside[-1], prefer=r.gpus)
         return pool.take(k, prefer=r.gpus)  # spanning is faster (or the only degree allowed)
