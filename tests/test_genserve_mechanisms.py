@@ -187,3 +187,63 @@ def test_light_load_images_are_not_starved_by_a_held_video():
                         slo_scale=1.5, seed=7)
     got = run_one(RunSpec(workload=wl, gpus=8), "genserve")
     assert got["image"]["slo_attainment"] >= 0.99, got["image"]
+
+
+def test_a_video_beyond_its_sp_degrees_runs_as_a_cfg_split():
+    """Wan2.1 1.3B has 12 heads: Ulysses stops at 4 GPUs.  Due faster than 4 GPUs can make it, it
+    still makes it as a CFG split on 8 (each branch on 4): a second elastic dimension.  Without
+    CFG parallelism it is past saving and runs best effort."""
+    v = video("v", model="wan2.1-1.3b")
+    split8 = LAT.standalone(v, 1) + v.steps * (LAT.request_step_time(v, 1, 8, False, True)
+                                               - LAT.request_step_time(v, 1, 1))
+    v.deadline = split8 + 0.2  # no slack: only 8 GPUs make it
+    assert v.deadline < LAT.standalone(v, 4)
+    plan = make_policy("genserve").schedule(st(8, [v]))
+    (a,) = plan.assignments
+    assert (len(a.gpus), a.cfg_split) == (8, True)
+    off = make_policy("genserve:cfg_split=false").schedule(st(8, [v]))
+    assert off.reasons["v"] == BEST_EFFORT and not any(x.cfg_split for x in off.assignments)
+
+
+def test_cfg_split_is_chosen_only_where_it_is_faster_and_never_without_cfg():
+    """SD3 1024 on 8 GPUs: the split (4 + 4) beats Ulysses 8 in the profile, so a tight image
+    takes it; the same image at guidance 1 (no unconditional branch) and a FLUX image (guidance-
+    distilled) never split; every split plan passes the executor's checks."""
+    from genserve.executor.quanta import validate_assignment
+
+    def tight(rid, model="sd3-medium", guidance=5.0):
+        spec = get_model(model)
+        r = Request(rid, spec.kind, GenSpec(model, 1024, 1024, steps=spec.steps,
+                                            guidance=guidance))
+        r.deadline = 1.05 * LAT.standalone(r, 8)
+        return r
+
+    t = get_model("sd3-medium").tokens(1024, 1024)
+    assert LAT.step_time("sd3-medium", t, 1, 8, False, True) < LAT.step_time("sd3-medium", t, 1, 8)
+    for r, split in ((tight("cfg"), True), (tight("plain", guidance=1.0), False),
+                     (tight("flux", model="flux-dev"), False)):
+        plan = make_policy("genserve").schedule(st(8, [r]))
+        (a,) = plan.assignments
+        assert a.cfg_split is split, (r.id, a)
+        validate_assignment(a, set(range(8)), {r.id: r}, LAT)
+
+
+def test_late_images_may_use_the_image_reserve():
+    """Images past saving queued behind each other with GPUs idle: the reserve kept them off
+    (p50 latency 140x standalone at SLO 0.5 under load).  Now a late image runs on any free GPU;
+    a late video still leaves the reserve alone."""
+    late = [image(f"i{n}", deadline=0.01) for n in range(3)]
+    busy = video("busy")
+    busy.start(0.0, (0, 1, 2, 3, 4))
+    inflight = [InFlight((0, 1, 2, 3, 4), ("busy",), 5.0)]
+    burst = [image(f"b{n}", arrival=1.0, deadline=2.0) for n in range(6)]
+    pol = make_policy("genserve")
+    pol.schedule(st(8, burst, now=1.0))  # a burst sets the reserve for the window
+    state = st(8, late, now=1.0, free=(5, 6, 7), inflight=inflight, running=[busy])
+    assert pol.reserve(state) >= 3
+    plan = pol.schedule(state)
+    assert {x.requests[0] for x in plan.assignments} == {"i0", "i1", "i2"}
+    old = make_policy("genserve:late_images=false")
+    old.schedule(st(8, burst, now=1.0))
+    assert old.schedule(st(8, late, now=1.0, free=(5, 6, 7), inflight=inflight,
+                            running=[busy])).assignments == []

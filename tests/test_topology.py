@@ -14,6 +14,7 @@ from genserve.latency import Bandwidth, LatencyModel
 from genserve.metrics import summarize
 from genserve.policies import Cluster, SchedulerState, make_policy
 from genserve.policies.common import GpuPool
+from genserve.policies.shapes import gpu_config, shape_info
 from genserve.request import Request
 from genserve.sim import Simulator
 from genserve.workload import WorkloadConfig, generate
@@ -205,10 +206,10 @@ def _check_rule(decisions, lat: LatencyModel) -> tuple[int, int]:
             if most >= k:
                 assert not C4x8.spans_nodes(gpus), "spanned although a node had room"
                 continue
-            degs = [x for x in lat.degrees(r.model) if x <= C4x8.num_gpus]
-            inside = max(x for x in degs if x <= most)
-            pays = (lat.request_step_time(r, 1, k, cross_node=True)
-                    < lat.request_step_time(r, 1, inside))
+            # GPU counts as genserve prices them: Ulysses or a CFG split, the faster.
+            inf = shape_info(r, lat, C4x8, cfg_split=True)
+            inside = max(x for x in inf.degrees if x <= most)
+            pays = gpu_config(r, lat, inf.tokens, 1, k, True, True)[0] < inf.step[inside]
             if C4x8.spans_nodes(gpus):
                 assert pays and len(gpus) == k, (r.id, k, before)
                 spanned += 1

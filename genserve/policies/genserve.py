@@ -29,7 +29,8 @@ phases (the method that does each in brackets):
    reserve until it is critical, like any other.
 6. Boost (`_boost`): spare GPUs within the video share speed admitted videos up (Ulysses scales
    videos almost linearly, so this is nearly free in GPU time and buys slack for later preemptions).
-7. Best effort (`_best_effort`): demoted work runs on what is left beyond the reserve.
+7. Best effort (`_best_effort`): demoted work runs on what is left beyond the reserve (a late
+   image may use the reserve: it is for images, and idle it starved them).
 8. CFG split (`_choose_cfg_split`): each assignment runs its GPUs the faster way for its batch.
 
 A degree above is a GPU count.  Under classifier-free guidance 2k GPUs can also run the two
@@ -63,7 +64,8 @@ from dataclasses import dataclass, field, replace
 from ..request import Kind, Request, Status
 from .base import (BEST_EFFORT, HELD_FOR_EARLIER, NO_GPU, NOT_ADMITTED, PREEMPTED_FOR_URGENT,
                    Assignment, Cluster, Plan, Policy, SchedulerState, register, typed_params)
-from .common import GpuPool, default_sp, degrees_for, tokens_of
+from .common import GpuPool, tokens_of
+from .shapes import ShapeInfo, gpu_config, shape_info
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class GenServeParams:
     be_step_s: float = 2.0          # longest step best-effort work takes, so it stays preemptible
     topology: bool = True           # node-aware placement (else lowest-index free GPUs)
     cfg_split: bool = True          # CFG branches side by side on two GPU halves where faster
+    late_images: bool = True        # images past saving may use the image reserve
 
     def validate(self) -> None:
         problems = []
@@ -102,39 +105,12 @@ class GenServeParams:
             raise ValueError("policy genserve: " + "; ".join(problems))
 
 
-@dataclass
-class _ShapeInfo:
-    """Constants of one request shape on one cluster, computed once."""
-
-    tokens: int
-    # GPU counts a step may run on, each strictly faster than every smaller one: SP degrees and,
-    # under classifier-free guidance, CFG splits (twice an SP degree), whichever is faster.
-    degrees: tuple[int, ...]
-    # Seconds per step alone, by GPU count.  The engine's fixed cost of a quantum
-    # (`LatencyModel.dispatch_time`) is in it for a video, which runs a step per quantum (a plan
-    # without it finishes videos just late), and in `decode` for an image (one quantum).
-    step: dict[int, float]
-    decode: float
-    encode: float
-    fixed: int                 # default SP degree (used when elastic SP is off)
-
-
-def _faster_with_more(step: dict[int, float]) -> tuple[int, ...]:
-    """The GPU counts worth using: each strictly faster than every smaller count (a CFG split on
-    many GPUs may not be), ascending."""
-    out: list[int] = []
-    for k in sorted(step):
-        if not out or step[k] < step[out[-1]]:
-            out.append(k)
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class Candidate:
     """A request that can still meet its deadline, at one decision point."""
 
     request: Request
-    info: _ShapeInfo
+    info: ShapeInfo
     sp: int  # the degree it needs now (least that meets the deadline; a pinned video: its own)
 
 
@@ -176,7 +152,7 @@ class _Memory:
 
     calls: int = 0
     # Per-shape constants: a cache, valid for `cluster` only.
-    shapes: dict[tuple, _ShapeInfo] = field(default_factory=dict)
+    shapes: dict[tuple, ShapeInfo] = field(default_factory=dict)
     cluster: Cluster | None = None
     latency_version: int = 0  # a self-correcting latency model's (`genserve.feedback`)
     # Images that arrived within the window, for the mean image load.
@@ -206,54 +182,27 @@ class GenServe(Policy):
         self.memory = _Memory()
 
     # ----- per-request facts -----
-    def info(self, r: Request, s: SchedulerState) -> _ShapeInfo:
+    def info(self, r: Request, s: SchedulerState) -> ShapeInfo:
         # Everything here depends on the shape (and the cluster, checked once per decision).
-        key = r.shape
-        inf = self.memory.shapes.get(key)
+        inf = self.memory.shapes.get(r.shape)
         if inf is None:
-            lat = s.latency
-            t = tokens_of(r)
-            video = r.kind is Kind.VIDEO
-            per = lat.dispatch_time()
-            step = {k: self._config(r, lat, t, 1, k, False)[0] + video * per
-                    for k in self._counts(r, lat, s.cluster)}
-            inf = _ShapeInfo(t, _faster_with_more(step), step,
-                             lat.decode_time(r.model, r.height, r.width, r.frames)
-                             + (not video) * per,
-                             lat.encode_time(r.model), default_sp(r, lat, s.cluster))
-            self.memory.shapes[key] = inf
+            inf = self.memory.shapes[r.shape] = shape_info(r, s.latency, s.cluster,
+                                                           self.settings.cfg_split)
         return inf
-
-    def _split_ok(self, r: Request) -> bool:
-        return self.settings.cfg_split and r.shape[-1]  # the batch key's CFG flag
-
-    def _counts(self, r: Request, lat, cluster: Cluster) -> list[int]:
-        """GPU counts a step of `r` can run on within the cluster, ascending."""
-        counts = set(degrees_for(r, lat, cluster))
-        if self._split_ok(r):
-            counts.update(k for k in lat.cfg_split_sizes(r.model) if k <= cluster.num_gpus)
-        return sorted(counts)
 
     def _config(self, r: Request, lat, tokens: int, n: int, k: int, cross: bool
                 ) -> tuple[float, bool]:
-        """The faster way to run a step of `n` requests like `r` on `k` GPUs: (seconds, CFG
-        split).  Ulysses where k is an SP degree, the CFG split where k is twice one."""
-        options = []
-        if k in lat.degrees(r.model):
-            options.append((lat.step_time(r.model, tokens, n, k, cross), False))
-        if self._split_ok(r) and k in lat.cfg_split_sizes(r.model):
-            options.append((lat.step_time(r.model, tokens, n, k, cross, True), True))
-        return min(options)
+        return gpu_config(r, lat, tokens, n, k, cross, self.settings.cfg_split)
 
-    def _fin(self, r: Request, inf: _ShapeInfo) -> float:
+    def _fin(self, r: Request, inf: ShapeInfo) -> float:
         return inf.decode + (inf.encode if r.steps_done == 0 else 0.0)
 
-    def _options(self, r: Request, inf: _ShapeInfo) -> tuple[int, ...]:
+    def _options(self, r: Request, inf: ShapeInfo) -> tuple[int, ...]:
         if r.kind is Kind.VIDEO and not self.settings.elastic_sp:
             return (inf.fixed,)
         return inf.degrees
 
-    def need(self, r: Request, inf: _ShapeInfo, now: float) -> int | None:
+    def need(self, r: Request, inf: ShapeInfo, now: float) -> int | None:
         """Least SP degree that meets the deadline if the request runs from now on."""
         left = r.deadline - now - self._fin(r, inf)
         rem = r.remaining_steps
@@ -262,7 +211,7 @@ class GenServe(Policy):
                 return k
         return None
 
-    def laxity(self, r: Request, inf: _ShapeInfo, now: float) -> float:
+    def laxity(self, r: Request, inf: ShapeInfo, now: float) -> float:
         """Seconds the request can still wait and then meet its deadline at its fastest degree."""
         k = self._options(r, inf)[-1]
         return r.deadline - now - self._fin(r, inf) - r.remaining_steps * inf.step[k]
@@ -583,15 +532,20 @@ class GenServe(Policy):
             p.assignment = a
 
     def _best_effort(self, hopeless: list[Request], d: _Decision) -> None:
-        """Demoted requests use GPUs beyond the reserve; with nothing else running, any GPU."""
+        """Demoted requests use GPUs beyond the reserve (images: any); with nothing else running,
+        any GPU."""
         s, pool, plan = d.s, d.pool, d.plan
         idle_system = not s.inflight and not plan.assignments
-        if not hopeless or (len(pool) <= d.reserve and not idle_system):
+        # An image past saving still wants its result soon: it may use the image reserve (left
+        # idle otherwise, it starved late images behind a queue of feasible ones for minutes).
+        late_images = self.settings.late_images and any(r.kind is Kind.IMAGE for r in hopeless)
+        if not hopeless or (len(pool) <= d.reserve and not idle_system and not late_images):
             return
         hopeless.sort(key=lambda r: (r.remaining_steps * self.info(r, s).step[1], r.id))
         for r in hopeless:
             inf = self.info(r, s)
-            spare = len(pool) if idle_system else len(pool) - d.reserve
+            spare = len(pool) if idle_system or (
+                self.settings.late_images and r.kind is Kind.IMAGE) else len(pool) - d.reserve
             if spare <= 0:
                 break
             opts = [k for k in self._options(r, inf) if k <= spare]
@@ -619,14 +573,14 @@ class GenServe(Policy):
         by_id = {r.id: r for r in s.queue}
         for i, a in enumerate(d.plan.assignments):
             lead = by_id[a.requests[0]]
-            if not self._split_ok(lead):
+            if not (self.settings.cfg_split and lead.shape[-1]):
                 continue
             split = self._config(lead, lat, tokens_of(lead), len(a.requests), len(a.gpus),
                                  s.cluster.spans_nodes(a.gpus))[1]
             if split:
                 d.plan.assignments[i] = replace(a, cfg_split=True)
 
-    def _take(self, r: Request, inf: _ShapeInfo, k: int, pool: GpuPool, s: SchedulerState
+    def _take(self, r: Request, inf: ShapeInfo, k: int, pool: GpuPool, s: SchedulerState
               ) -> tuple[int, ...] | None:
         """Take `k` GPUs for `r`, spanning nodes only if it pays.
 
