@@ -138,6 +138,27 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     ModelSpec("tiny-t2v", Kind.VIDEO, steps=8, cfg=True, heads=2, hidden=24, layers=2,
               sizes=((32, 32, 9),), sp_degrees=(1, 2), vae_temporal=4, text_tokens=32,
               text_dim=32, min_side=16, max_side=512, max_frames=33, tiny=True),
+    # Wan2.1 I2V's twin (genserve.models.i2v): tiny-t2v's geometry, an image in; its text is
+    # padded to 512 tokens (the I2V attention finds the image tokens by that length).
+    ModelSpec("tiny-i2v", Kind.VIDEO, steps=8, cfg=True, heads=2, hidden=24, layers=2,
+              sizes=((32, 32, 9),), sp_degrees=(1, 2), vae_temporal=4, text_tokens=512,
+              text_dim=32, min_side=16, max_side=512, max_frames=33, tiny=True,
+              image_input="required"),
+    # Qwen-Image's twin (genserve.models.qwen): its 8x VAE, 16 channels and 2x2 patches; text
+    # tokens are the prompt's bytes plus the template's tail (13).
+    ModelSpec("tiny-qwen", Kind.IMAGE, steps=8, cfg=True, heads=4, hidden=32, layers=2,
+              sizes=((64, 64, 1),), text_tokens=32, text_dim=32, min_side=16, max_side=512,
+              tiny=True),
+    # Wan2.2 twins (genserve.models.wan22): tiny-t2v's geometry with two experts; and TI2V's
+    # 16x VAE with 48 channels (32 px per token side).
+    ModelSpec("tiny-wan22", Kind.VIDEO, steps=8, cfg=True, heads=2, hidden=24, layers=2,
+              sizes=((32, 32, 9),), sp_degrees=(1, 2), vae_temporal=4, text_tokens=32,
+              text_dim=32, min_side=16, max_side=512, max_frames=33, tiny=True,
+              boundary_ratio=0.875),
+    ModelSpec("tiny-ti2v", Kind.VIDEO, steps=8, cfg=True, heads=2, hidden=24, layers=2,
+              sizes=((64, 64, 9),), sp_degrees=(1, 2), vae_spatial=16, latent_channels=48,
+              vae_temporal=4, text_tokens=32, text_dim=32, min_side=32, max_side=512,
+              max_frames=33, tiny=True),
 )}
 
 
@@ -170,7 +191,9 @@ def batch_key(model: str, height: int, width: int, frames: int, guidance: float)
 # Shape and steps a request gets when it names none: (height, width, frames, steps) per preset
 # (`genserve generate`, the HTTP API).
 GENERATE_DEFAULTS = {"tiny-t2i": (64, 64, 1, 8), "tiny-flux": (64, 64, 1, 8),
-                     "tiny-t2v": (32, 32, 9, 8),
+                     "tiny-t2v": (32, 32, 9, 8), "tiny-i2v": (32, 32, 9, 8),
+                     "tiny-wan22": (32, 32, 9, 8), "tiny-ti2v": (64, 64, 9, 8),
+                     "tiny-qwen": (64, 64, 1, 8),
                      "sd3-medium": (1024, 1024, 1, 28), "flux-dev": (1024, 1024, 1, 28),
                      "wan2.1-1.3b": (480, 832, 81, 50), "wan2.1-14b": (480, 832, 81, 50),
                      "qwen-image": (1328, 1328, 1, 50), "wan2.2-a14b": (480, 832, 81, 40),

@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from .catalog import GENERATE_DEFAULTS
+from .catalog import CANONICAL_MODELS, GENERATE_DEFAULTS, MODELS
+from .kinds import Kind
 from .experiment import (ABLATIONS, BOUND, DEFAULT_POLICIES, RunSpec, plot_sweep,
                          requests_for, run_many, sweep)
 from .policies import make_policy, policy_names
@@ -202,9 +203,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     req = GenRequest("cli", GenSpec(
         a.model, pick(a.height, h), pick(a.width, w), frames=pick(a.frames, f),
-        steps=pick(a.steps, st), guidance=pick(a.guidance, 3.5 if "flux" in a.model else 5.0),
-        seed=a.seed, prompt=a.prompt))
-    video = a.model in ("tiny-t2v", "wan2.1-1.3b", "wan2.1-14b")
+        steps=pick(a.steps, st), guidance=pick(a.guidance, 5.0 if MODELS[a.model].cfg else 3.5),
+        seed=a.seed, prompt=a.prompt,
+        image=_image_arg(a.image, pick(a.width, w), pick(a.height, h))))
+    video = MODELS[a.model].kind is Kind.VIDEO
     want = ".mp4" if video else ".png"
     if not a.out.lower().endswith(want):
         raise ValueError(f"--out {a.out!r}: {a.model} makes {'videos' if video else 'images'}; "
@@ -229,6 +231,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _image_arg(path: str | None, width: int, height: int) -> str:
+    """`--image FILE` as `GenSpec.image`: checked and fitted to the size as the server does."""
+    if path is None:
+        return ""
+    from .input_image import InputImageError, encode, normalize
+
+    try:
+        with open(path, "rb") as fh:
+            return encode(normalize(fh.read(), width, height))
+    except (OSError, InputImageError) as e:
+        raise ValueError(f"--image {path!r}: {e}") from None
+
+
 def _generate_sp(req, a: argparse.Namespace, bar):
     """`--sp K`: K worker processes, every step sharded over all of them (Ulysses)."""
     from .parallel.workers import WorkerError, WorkerLost, WorkerPool
@@ -248,6 +263,13 @@ def _generate_sp(req, a: argparse.Namespace, bar):
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
+    if a.show:
+        from .latency import LatencyModel, describe
+
+        print(describe(LatencyModel(a.show)))
+        return 0
+    if not a.out:
+        raise ValueError("--out is required to measure (or --show PROFILE to print one)")
     from .models import ModelInputError, ModelLoadError
     from .parallel.workers import WorkerError, WorkerLost, WorkerPool
     from .profiler import profile, profile_workers, write_profile
@@ -437,7 +459,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 # What `--emulate` serves by default: the real models of the catalog.
-EMULATED_MODELS = ("sd3-medium", "flux-dev", "wan2.1-1.3b", "wan2.1-14b")
+EMULATED_MODELS = CANONICAL_MODELS  # by default; --models names any other real one
 
 
 def _add_emulate(p: argparse.ArgumentParser) -> None:
@@ -545,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
     gen.add_argument("--frames", type=int, help="video frames (4k+1)")
+    gen.add_argument("--image", metavar="FILE",
+                     help="input image (PNG, JPEG, WebP) of an image-to-video model: the first "
+                          "frame, fitted to the size (scaled to cover, centre-cropped)")
     gen.add_argument("--guidance", type=float,
                      help="guidance scale (default 5; FLUX 3.5; <= 1 turns CFG off)")
     gen.add_argument("--model-path", help="local diffusers checkpoint directory (real presets)")
@@ -558,7 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure step latencies here; write a profile directory")
     pr.add_argument("--models", default="tiny-t2i,tiny-t2v",
                     help="comma-separated presets (default: the tiny ones, on CPU)")
-    pr.add_argument("--out", required=True, help="output directory (for --profile)")
+    pr.add_argument("--out", help="output directory (for --profile)")
+    pr.add_argument("--show", metavar="PROFILE",
+                    help="print a profile's step times (a shipped name such as h200, or a "
+                         "directory), marking the estimated ones, and measure nothing")
     pr.add_argument("--name", default="local", help="file name prefix (default: local)")
     pr.add_argument("--batches", default="1,2,4,8", help="transformer batch sizes")
     pr.add_argument("--reps", type=int, default=5)

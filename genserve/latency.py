@@ -318,3 +318,26 @@ class LatencyModel:
         """Seconds for `req` alone on `sp` GPUs of one node: encode, all steps, decode."""
         return (self.encode_time(req.model) + req.steps * self.request_step_time(req, 1, sp)
                 + self.decode_time(req.model, req.height, req.width, req.frames))
+
+
+def describe(lat: LatencyModel) -> str:
+    """The step-time table a policy plans with, per model and served size: seconds per step of one
+    request on each SP degree and as a CFG split, and where the numbers come from (measured, or
+    estimated from another model's rows: `ModelSpec.estimate_from`)."""
+    lines = [f"profile {lat.meta['profile']}: seconds per denoising step, one request "
+             "(CFG split: the two guidance branches on two halves of the GPUs)"]
+    for name, prof in lat.models.items():
+        spec = prof.spec
+        source = (f"ESTIMATED from {lat.estimated[name]} (x layers x hidden^2), not measured"
+                  if name in lat.estimated else "measured")
+        lines.append(f"\n{name} ({spec.kind.value}): {source}")
+        degrees, split = lat.degrees(name), lat.cfg_split_sizes(name)
+        head = [f"SP{k}" for k in degrees] + [f"CFG{k}" for k in split]
+        lines.append(f"  {'size':<16s}" + "".join(f"  {c:>8s}" for c in head))
+        for w, h, f in spec.sizes:
+            t = spec.tokens(h, w, f)
+            cells = [f"{lat.step_time(name, t, 1, k):8.3f}" for k in degrees]
+            cells += [f"{lat.step_time(name, t, 1, k, False, True):8.3f}" for k in split]
+            size = f"{w}x{h}" + (f"x{f}" if f > 1 else "")
+            lines.append(f"  {size:<16s}" + "".join(f"  {c}" for c in cells))
+    return "\n".join(lines)

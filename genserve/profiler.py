@@ -33,6 +33,15 @@ def _median_ms(fn, reps: int, sync) -> float:
     return statistics.median(out)
 
 
+def probe_image(model: str, width: int, height: int) -> str:
+    """`GenSpec.image` for a timing request: a fixed image where the model requires one."""
+    if get_model(model).image_input != "required":
+        return ""
+    from .input_image import probe
+
+    return probe(width, height)
+
+
 def size_label(width: int, height: int, frames: int) -> str:
     return f"{width}x{height}x{frames}"
 
@@ -66,7 +75,8 @@ def profile(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), reps: int 
             label = size_label(w, h, f)
             req = GenRequest("profile", GenSpec(name, h, w, f, steps=1000,
                                                 guidance=5.0 if spec.cfg else 3.5,
-                                                prompt="a photo of a fox in the snow"))
+                                                prompt="a photo of a fox in the snow",
+                                                image=probe_image(name, w, h)))
             enc = adapter.encode([req])
             meta["encode_ms"][name] = round(_median_ms(lambda: adapter.encode([req]), reps, sync), 4)
             (state,) = adapter.prepare([req], enc)
@@ -119,7 +129,8 @@ def profile_workers(presets: list[str], batches: tuple[int, ...] = (1, 2, 4), re
             meta[key][k] = round(statistics.median(run[2][key][k] for run in runs), 4)
     spec = get_model(presets[0])
     w, h, f = spec.sizes[0]
-    rid, gen = "dispatch-probe", GenSpec(presets[0], h, w, f, steps=1000, prompt="a fox")
+    rid, gen = "dispatch-probe", GenSpec(presets[0], h, w, f, steps=1000, prompt="a fox",
+                                         image=probe_image(presets[0], w, h))
     pool.wait(pool.submit((0,), Run(presets[0], (New(rid, gen),), steps=1)))
     probe = Run(presets[0], (Resident(rid),), steps=0)
     times = []

@@ -186,7 +186,8 @@ class Request:
                 "prompt": self.prompt, "arrival": self.arrival, "deadline": self.deadline,
                 "standalone": self.standalone,
                 **({"negative_prompt": self.spec.negative_prompt}
-                   if self.spec.negative_prompt else {})}
+                   if self.spec.negative_prompt else {}),
+                **({"image": self.spec.image} if self.spec.image else {})}
 
     @classmethod
     def from_trace(cls, d: dict[str, Any]) -> "Request":
@@ -199,4 +200,4 @@ class Request:
 
 
 _SPEC_KEYS = ("model", "height", "width", "frames", "steps", "guidance", "seed", "prompt",
-              "negative_prompt")
+              "negative_prompt", "image")

@@ -11,7 +11,7 @@ the spec's, so the policy plans a batch exactly when the adapters would run it a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .catalog import batch_key
 
@@ -29,6 +29,10 @@ class GenSpec:
     seed: int = 0
     prompt: str = ""
     negative_prompt: str = ""
+    # Image-to-video: the input image as a base64 PNG of exactly width x height
+    # (`genserve.input_image`); "" for none.  It travels with the spec wherever the spec goes
+    # (job store, traces, the worker that encodes it).  Left out of repr: logs never carry it.
+    image: str = field(default="", repr=False)
 
     @property
     def batch_key(self) -> tuple:

@@ -243,3 +243,13 @@ def test_serve_config_ray_defaults_to_every_gpu():
     ServeConfig(ray="auto", device="cuda", workers=0).validate()  # 0: every GPU of the cluster
     with pytest.raises(ValueError, match="workers=-1"):
         ServeConfig(ray="auto", device="cuda", workers=-1).validate()
+
+
+def test_profile_show_prints_the_table_and_marks_estimates(capsys):
+    rc, out, err = _run(["profile", "--show", "h200"], capsys)
+    assert rc == 0, err
+    assert "wan2.2-a14b (video): ESTIMATED from wan2.1-14b" in out
+    assert "flux-dev (image): measured" in out
+    rc, out, err = _run(["profile"], capsys)  # neither --out nor --show
+    _assert_one_line_error(rc, err)
+    assert "--out" in err

@@ -56,8 +56,11 @@ SP1_POINTS = _sp1_points()
 
 
 def test_sp1_points_cover_every_model():
-    # Every served model is in the shipped profile; tiny presets get theirs from `genserve profile`.
-    assert {m for m, *_ in SP1_POINTS} == {n for n, m in MODELS.items() if not m.tiny}
+    # Every served model is in the shipped profile or estimated from one that is; tiny presets get
+    # theirs from `genserve profile`.
+    measured = {m for m, *_ in SP1_POINTS}
+    assert measured == {n for n, m in MODELS.items() if not m.tiny and not m.estimate_from}
+    assert {m.estimate_from for m in MODELS.values() if m.estimate_from} <= measured
 
 
 @pytest.mark.parametrize("model,tokens,n,forward_s", SP1_POINTS)
@@ -295,3 +298,45 @@ def test_negative_cost_estimate_raises(kwargs):
 
 def test_default_cost_estimates_valid():
     CostEstimates().validate()
+
+
+# ----- CFG split and estimated models -----
+
+def test_cfg_split_step_is_the_half_batch_forward_on_half_the_gpus_plus_the_exchange(latency):
+    """SD3 1024 as a CFG split on 2k GPUs: a batch-1 (one branch) step at Ulysses degree k plus
+    the exchange of a bf16 noise prediction; never for a model without CFG or an odd count."""
+    t = get_model("sd3-medium").tokens(1024, 1024)
+    prof = latency.profile_of("sd3-medium")
+    for k in (1, 2, 4):
+        want = prof.compute_s(t, 1, k) + latency.costs.cfg_exchange_s + t * 4 * 16 * 2 / 450e9
+        if k > 1:
+            want += prof.alltoall_bytes(t, 1, k) / 450e9
+        assert latency.step_time("sd3-medium", t, 1, 2 * k, False, True) == pytest.approx(want)
+    # Two requests: each branch runs a batch of two.
+    assert latency.step_time("sd3-medium", t, 2, 4, False, True) > latency.step_time(
+        "sd3-medium", t, 1, 4, False, True)
+    assert latency.cfg_split_sizes("flux-dev") == ()
+    with pytest.raises(ValueError, match="no CFG branch"):
+        latency.step_time("flux-dev", t, 1, 2, False, True)
+    with pytest.raises(ValueError, match="even"):
+        latency.step_time("sd3-medium", t, 1, 3, False, True)
+
+
+def test_models_without_rows_are_estimated_from_their_reference_and_say_so(latency):
+    """Wan2.2 A14B's experts are Wan2.1-14B's architecture: the same step times.  TI2V-5B is
+    scaled by layers x hidden^2; Qwen-Image from FLUX.  `describe` marks them as estimates."""
+    from genserve.latency import describe
+
+    assert latency.estimated == {"qwen-image": "flux-dev", "wan2.2-a14b": "wan2.1-14b",
+                                 "wan2.2-ti2v-5b": "wan2.1-14b", "wan2.1-i2v-14b": "wan2.1-14b"}
+    t = get_model("wan2.1-14b").tokens(480, 832, 81)
+    for k in (1, 4, 8):
+        assert latency.step_time("wan2.2-a14b", t, 1, k) == pytest.approx(
+            latency.step_time("wan2.1-14b", t, 1, k), rel=1e-9)
+    a, b = get_model("wan2.2-ti2v-5b"), get_model("wan2.1-14b")
+    ratio = (a.layers * a.hidden ** 2) / (b.layers * b.hidden ** 2)
+    assert latency.step_time("wan2.2-ti2v-5b", t, 1, 1) == pytest.approx(
+        ratio * latency.step_time("wan2.1-14b", t, 1, 1), rel=1e-9)
+    text = describe(latency)
+    assert "qwen-image (image): ESTIMATED from flux-dev" in text
+    assert "sd3-medium (image): measured" in text and "CFG16" in text

@@ -157,8 +157,8 @@ def test_health_and_models(http, oai):
     caps = {m["id"]: m["capabilities"] for m in body["data"]}
     t2i, t2v = caps["tiny-t2i"], caps["tiny-t2v"]
     assert (t2i["default_size"], t2i["cfg"], t2i["negative_prompt"], t2i["image_input"]) == (
-        "64x64", True, True, False)
-    assert t2i["sp_degrees"] == [1, 2]  # two workers here
+        "64x64", True, True, "none")
+    assert t2i["sp_degrees"] == [1, 2] and t2i["cfg_split_gpus"] == [2]  # two workers here
     assert "frames" not in t2i and t2v["frames"] == {"default": 9, "max": 33, "rule": "4k+1"}
     assert t2v["fps"] == 16 and t2v["size_rule"]["multiple_of"] == 16
 

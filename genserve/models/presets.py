@@ -9,89 +9,35 @@ in-memory vocabularies.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .base import DiffusionAdapter, ModelLoadError
+from .tiny import clip_config, clip_tokenizer, image_vae, quiet, t5_config, t5_tokenizer
 from .families import FluxAdapter, SD3Adapter, WanAdapter
 
 
 
-def _clip_tokenizer():
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = sorted(set(bytes_to_unicode().values()))
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    for tok in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[tok] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def _t5_tokenizer(max_len: int):
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789 .,!?\u2581"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_len)
-
-
-def _clip_config(tok):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
-                          num_attention_heads=4, num_hidden_layers=2, pad_token_id=1,
-                          vocab_size=len(tok), hidden_act="gelu", projection_dim=32)
-
-
-def _t5_config(tok, cls_name: str = "T5Config"):
-    import transformers
-
-    return getattr(transformers, cls_name)(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37,
-                                           num_layers=2, num_heads=4, decoder_start_token_id=0)
-
-
-def _image_vae():
-    """A 2-level AutoencoderKL (2x down), 4 latent channels."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3,
-                         down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 8),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=1,
-                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
-                         scaling_factor=1.5035)
-
-
-def _quiet():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-
-
 def tiny_t2i(device="cpu") -> SD3Adapter:
     """SD3-style: 2 joint blocks, CLIP x2 + T5 text encoders, a 2-level VAE (2x down)."""
-    _quiet()
+    quiet()
     from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer(32)
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        te1 = CLIPTextModelWithProjection(_clip_config(clip_tok))
-        te2 = CLIPTextModelWithProjection(_clip_config(clip_tok))
-        te3 = T5EncoderModel(_t5_config(t5_tok))
+        te1 = CLIPTextModelWithProjection(clip_config(clip_tok))
+        te2 = CLIPTextModelWithProjection(clip_config(clip_tok))
+        te3 = T5EncoderModel(t5_config(t5_tok))
         transformer = SD3Transformer2DModel(
             sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
             pooled_projection_dim=64, out_channels=4)
-        vae = _image_vae()
+        vae = image_vae()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
@@ -102,20 +48,20 @@ def tiny_t2i(device="cpu") -> SD3Adapter:
 
 def tiny_flux(device="cpu") -> FluxAdapter:
     """FLUX-style: 1 double + 1 single block, guidance embedding, CLIP + T5 text encoders."""
-    _quiet()
+    quiet()
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer(32)
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        te1 = CLIPTextModel(_clip_config(clip_tok))
-        te2 = T5EncoderModel(_t5_config(t5_tok))
+        te1 = CLIPTextModel(clip_config(clip_tok))
+        te2 = T5EncoderModel(t5_config(t5_tok))
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
-        vae = _image_vae()
+        vae = image_vae()
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
                                             max_shift=1.15, base_image_seq_len=256,
                                             max_image_seq_len=4096)
@@ -127,15 +73,15 @@ def tiny_flux(device="cpu") -> FluxAdapter:
 
 def tiny_t2v(device="cpu") -> WanAdapter:
     """Wan2.1-style: 2 blocks, a umT5 text encoder, the Wan VAE at its smallest width."""
-    _quiet()
+    quiet()
     from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline,
                            WanTransformer3DModel)
     from transformers import UMT5EncoderModel
 
-    tok = _t5_tokenizer(32)
+    tok = t5_tokenizer(32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        te = UMT5EncoderModel(_t5_config(tok, "UMT5Config"))
+        te = UMT5EncoderModel(t5_config(tok, "UMT5Config"))
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
             out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
@@ -164,7 +110,7 @@ TINY_BUILDERS: dict[str, Callable[..., DiffusionAdapter]] = {
 def load_local(preset: str, path: str | os.PathLike, device="cpu",
                dtype: torch.dtype = torch.bfloat16) -> DiffusionAdapter:
     """A real preset from a local diffusers directory (model_index.json and its folders)."""
-    _quiet()
+    quiet()
     p = Path(path)
     if not p.is_dir():
         raise ModelLoadError(f"model_path={str(path)!r}: not a directory")
@@ -200,6 +146,29 @@ def load_preset(name: str, model_path: str | None = None, device="cpu") -> Diffu
 
 # ----- families in their own modules (each adds its tiny builders, real presets, family) -----
 # (one block per family below this line)
+
+# Wan2.1 image-to-video: the first frame from an input image.
+from .i2v import load_wan_i2v, tiny_i2v  # noqa: E402
+
+REAL["wan2.1-i2v-14b"] = "wan-i2v"
+FAMILIES["wan-i2v"] = ("WanImageToVideoPipeline", load_wan_i2v)
+TINY_BUILDERS["tiny-i2v"] = tiny_i2v
+
+# Wan2.2 text-to-video: A14B (two experts) and TI2V-5B (per-token timesteps), one adapter.
+from .wan22 import Wan22Adapter, tiny_ti2v, tiny_wan22  # noqa: E402
+
+REAL["wan2.2-a14b"] = "wan22"
+REAL["wan2.2-ti2v-5b"] = "wan22"
+FAMILIES["wan22"] = ("WanPipeline", Wan22Adapter)
+TINY_BUILDERS["tiny-wan22"] = tiny_wan22
+TINY_BUILDERS["tiny-ti2v"] = tiny_ti2v
+
+# Qwen-Image text-to-image (MMDiT, Qwen2.5-VL text encoder, true CFG).
+from .qwen import QwenImageAdapter, tiny_qwen  # noqa: E402
+
+REAL["qwen-image"] = "qwen"
+FAMILIES["qwen"] = ("QwenImagePipeline", QwenImageAdapter)
+TINY_BUILDERS["tiny-qwen"] = tiny_qwen
 
 
 TINY = tuple(TINY_BUILDERS)

@@ -10,7 +10,9 @@ shards (zero-padded to equal length) and a hook on the last block gathers them a
 padding, so embeddings before and norm_out / proj_out / unpatchify after see the full sequence on
 every rank.  Text tokens stay replicated.
 - Wan: every block's rotary embedding is cut like the tokens; self-attention runs through
-  `ulysses_attention` (padded keys masked); cross-attention needs nothing.
+  `ulysses_attention` (padded keys masked); cross-attention needs nothing: its queries are the
+  local tokens and its keys replicated (the text, and Wan2.1 I2V's image tokens, which attn2
+  reads through its added key/value projections).
 - SD3 (MMDiT joint attention): `joint_ulysses_attention`, image tokens sharded, text replicated.
 - FLUX: the same joint attention in both block kinds.  Double-stream blocks get text and image
   apart; single-stream blocks concatenate [text, local image shard] themselves, so the processor
@@ -20,7 +22,7 @@ every rank.  Text tokens stay replicated.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from diffusers.models.embeddings import apply_rotary_emb
 
+from .sequence_base import SequenceParallel, refuse_reinstall
 from .ulysses import joint_ulysses_attention, shard, ulysses_attention, unshard
 
 
@@ -63,49 +66,20 @@ class _SelfAttn:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _refuse_reinstall(transformer) -> None:
-    if getattr(transformer, "_genserve_sp", None) is not None:
-        raise ValueError("sequence parallelism is already installed on this transformer")
-
-
-class _SequenceParallel:
-    """Shared part: the active group and the token shards."""
-
-    def __init__(self, transformer):
-        _refuse_reinstall(transformer)
-        self.group = None
-        self.n_valid = 0
-        transformer._genserve_sp = self
-
-    @contextmanager
-    def use(self, group):
-        """Run the forwards inside the block sharded over `group` (None: unsharded)."""
-        if group is not None and dist.get_world_size(group) == 1:
-            group = None
-        self.group = group
-        try:
-            yield self
-        finally:
-            self.group = None
-            self._reset()
-
-    def _reset(self) -> None:
-        pass
-
-    def _shards(self, x: torch.Tensor) -> torch.Tensor:
-        return shard(x, 1, dist.get_rank(self.group), dist.get_world_size(self.group))
-
-
-class WanSequenceParallel(_SequenceParallel):
+class WanSequenceParallel(SequenceParallel):
     """Installed once per transformer; `with sp.use(group): transformer(...)` runs one forward
     sharded over `group` (None or a 1-rank group: unsharded)."""
 
     def __init__(self, transformer):
         blocks = transformer.blocks
+        # Our self-attention processor has no image context; I2V's is in attn2 (cross-attention,
+        # diffusers' own processor, which sharding does not touch).
         if any(getattr(b.attn1, "add_k_proj", None) is not None for b in blocks):
-            raise ValueError("image-conditioned Wan (I2V) attention is not supported")
+            raise ValueError("Wan self-attention with image key/value projections is not "
+                             "supported")
         super().__init__(transformer)
         self._rot: tuple | None = None
+        self._temb: torch.Tensor | None = None
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(self._shard_first if i == 0 else self._shard_rotary)
             block.attn1.set_processor(_SelfAttn(self))
@@ -113,6 +87,7 @@ class WanSequenceParallel(_SequenceParallel):
 
     def _reset(self) -> None:
         self._rot = None
+        self._temb = None
 
     def _shard_first(self, module, args):
         if self.group is None:
@@ -120,13 +95,16 @@ class WanSequenceParallel(_SequenceParallel):
         hidden, text, temb, rotary = args
         self.n_valid = hidden.shape[1]
         self._rot = tuple(self._shards(r) for r in rotary)
-        return (self._shards(hidden), text, temb, self._rot)
+        # Wan2.2 TI2V (expand_timesteps): one time embedding per token, (B, N, 6, D): cut like
+        # the tokens.  Otherwise (B, 6, D), shared by all tokens.
+        self._temb = self._shards(temb) if temb.ndim == 4 else temb
+        return (self._shards(hidden), text, self._temb, self._rot)
 
     def _shard_rotary(self, module, args):
         if self.group is None:
             return None
-        hidden, text, temb, _ = args
-        return (hidden, text, temb, self._rot)
+        hidden, text, _, _ = args
+        return (hidden, text, self._temb, self._rot)
 
     def _gather(self, module, args, output):
         if self.group is None:
@@ -174,7 +152,7 @@ class _JointAttn:
         return attn.to_out[1](attn.to_out[0](img)), txt
 
 
-class SD3SequenceParallel(_SequenceParallel):
+class SD3SequenceParallel(SequenceParallel):
     def __init__(self, transformer):
         blocks = transformer.transformer_blocks
         if any(getattr(b, "use_dual_attention", False) for b in blocks):
@@ -258,12 +236,12 @@ class _FluxAttn:
         return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(txt)
 
 
-class FluxSequenceParallel(_SequenceParallel):
+class FluxSequenceParallel(SequenceParallel):
     """Both block lists run sharded: the first block (double- or single-stream) gets the image
     shard, the last one's image output is gathered."""
 
     def __init__(self, transformer):
-        _refuse_reinstall(transformer)  # before the processor check: ours are not diffusers'
+        refuse_reinstall(transformer)  # before the processor check: ours are not diffusers'
         blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
         for b in blocks:
             if type(b.attn.processor).__name__ != "FluxAttnProcessor":
@@ -305,7 +283,7 @@ class FluxSequenceParallel(_SequenceParallel):
         return text, unshard(hidden, 1, self.n_valid, self.group)
 
 
-def install(transformer) -> _SequenceParallel:
+def install(transformer) -> SequenceParallel:
     """Sequence parallelism for a supported diffusers transformer."""
     name = type(transformer).__name__
     if name == "WanTransformer3DModel":
@@ -314,4 +292,31 @@ def install(transformer) -> _SequenceParallel:
         return SD3SequenceParallel(transformer)
     if name == "FluxTransformer2DModel":
         return FluxSequenceParallel(transformer)
-    raise ValueError(f"no sequence parallelism for {name} (supported: Wan, SD3, FLUX)")
+    if name == "QwenImageTransformer2DModel":
+        from .sequence_qwen import QwenSequenceParallel
+
+        return QwenSequenceParallel(transformer)
+    raise ValueError(f"no sequence parallelism for {name} (supported: Wan, SD3, FLUX, "
+                     "Qwen-Image)")
+
+
+class _Together:
+    """Several transformers of one model (Wan2.2 A14B's two experts) behind one handle: inside
+    `use(group)` whichever of them runs is sharded over `group`."""
+
+    def __init__(self, sps: list[SequenceParallel]):
+        self.sps = sps
+
+    @contextmanager
+    def use(self, group):
+        with ExitStack() as stack:
+            for sp in self.sps:
+                stack.enter_context(sp.use(group))
+            yield self
+
+
+def install_model(adapter) -> SequenceParallel | _Together:
+    """Sequence parallelism for every transformer a model adapter may run (its `transformers`
+    when it has several, else its `transformer`), under one `use`."""
+    sps = [install(t) for t in getattr(adapter, "transformers", (adapter.transformer,))]
+    return sps[0] if len(sps) == 1 else _Together(sps)

@@ -140,7 +140,7 @@ class Worker:
         """Join the first world, load the models, start serving `ctl`, tell the driver.  False:
         the models did not load (the driver was told why)."""
         from ..models import load_preset
-        from .sequence import install
+        from .sequence import install_model
 
         torch.set_num_threads(int(os.environ.get("GENSERVE_WORKER_THREADS", "1")))
         if self.spec.loopback:  # all workers on this machine: gloo's sockets stay on loopback
@@ -153,7 +153,7 @@ class Worker:
         try:
             self.adapters = {p: load_preset(p, self.spec.model_path, self.dev)
                              for p in self.spec.presets}
-            self.sps = {p: install(ad.transformer) for p, ad in self.adapters.items()}
+            self.sps = {p: install_model(ad) for p, ad in self.adapters.items()}
             for ad in self.adapters.values():
                 _count_progress(ad.pipe, self._bump)
         except Exception as e:  # noqa: BLE001 - e.g. a bad checkpoint path: tell the driver

@@ -33,7 +33,8 @@ from ..catalog import MODELS
 from ..request import Kind
 from .auth import Keys
 from .config import ServeConfig
-from .schemas import ImageBody, VideoBody, capabilities, parse, to_spec
+from .schemas import (ImageBody, VideoBody, capabilities, parse, reference_bytes, take_reference,
+                      to_spec)
 from .service import ApiError, Job, Service, short
 from .transfer import OpenFileResponse, open_regular, read_body
 
@@ -218,8 +219,14 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         who = owner(request)
         data, strict = await read_body(request, svc.cfg.max_body_bytes,
                                        svc.cfg.max_upload_bytes)
+        ref = take_reference(data) if kind is Kind.VIDEO else None
         body = parse(schema, data, svc.cfg.max_prompt_chars, strict)
-        spec, factor = to_spec(body, kind, svc.cfg.presets, svc.cfg.max_images, svc.cfg.fps)
+        if ref is None:
+            spec, factor = to_spec(body, kind, svc.cfg.presets, svc.cfg.max_images, svc.cfg.fps)
+        else:  # decoding and resizing the image: in a thread, off the event loop
+            spec, factor = await run_in_threadpool(
+                to_spec, body, kind, svc.cfg.presets, svc.cfg.max_images, svc.cfg.fps,
+                reference_bytes(ref))
         key = request.headers.get("idempotency-key")
         if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
             raise ApiError(400, "Idempotency-Key: 1 to 255 printable characters",

@@ -4,7 +4,10 @@ Every bad field becomes an `ApiError(400)` naming the field and the allowed rang
 sends can raise anything else.  Unknown fields are ignored, as OpenAI's API does.  JSON bodies are
 typed strictly: a boolean is not a number and neither is a numeric string (`"n": "2"`, `"seed":
 true` are 400s naming the field); `seconds` is OpenAI's string ("4") or a number.  Form bodies
-(multipart) carry only text, so their numbers are parsed from it.
+(multipart) carry text, so their numbers are parsed from it, and files.  A video's input image,
+`input_reference` (a file part, a base64 data: URL, or OpenAI's {"image_url": ...}), is taken out
+of the body before validation (`take_reference`, `reference_bytes`; never fetched from a URL) and
+checked and fitted to the request's size in `to_spec` (`genserve.input_image`).
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import input_image
 from ..catalog import GENERATE_DEFAULTS, MODELS, ShapeError, uses_cfg
 from ..request import Kind
 from ..spec import GenSpec
 from .service import ApiError, JobSpec
+from .transfer import Upload
 
 MAX_SEED = 2**31 - 1
 PRIORITY_SCALE = {"high": 0.5, "normal": 1.0, "low": 4.0}  # x the default SLO
@@ -73,6 +78,71 @@ def parse(cls, data, max_prompt_chars: int, strict: bool = True):
     return body
 
 
+REFERENCE = "input_reference"
+# OpenAI's object form ({"image_url": ...} or {"file_id": ...}), as a form flattens it.
+_REFERENCE_PARTS = {f"{REFERENCE}[image_url]": "image_url", f"{REFERENCE}[file_id]": "file_id"}
+
+
+def _bad_reference(message: str) -> ApiError:
+    return ApiError(400, f"{REFERENCE}: {message}", "invalid_request_error", REFERENCE)
+
+
+def take_reference(data) -> Upload | str | dict | None:
+    """Remove the input image from a decoded body and return it as sent: a form's file part, a
+    data: URL, or OpenAI's object form ({"image_url": ...}).  Left to `reference_bytes`, not to
+    the body's schema: a file part is not a JSON value."""
+    if not isinstance(data, dict):
+        return None
+    raw = data.pop(REFERENCE, None)
+    parts = {sub: data.pop(key) for key, sub in _REFERENCE_PARTS.items() if key in data}
+    if parts:
+        if raw is not None:
+            raise _bad_reference("give it once: a file, a data: URL or an object")
+        raw = parts
+    return raw
+
+
+def reference_bytes(raw: Upload | str | dict, max_bytes: int = input_image.MAX_BYTES) -> bytes:
+    """The image's encoded bytes; a 400 naming `input_reference` for anything the server would
+    have to fetch (a remote URL, a file id) or cannot read."""
+    if isinstance(raw, Upload):
+        if len(raw.data) > max_bytes:
+            raise _bad_reference(f"{len(raw.data)} bytes; at most {max_bytes}")
+        return raw.data
+    if isinstance(raw, dict):
+        if "file_id" in raw:
+            raise _bad_reference("file ids are not supported here: upload the file (multipart) "
+                                 "or send a base64 data: URL")
+        if set(raw) != {"image_url"}:
+            raise _bad_reference('an object must be {"image_url": "data:..."}')
+        raw = raw["image_url"]
+    if not isinstance(raw, str):
+        raise _bad_reference('must be a file upload, a base64 data: URL or '
+                             '{"image_url": "data:..."}')
+    try:
+        return input_image.from_data_url(raw, max_bytes)
+    except input_image.InputImageError as e:
+        raise _bad_reference(str(e)) from None
+
+
+def _input_image(model: str, image: bytes | None, height: int, width: int) -> str:
+    """`GenSpec.image` for the request: the upload normalised to its size (`input_image`), ""
+    for none; a 400 naming `input_reference` when the model requires one and it is missing,
+    takes none and one came, or it is not an image we take."""
+    takes = MODELS[model].image_input
+    if image is None:
+        if takes == "required":
+            raise _bad_reference(f"{model} makes a video from an image: an input image is "
+                                 "required (a file upload or a base64 data: URL)")
+        return ""
+    if takes == "none":
+        raise _bad_reference(f"{model} takes no input image")
+    try:
+        return input_image.encode(input_image.normalize(image, width, height))
+    except input_image.InputImageError as e:
+        raise _bad_reference(str(e)) from None
+
+
 def _size(raw: str | None, default: tuple[int, int]) -> tuple[int, int]:
     """'WxH' -> (height, width)."""
     if raw is None or raw == "auto":
@@ -103,8 +173,10 @@ def _default_guidance(spec) -> float:
 
 
 def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
-            fps: int) -> tuple[JobSpec, float]:
-    """The job to run and its SLO factor (priority); raises ApiError naming a bad field."""
+            fps: int, image: bytes | None = None) -> tuple[JobSpec, float]:
+    """The job to run and its SLO factor (priority); raises ApiError naming a bad field.
+    `image`: the input image's encoded bytes (`reference_bytes`); it is decoded and resized
+    here, so with one, call this off the event loop."""
     model = _model(body.model, kind, served)
     spec = MODELS[model]
     dh, dw, df, dsteps = GENERATE_DEFAULTS.get(model, (spec.sizes[0][1], spec.sizes[0][0],
@@ -156,7 +228,7 @@ def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
         raise ApiError(400, f"negative_prompt: has no effect here: {why}",
                        "invalid_request_error", "negative_prompt")
     gen = GenSpec(model, height, width, frames, steps, guidance, seed, prompt=body.prompt,
-                  negative_prompt=negative)
+                  negative_prompt=negative, image=_input_image(model, image, height, width))
     return (JobSpec(kind, gen, n=n, slo_ms=slo_ms, seconds=seconds),
             PRIORITY_SCALE[body.priority or "normal"])
 
@@ -177,7 +249,11 @@ def capabilities(model: str, cfg) -> dict:
            "default_guidance": _default_guidance(spec),
            # Ulysses degrees the scheduler may give one request (within this server's GPUs).
            "sp_degrees": [k for k in spec.sp_degrees if not cfg.workers or k <= cfg.workers],
-           "image_input": False}
+           # ... and GPU counts for its two CFG branches side by side (Ulysses inside each half).
+           "cfg_split_gpus": [2 * k for k in spec.sp_degrees
+                              if spec.cfg and (not cfg.workers or 2 * k <= cfg.workers)],
+           # An input image (`input_reference`): "none", "required" or "optional".
+           "image_input": spec.image_input}
     if spec.kind is Kind.VIDEO:
         out["frames"] = {"default": df, "max": spec.max_frames,
                          "rule": f"{spec.vae_temporal}k+1"}

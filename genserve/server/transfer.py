@@ -4,11 +4,12 @@ Bodies.  A generation request is JSON (`application/json`, UTF-8) or a multipart
 (`multipart/form-data`, what the openai client sends for videos); anything else is 415 naming
 `content-type` (415, not 400: the body may be fine, its declared type is not one we read, and
 JSON sent as `text/plain` is not parsed on a guess).  JSON bodies may be `max_body_bytes` long,
-forms `max_upload_bytes` (room for a file part; none is used yet).  A larger Content-Length is a
+forms `max_upload_bytes` (room for a file part: a video's `input_reference` image).  A larger Content-Length is a
 413 before a byte of the body is read; a body without one (chunked) is counted as it arrives and
 refused as soon as it passes the limit, so no more than the limit (plus one chunk) is ever held.
 JSON values are typed strictly (`"2"` and `true` are not numbers); a form's values are all text,
-so numbers in them are parsed.
+so numbers in them are parsed; a file part comes as an `Upload` (its bytes), for the field's own
+validation.
 
 Files.  A result is opened before the answer is chosen and streamed from that handle: a DELETE
 (or the expiry) that removes the file meanwhile cannot turn a 200 already under way into a broken
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import stat
+from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, BinaryIO
 
@@ -53,6 +55,18 @@ def _too_large(limit: int, what: str) -> ApiError:
 
 class _TooLarge(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A form's file part, read whole (the body's limit bounds it)."""
+
+    filename: str
+    content_type: str
+    data: bytes = b""
+
+    def __repr__(self) -> str:  # never the bytes
+        return f"Upload({self.filename!r}, {self.content_type!r}, {len(self.data)} bytes)"
 
 
 def _counted(receive: Receive, limit: int) -> Receive:
@@ -123,8 +137,9 @@ async def _form(request: Request) -> dict:
         raise ApiError(400, f"malformed form body: {str(detail)[:200]}",
                        "invalid_request_error") from None
     try:
-        # File parts are not used by any endpoint yet: only text fields count.
-        return {k: v for k, v in form.items() if isinstance(v, str)}
+        return {k: v if isinstance(v, str) else Upload(v.filename or "", v.content_type or "",
+                                                      await v.read())
+                for k, v in form.items()}
     finally:
         await form.close()
 
