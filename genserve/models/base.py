@@ -251,9 +251,14 @@ class DiffusionAdapter(ABC):
             parts = [s.cond for s in group]
             if branch is None and group[0].cfg:
                 parts = [s.uncond for s in group] + parts
-        emb = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
+        emb = self._join_embeds(parts)
         self._emb_cache = (key, emb, group)  # holding `group` keeps the ids in the key alive
         return emb
+
+    def _join_embeds(self, parts: list[dict]) -> dict[str, torch.Tensor]:
+        """One batch of the requests' embeddings, in order (a family whose prompts differ in
+        length pads them here)."""
+        return {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
 
     def _step_group(self, group: list[StepState], cfg: CfgBranch | None = None) -> None:
         scheds = [self._live_scheduler(s) for s in group]

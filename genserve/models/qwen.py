@@ -96,22 +96,9 @@ class QwenImageAdapter(DiffusionAdapter):
                             mu=mu)
         sched.set_begin_index(0)
 
-    def _embeds(self, group: list[StepState], branch: str | None = None
-                ) -> dict[str, torch.Tensor | None]:
-        """The base class's batch of embeddings ([uncond..., cond...] under CFG, or one branch's),
-        padded to the longest prompt and masked: prompt lengths differ."""
-        key = (branch, tuple(id(s.cond) for s in group))
-        if self._emb_cache is not None and self._emb_cache[0] == key:
-            return self._emb_cache[1]
-        if branch == "uncond":
-            parts = [s.uncond for s in group]
-        else:
-            parts = [s.cond for s in group]
-            if branch is None and group[0].cfg:
-                parts = [s.uncond for s in group] + parts
-        emb = pad_text([p[_TEXT].to(self.device) for p in parts])
-        self._emb_cache = (key, emb, group)  # holding `group` keeps the ids in the key alive
-        return emb
+    def _join_embeds(self, parts: list[dict]) -> dict[str, torch.Tensor | None]:
+        """Padded to the longest prompt and masked: prompt lengths differ."""
+        return pad_text([p[_TEXT].to(self.device) for p in parts])
 
     def _step_group(self, group: list[StepState], cfg: CfgBranch | None = None) -> None:
         """The base class's step with `true_cfg` in place of `u + g (c - u)` (batch doubling or

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .sequence_base import SequenceParallel, refuse_reinstall
+from .sequence_base import JointSequenceParallel, SequenceParallel, refuse_reinstall
 from .ulysses import joint_ulysses_attention, shard, ulysses_attention, unshard
 
 
@@ -152,7 +152,7 @@ class _JointAttn:
         return attn.to_out[1](attn.to_out[0](img)), txt
 
 
-class SD3SequenceParallel(SequenceParallel):
+class SD3SequenceParallel(JointSequenceParallel):
     def __init__(self, transformer):
         blocks = transformer.transformer_blocks
         if any(getattr(b, "use_dual_attention", False) for b in blocks):
@@ -163,18 +163,6 @@ class SD3SequenceParallel(SequenceParallel):
         blocks[0].register_forward_pre_hook(self._shard_first, with_kwargs=True)
         blocks[-1].register_forward_hook(self._gather)
 
-    def _shard_first(self, module, args, kwargs):
-        if self.group is None:
-            return None
-        hidden = kwargs["hidden_states"]
-        self.n_valid = hidden.shape[1]
-        return args, {**kwargs, "hidden_states": self._shards(hidden)}
-
-    def _gather(self, module, args, output):
-        if self.group is None:
-            return None
-        text, hidden = output
-        return text, unshard(hidden, 1, self.n_valid, self.group)
 
 
 def _flux_qkv(attn, x: torch.Tensor, added: bool) -> tuple[torch.Tensor, ...]:
@@ -236,7 +224,7 @@ class _FluxAttn:
         return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(txt)
 
 
-class FluxSequenceParallel(SequenceParallel):
+class FluxSequenceParallel(JointSequenceParallel):
     """Both block lists run sharded: the first block (double- or single-stream) gets the image
     shard, the last one's image output is gathered."""
 
@@ -276,11 +264,6 @@ class FluxSequenceParallel(SequenceParallel):
         self.rot_img = tuple(shard(r[self.n_text:], 0, rank, world) for r in rot)
         return args, {**kwargs, "hidden_states": self._shards(hidden)}
 
-    def _gather(self, module, args, output):
-        if self.group is None:
-            return None
-        text, hidden = output
-        return text, unshard(hidden, 1, self.n_valid, self.group)
 
 
 def install(transformer) -> SequenceParallel:

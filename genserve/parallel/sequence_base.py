@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from .ulysses import shard
+from .ulysses import shard, unshard
 
 
 def refuse_reinstall(transformer) -> None:
@@ -42,3 +42,22 @@ class SequenceParallel:
 
     def _shards(self, x: torch.Tensor) -> torch.Tensor:
         return shard(x, 1, dist.get_rank(self.group), dist.get_world_size(self.group))
+
+
+class JointSequenceParallel(SequenceParallel):
+    """MMDiT-style models (SD3, FLUX, Qwen-Image): the first block takes the image tokens as
+    `hidden_states` (keyword) and gets this rank's shard; the last returns (text, image) and the
+    image is gathered whole again."""
+
+    def _shard_first(self, module, args, kwargs):
+        if self.group is None:
+            return None
+        hidden = kwargs["hidden_states"]
+        self.n_valid = hidden.shape[1]
+        return args, {**kwargs, "hidden_states": self._shards(hidden)}
+
+    def _gather(self, module, args, output):
+        if self.group is None:
+            return None
+        text, hidden = output
+        return text, unshard(hidden, 1, self.n_valid, self.group)

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-from .sequence_base import SequenceParallel, refuse_reinstall
-from .ulysses import _heads_to_seq, _seq_to_heads, joint_ulysses_attention, shard, unshard
+from .sequence_base import JointSequenceParallel, refuse_reinstall
+from .ulysses import joint_ulysses_attention, shard
 
 
 def _qkv(attn, x: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,40 +49,6 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Qwen's complex RoPE on (B, S, H, D), per token (so the image shard is rotated by its own
     rows of the frequencies)."""
     return apply_rotary_emb_qwen(x, freqs, use_real=False)
-
-
-def masked_joint_ulysses_attention(q, k, v, tq, tk, tv, text_mask: torch.Tensor | None,
-                                   n_valid: int, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """`joint_ulysses_attention` (image tokens sharded (B, H, per, D), text replicated
-    (B, H, T, D), keys [image..., text...]) with a per-sample text key mask `text_mask` (B, T),
-    True for real tokens.  Returns (this rank's image output, the full text output)."""
-    if text_mask is None:
-        return joint_ulysses_attention(q, k, v, tq, tk, tv, n_valid, group)
-    world = dist.get_world_size(group)
-    b, h, per = q.shape[0], q.shape[1], q.shape[2]
-    img_valid = torch.arange(per * world, device=q.device) < n_valid
-    mask = torch.cat([img_valid.expand(b, -1), text_mask.to(torch.bool)], dim=1)
-    mask = mask.view(b, 1, 1, -1)
-    if h % world:  # heads do not split: every rank gathers all image keys, keeps its queries
-        ks = [torch.empty_like(k) for _ in range(world)]
-        vs = [torch.empty_like(v) for _ in range(world)]
-        dist.all_gather(ks, k.contiguous(), group=group)
-        dist.all_gather(vs, v.contiguous(), group=group)
-        keys, vals = torch.cat(ks + [tk], dim=2), torch.cat(vs + [tv], dim=2)
-        img = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
-        txt = F.scaled_dot_product_attention(tq, keys, vals, attn_mask=mask)
-        return img, txt
-    rank, hl = dist.get_rank(group), h // world
-    heads = slice(rank * hl, (rank + 1) * hl)
-    qh, kh, vh = (_seq_to_heads(t, group) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(
-        torch.cat([qh, tq[:, heads]], dim=2), torch.cat([kh, tk[:, heads]], dim=2),
-        torch.cat([vh, tv[:, heads]], dim=2), attn_mask=mask)
-    n_img = qh.shape[2]
-    img = _heads_to_seq(out[:, :, :n_img].contiguous(), group)
-    parts = [torch.empty_like(out[:, :, n_img:]) for _ in range(world)]
-    dist.all_gather(parts, out[:, :, n_img:].contiguous(), group=group)
-    return img, torch.cat(parts, dim=1)
 
 
 class _QwenAttn:
@@ -111,9 +76,9 @@ class _QwenAttn:
             img_freqs, txt_freqs = image_rotary_emb  # image rows: this rank's (see `_shard_rope`)
             q, k = _rope(q, img_freqs), _rope(k, img_freqs)
             tq, tk = _rope(tq, txt_freqs), _rope(tk, txt_freqs)
-        img, txt = masked_joint_ulysses_attention(
-            *(x.transpose(1, 2) for x in (q, k, v, tq, tk, tv)), encoder_hidden_states_mask,
-            sp.n_valid, sp.group)
+        img, txt = joint_ulysses_attention(
+            *(x.transpose(1, 2) for x in (q, k, v, tq, tk, tv)), sp.n_valid, sp.group,
+            text_mask=encoder_hidden_states_mask)
         img, txt = (x.transpose(1, 2).flatten(2, 3).to(q.dtype) for x in (img, txt))
         img = attn.to_out[0](img.contiguous())
         if len(attn.to_out) > 1:
@@ -121,7 +86,7 @@ class _QwenAttn:
         return img, attn.to_add_out(txt.contiguous())
 
 
-class QwenSequenceParallel(SequenceParallel):
+class QwenSequenceParallel(JointSequenceParallel):
     """Installed once per transformer; `with sp.use(group): transformer(...)` runs one forward
     sharded over `group` (None or a 1-rank group: unsharded)."""
 
@@ -156,15 +121,3 @@ class QwenSequenceParallel(SequenceParallel):
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         return shard(img_freqs, 0, rank, world), txt_freqs
 
-    def _shard_first(self, module, args, kwargs):
-        if self.group is None:
-            return None
-        hidden = kwargs["hidden_states"]
-        self.n_valid = hidden.shape[1]
-        return args, {**kwargs, "hidden_states": self._shards(hidden)}
-
-    def _gather(self, module, args, output):
-        if self.group is None:
-            return None
-        text, hidden = output
-        return text, unshard(hidden, 1, self.n_valid, self.group)

@@ -94,10 +94,12 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid
     return _heads_to_seq(oh, group)
 
 
-def joint_ulysses_attention(q, k, v, tq, tk, tv, n_valid: int, group
+def joint_ulysses_attention(q, k, v, tq, tk, tv, n_valid: int, group,
+                            text_mask: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """MMDiT joint attention: image tokens sharded (q, k, v: (B, H, per, D)), text tokens
     replicated on every rank (tq, tk, tv: (B, H, T, D)); keys are [image..., text...].
+    `text_mask` (B, T), True for real text tokens: prompts of different lengths padded in a batch.
 
     Returns (this rank's image output (B, H, per, D), the full text output (B, H, T, D)).  The
     text needs no communication in: each rank uses its own head slice, and one all-gather over
@@ -113,7 +115,7 @@ def joint_ulysses_attention(q, k, v, tq, tk, tv, n_valid: int, group
         dist.all_gather(vs, v.contiguous(), group=group)
         keys = torch.cat(ks + [tk], dim=2)
         vals = torch.cat(vs + [tv], dim=2)
-        mask = _joint_mask(img_mask, tk.shape[2])
+        mask = _joint_mask(img_mask, per * world, tk.shape[2], text_mask)
         img = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
         txt = F.scaled_dot_product_attention(tq, keys, vals, attn_mask=mask)
         return img, txt
@@ -122,7 +124,8 @@ def joint_ulysses_attention(q, k, v, tq, tk, tv, n_valid: int, group
     qh, kh, vh = (_seq_to_heads(t, group) for t in (q, k, v))
     out = F.scaled_dot_product_attention(
         torch.cat([qh, tq[:, heads]], dim=2), torch.cat([kh, tk[:, heads]], dim=2),
-        torch.cat([vh, tv[:, heads]], dim=2), attn_mask=_joint_mask(img_mask, tk.shape[2]))
+        torch.cat([vh, tv[:, heads]], dim=2),
+        attn_mask=_joint_mask(img_mask, per * world, tk.shape[2], text_mask))
     n_img = qh.shape[2]
     img = _heads_to_seq(out[:, :, :n_img].contiguous(), group)
     parts = [torch.empty_like(out[:, :, n_img:]) for _ in range(world)]
@@ -130,10 +133,17 @@ def joint_ulysses_attention(q, k, v, tq, tk, tv, n_valid: int, group
     return img, torch.cat(parts, dim=1)
 
 
-def _joint_mask(img_mask: torch.Tensor | None, n_text: int) -> torch.Tensor | None:
+def _joint_mask(img_mask: torch.Tensor | None, n_img: int, n_text: int,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The key mask over [image (gathered, padded to n_img)..., text...]; None if all are real."""
+    if text_mask is None:
+        if img_mask is None:
+            return None
+        return torch.cat([img_mask, img_mask.new_ones(n_text)]).view(1, 1, 1, -1)
+    b = text_mask.shape[0]
     if img_mask is None:
-        return None
-    return torch.cat([img_mask, img_mask.new_ones(n_text)]).view(1, 1, 1, -1)
+        img_mask = torch.ones(n_img, dtype=torch.bool, device=text_mask.device)
+    return torch.cat([img_mask.expand(b, -1), text_mask.to(torch.bool)], dim=1).view(b, 1, 1, -1)
 
 
 def _allgather_kv_attention(q, k, v, mask, group, scale):
