@@ -16,6 +16,18 @@ from ..spec import GenSpec
 from .base import DiffusionAdapter
 
 
+def shift_mu(sched, r: GenSpec, multiple: int, max_shift: float) -> float:
+    """The `mu` of a flow-matching schedule shifted by image size: the pipelines'
+    `calculate_shift` (one function, copied between SD3, FLUX and Qwen-Image) over the scheduler's
+    config, `max_shift` where the config names none (each pipeline's own default)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = sched.config
+    seq = (r.height // multiple) * (r.width // multiple)
+    return calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                           c.get("base_shift", 0.5), c.get("max_shift", max_shift))
+
+
 class SD3Adapter(DiffusionAdapter):
     """StableDiffusion3Pipeline: SD3Transformer2DModel + FlowMatchEulerDiscreteScheduler."""
 
@@ -43,13 +55,7 @@ class SD3Adapter(DiffusionAdapter):
     def _set_timesteps(self, sched, r: GenSpec) -> None:
         kwargs = {}
         if sched.config.get("use_dynamic_shifting", None):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-                calculate_shift)
-            seq = (r.height // self.spatial_multiple) * (r.width // self.spatial_multiple)
-            kwargs["mu"] = calculate_shift(
-                seq, sched.config.get("base_image_seq_len", 256),
-                sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                sched.config.get("max_shift", 1.16))
+            kwargs["mu"] = shift_mu(sched, r, self.spatial_multiple, max_shift=1.16)
         sched.set_timesteps(r.steps, device=self.device, **kwargs)
 
     def _forward(self, latents, timesteps, embeds, states):
@@ -87,13 +93,7 @@ class FluxAdapter(DiffusionAdapter):
         return lat
 
     def _set_timesteps(self, sched, r: GenSpec) -> None:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        seq = (r.height // self.spatial_multiple) * (r.width // self.spatial_multiple)
-        mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
-                             sched.config.get("max_image_seq_len", 4096),
-                             sched.config.get("base_shift", 0.5),
-                             sched.config.get("max_shift", 1.15))
+        mu = shift_mu(sched, r, self.spatial_multiple, max_shift=1.15)
         sigmas = None if sched.config.get("use_flow_sigmas") else np.linspace(
             1.0, 1 / r.steps, r.steps)
         sched.set_timesteps(r.steps, device=self.device, sigmas=sigmas, mu=mu)

@@ -22,6 +22,7 @@ from ..catalog import uses_cfg
 from ..kinds import Kind
 from ..spec import GenSpec
 from .base import CfgBranch, DiffusionAdapter, ModelInputError, StepState
+from .families import shift_mu
 
 _TEXT = "encoder_hidden_states"
 _MASK = "encoder_hidden_states_mask"
@@ -85,13 +86,7 @@ class QwenImageAdapter(DiffusionAdapter):
                                          r.width, torch.float32, self.device, gen)
 
     def _set_timesteps(self, sched, r: GenSpec) -> None:
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        seq = (r.height // self.spatial_multiple) * (r.width // self.spatial_multiple)
-        mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
-                             sched.config.get("max_image_seq_len", 4096),
-                             sched.config.get("base_shift", 0.5),
-                             sched.config.get("max_shift", 1.15))
+        mu = shift_mu(sched, r, self.spatial_multiple, max_shift=1.15)
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / r.steps, r.steps), device=self.device,
                             mu=mu)
         sched.set_begin_index(0)
