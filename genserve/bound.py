@@ -171,10 +171,7 @@ class _Costs:
     def configs(self, r: Request) -> tuple[tuple[int, bool], ...]:
         """(GPUs, CFG split) a step of `r` can run on: every SP degree, and twice each for a
         request under classifier-free guidance (its branches side by side)."""
-        n = self.cluster.num_gpus
-        split = self.lat.cfg_split_sizes(r.model) if r.shape[-1] else ()
-        return (tuple((k, False) for k in self.lat.degrees(r.model) if k <= n)
-                + tuple((k, True) for k in split if k <= n))
+        return self.lat.gpu_configs(r.model, r.shape[-1], self.cluster.num_gpus)
 
     def options(self, r: Request, batch: int) -> _Options:
         key = (r.shape, batch)

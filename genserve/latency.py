@@ -278,6 +278,13 @@ class LatencyModel:
         self._cache[key] = t
         return t
 
+    def gpu_configs(self, model: str, cfg: bool, max_gpus: int) -> tuple[tuple[int, bool], ...]:
+        """(GPUs, CFG split) a step of `model` can run on within `max_gpus`: every SP degree,
+        and for a request under classifier-free guidance (`cfg`) every CFG split."""
+        split = self.cfg_split_sizes(model) if cfg else ()
+        return (tuple((k, False) for k in self.degrees(model) if k <= max_gpus)
+                + tuple((k, True) for k in split if k <= max_gpus))
+
     def cfg_split_sizes(self, model: str) -> tuple[int, ...]:
         """GPU counts a CFG-split step of `model` can run on: twice its SP degrees (none for a
         model without CFG)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..latency import LatencyModel
 from ..request import Kind, Request
 from .base import Cluster
-from .common import default_sp, degrees_for, tokens_of
+from .common import default_sp, tokens_of
 
 
 @dataclass
@@ -42,10 +42,8 @@ def split_ok(r: Request, cfg_split: bool) -> bool:
 
 def gpu_counts(r: Request, lat: LatencyModel, cluster: Cluster, cfg_split: bool) -> list[int]:
     """GPU counts a step of `r` can run on within the cluster, ascending."""
-    counts = set(degrees_for(r, lat, cluster))
-    if split_ok(r, cfg_split):
-        counts.update(k for k in lat.cfg_split_sizes(r.model) if k <= cluster.num_gpus)
-    return sorted(counts)
+    return sorted({k for k, _ in lat.gpu_configs(r.model, split_ok(r, cfg_split),
+                                                 cluster.num_gpus)})
 
 
 def gpu_config(r: Request, lat: LatencyModel, tokens: int, n: int, k: int, cross: bool,
