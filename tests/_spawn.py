@@ -272,3 +272,25 @@ def forked_worker_pools():
         yield
     finally:
         WorkerPool.start_method = "spawn"
+
+
+def pair_groups(rank: int, world: int):
+    """Inside a gloo world (an even number of ranks): make the pair groups (0, 1), (2, 3), ...
+    (collective: every rank, in one order) and return `group_of(k)` for this rank: None for SP
+    1, its pair for 2, the whole world for `world`.  Every rank steps at every degree, each pair
+    doing the same work."""
+    import torch.distributed as dist
+
+    from genserve.parallel import GroupCache
+
+    groups = GroupCache(range(world))
+    for base in range(0, world - 1, 2):
+        groups.make((base, base + 1))
+    pair = (rank // 2 * 2, rank // 2 * 2 + 1)
+
+    def group_of(k: int):
+        if k == 1:
+            return None
+        return dist.group.WORLD if k == world else groups.get(pair)
+
+    return group_of

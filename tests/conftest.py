@@ -53,3 +53,22 @@ def forked_worker_pools():
 
     with forked_worker_pools():
         yield
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """An httpx client of the module's `server` fixture (a `_serve.Uvicorn`)."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    """The official openai client on the module's `server` fixture."""
+    import openai
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    yield c
+    c.close()

@@ -42,30 +42,21 @@ def _worker(rank, world, init, schedules):
     import torch
     import torch.distributed as dist
 
+    from _spawn import pair_groups
     from genserve.models import load_preset
-    from genserve.parallel import GroupCache
     from genserve.parallel.sequence import install
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        groups = GroupCache(range(world))
-        for base in range(0, world - 1, 2):  # every rank, in one order: new_group is collective
-            groups.make((base, base + 1))
+        group_of = pair_groups(rank, world)
         ad = load_preset(PRESET)
         sp = install(ad.transformer)
         results = []
         for degrees in schedules:
             states = ad.prepare(_requests())
             for k in degrees:
-                if k == 1:
-                    group = None
-                elif k == world:
-                    group = dist.group.WORLD
-                else:  # pairs: every rank steps, each pair doing the same work
-                    base = rank // 2 * 2
-                    group = groups.get((base, base + 1))
-                with sp.use(group):
+                with sp.use(group_of(k)):
                     ad.step(states)
             results.append([s.latents.numpy() for s in states])
         return results

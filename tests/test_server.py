@@ -67,19 +67,6 @@ def server(forked_worker_pools, tmp_path_factory):
         yield s
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
-    yield c
-    c.close()
-
-
 def wait_final(get, job_id: str, timeout: float = 60.0, every: float = 0.05) -> list[dict]:
     """Poll `get(job_id)` (a dict) until final; every object seen, in order."""
     seen, deadline = [], time.monotonic() + timeout

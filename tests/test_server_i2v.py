@@ -52,19 +52,6 @@ def server(forked_worker_pools, tmp_path_factory):
         yield s
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
-    yield c
-    c.close()
-
-
 def finished(http, video_id: str, timeout: float = 60.0) -> bytes:
     """The MP4 of a video once completed."""
     deadline = time.monotonic() + timeout

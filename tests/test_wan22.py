@@ -176,24 +176,14 @@ def _sp_worker(rank, world, init, schedules):
     import torch
     import torch.distributed as dist
 
+    from _spawn import pair_groups
     from genserve.models import load_preset
-    from genserve.parallel import GroupCache
     from genserve.parallel.sequence import install_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        groups = GroupCache(range(world))
-        for base in range(0, world - 1, 2):  # every rank, in one order: new_group is collective
-            groups.make((base, base + 1))
-
-        def group_of(k):
-            if k == 1:
-                return None
-            if k == world:
-                return dist.group.WORLD
-            return groups.get((rank // 2 * 2, rank // 2 * 2 + 1))
-
+        group_of = pair_groups(rank, world)
         out = {}
         for preset in SHAPES:
             ad = load_preset(preset)
