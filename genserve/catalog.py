@@ -117,11 +117,12 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
               sizes=(_WAN_480P_81, _WAN_720P_81), default_sp_rule=((32760, 4), (math.inf, 8)),
               vae_temporal=4, max_frames=161, max_side=1280, boundary_ratio=0.875,
               estimate_from="wan2.1-14b"),
-    # Wan2.2 TI2V-5B: its own VAE (16x spatial, 48 channels), 720p at 24 fps; text or image in.
+    # Wan2.2 TI2V-5B: its own VAE (16x spatial, 48 channels), 720p at 24 fps.  Served as
+    # text-to-video: its image mode is not (an image sent would be ignored, so it is refused).
     ModelSpec("wan2.2-ti2v-5b", Kind.VIDEO, steps=50, cfg=True, heads=24, hidden=3072,
               layers=30, sizes=((1280, 704, 121),), default_sp_rule=((math.inf, 2),),
               vae_spatial=16, latent_channels=48, vae_temporal=4, max_frames=241,
-              max_side=1280, image_input="optional", estimate_from="wan2.1-14b"),
+              max_side=1280, estimate_from="wan2.1-14b"),
     # Wan2.1 I2V 14B (480p): the first frame from an image (CLIP image tokens and its latents).
     ModelSpec("wan2.1-i2v-14b", Kind.VIDEO, steps=40, cfg=True, heads=40, hidden=5120,
               layers=40, sizes=(_WAN_480P_81,), default_sp_rule=((math.inf, 4),),

@@ -158,6 +158,18 @@ def test_an_image_for_a_text_to_video_model_is_400(http):
     assert "takes no input image" in err["message"]
 
 
+def test_an_image_for_ti2v_is_400_while_its_image_mode_is_not_served():
+    """Wan2.2 TI2V-5B runs as text-to-video here: an image would be silently ignored."""
+    from genserve.request import Kind
+    from genserve.server.schemas import VideoBody, parse, to_spec
+    from genserve.server.service import ApiError
+
+    body = parse(VideoBody, {"prompt": "p", "model": "wan2.2-ti2v-5b"}, 100)
+    with pytest.raises(ApiError) as e:
+        to_spec(body, Kind.VIDEO, ("wan2.2-ti2v-5b",), 4, 24, image_bytes())
+    assert e.value.param == "input_reference" and "takes no input image" in e.value.message
+
+
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
     cfg = ServeConfig(presets=("wan2.1-i2v-14b",), workers=4, emulate="h200", time_scale=50.0,
