@@ -81,9 +81,10 @@ def _world(rank, world, init, preset, schedules):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         groups = GroupCache(range(world))
-        # Every rank, in one order (new_group is collective): the pairs (SP 2, and the 2-rank
-        # splits), then what a 4-rank split needs, as the pool asks the workers to make them.
-        for ranks in [(0, 1), (2, 3), *cfg_layout(range(4)).groups()]:
+        # Every rank, in one order (new_group is collective): the 2-rank sets (SP 2, and the
+        # 2-rank splits), then what a 4-rank split needs (the whole world: made as WORLD), as
+        # the pool asks the workers to make them.
+        for ranks in [(0, 1), (2, 3), (0, 1, 2, 3), *cfg_layout(range(4)).groups()]:
             groups.make(ranks)
         ad = load_preset(preset)
         sp = install(ad.transformer)
@@ -102,8 +103,9 @@ def _world(rank, world, init, preset, schedules):
                 layout = cfg_layout(block(int(how[3:])))
                 half = layout.half(rank)
                 group = groups.get(half) if len(half) > 1 else None
-                pair = groups.get(layout.pair(rank))
-                branch = CfgBranch(layout.is_cond(rank), lambda t, p=pair: _swap(p, t))
+                whole = groups.get(block(int(how[3:])))
+                peer = dist.get_group_rank(whole, layout.partner(rank))
+                branch = CfgBranch(layout.is_cond(rank), lambda t, g=whole, p=peer: _swap(g, p, t))
             with sp.use(group):
                 ad.step(states, branch)
 
@@ -232,8 +234,10 @@ def test_layout_halves_pairs_and_group_order():
         with pytest.raises(ValueError, match="even number of ranks"):
             cfg_layout(bad)
     run = Run("tiny-t2i", (), 1, cfg_split=True)
-    assert _group_sets((0, 1, 2, 3), run) == ((0, 1, 2, 3), (0, 1), (2, 3), (0, 2), (1, 3))
-    assert _group_sets((0, 1), run) == ((0, 1), (0, 1))  # k = 1: the pair is the set
+    assert [lay.partner(r) for r in (1, 3, 4, 6)] == [4, 6, 1, 3]
+    # Partners swap over the whole set's group: no group per pair.
+    assert _group_sets((0, 1, 2, 3), run) == ((0, 1, 2, 3), (0, 1), (2, 3))
+    assert _group_sets((0, 1), run) == ((0, 1),)  # k = 1: halves of one, the pair is the set
     assert _group_sets((0, 1, 2, 3), Run("tiny-t2i", (), 1)) == ((0, 1, 2, 3),)
     assert _group_sets((0,), Run("tiny-t2i", (), 1)) == ()
 

@@ -21,7 +21,7 @@ import pytest
 from genserve.parallel.channel import Receiver, Sender
 from genserve.parallel.liveness import Watch
 from genserve.parallel.protocol import (TO_DRIVER, Done, Drop, Fetch, Heartbeat, JobError, JobLost,
-                                        MakeGroup, Noop, Ready, Rendezvous, Restart, Run,
+                                        MakeGroups, Noop, Ready, Rendezvous, Restart, Run,
                                         RunResult, Steps, Task, UnknownMessage, handler)
 from genserve.parallel.workers import PoolBase
 
@@ -60,7 +60,7 @@ def test_the_driver_refuses_what_is_not_a_job_and_routes_by_type():
         pool.submit((0,), "run")
     pool._members = (0, 1)
     jid = pool.submit((1, 0), Noop())
-    assert pool.sent == [(0, MakeGroup((0, 1))), (1, MakeGroup((0, 1))),
+    assert pool.sent == [(0, MakeGroups(((0, 1),))), (1, MakeGroups(((0, 1),))),
                          (0, Task(jid, (0, 1), Noop())), (1, Task(jid, (0, 1), Noop()))]
     pool._route(JobError(jid, "boom"))
     pool._route(Done(jid, None))  # a second answer (another member's) is dropped

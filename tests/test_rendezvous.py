@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
-from genserve.parallel.protocol import (Done, JobLost, MakeGroup, New, Noop, Ready,  # noqa: E402
+from genserve.parallel.protocol import (Done, JobLost, MakeGroups, New, Noop, Ready,  # noqa: E402
                                         Rendezvous, Restart, Run, Shutdown, Task)
 from genserve.parallel.world import abandon  # noqa: E402
 from genserve.spec import GenSpec  # noqa: E402
@@ -110,7 +110,7 @@ def test_a_worker_whose_world_was_abandoned_runs_alone_and_answers_group_jobs_lo
         assert abandon(store, "a1/")
         assert outbox.get(timeout=120) == Ready(0)
         g = GenSpec("tiny-t2i", 32, 32, steps=2, seed=1, prompt="a fox")
-        inbox.put(MakeGroup((0, 1)))  # sent to a world that never formed: skipped
+        inbox.put(MakeGroups(((0, 1),)))  # sent to a world that never formed: skipped
         inbox.put(Task(2, (0, 1), Run("tiny-t2i", (New("x", g),), 1)))
         inbox.put(Task(3, (0,), Run("tiny-t2i", (New("x", g),), 2)))
         lost = outbox.get(timeout=60)

@@ -31,7 +31,7 @@ import traceback
 from ..catalog import get_model
 from ..parallel.liveness import Pulse
 from ..parallel.protocol import (Cancel, Done, Drop, Fetch, Fetched, Held, Incoming, JobError,
-                                 MakeGroup, Moved, New, Noop, Output, OutputFormat, Ready,
+                                 MakeGroups, Moved, New, Noop, Output, OutputFormat, Ready,
                                  Rendezvous, Resident, Restart, Run, RunResult, SendState,
                                  Shutdown, StartFailed, Stored, Task, handler)
 from ..parallel.saver import Saver
@@ -74,7 +74,7 @@ class EmuWorker:
         self.moves: queue.SimpleQueue = queue.SimpleQueue()
         self.encoders: dict[str, queue.SimpleQueue] = {}
         self.saver = Saver(rank, outbox)  # checkpoint files, as a real worker writes them
-        self._inbox = {Task: self._task, MakeGroup: lambda m: None, Restart: self._restart}
+        self._inbox = {Task: self._task, MakeGroups: lambda m: None, Restart: self._restart}
         self._jobs = {Run: self._run, Noop: self._noop}
         self._control = {Fetch: self._fetch, Drop: self._drop, Cancel: self._cancel,
                          SendState: self.moves.put}

@@ -3,9 +3,9 @@ classifier-free guidance, and which process groups that needs.
 
 A set of 2k sorted ranks splits into halves: the lower half runs the unconditional branch, the
 upper half the conditional one, each with Ulysses degree k over its own half.  After each forward,
-rank j of one half and rank j of the other swap their noise predictions over a 2-rank group (the
-pair), so that both apply the same guidance and scheduler step and the state stays identical, and
-resident, on all 2k ranks.
+rank j of one half and rank j of the other (partners) swap their noise predictions, over the
+whole set's group, so that both apply the same guidance and scheduler step and the state stays
+identical, and resident, on all 2k ranks.
 
 The driver (`PoolBase.submit`, before a set's first job) and every worker (running the job) read
 the same layout, so the groups the workers look up are the ones the driver had them make.  No torch
@@ -31,12 +31,10 @@ class CfgLayout:
         return tuple(zip(self.uncond, self.cond))
 
     def groups(self) -> tuple[tuple[int, ...], ...]:
-        """Every process group the job needs besides the whole set's, in the order every world
-        member makes them (`new_group` is collective over the world): the halves, then the
-        pairs.  A half of one rank needs no group; a pair that is the whole set (k = 1) is that
-        set's group."""
-        halves = tuple(h for h in (self.uncond, self.cond) if len(h) > 1)
-        return halves + self.pairs
+        """Every process group the job needs besides the whole set's (over which partners swap
+        predictions), in the order every world member makes them (`new_group` is collective
+        over the world): the halves, each a Ulysses group.  A half of one rank needs none."""
+        return tuple(h for h in (self.uncond, self.cond) if len(h) > 1)
 
     def is_cond(self, rank: int) -> bool:
         """Whether `rank` runs the conditional branch."""
@@ -51,6 +49,11 @@ class CfgLayout:
         """`rank` and the rank of the other half at its position: who swap predictions."""
         half = self.half(rank)
         return self.pairs[half.index(rank)]
+
+    def partner(self, rank: int) -> int:
+        """The rank `rank` swaps predictions with."""
+        a, b = self.pair(rank)
+        return b if rank == a else a
 
     def _check(self, rank: int) -> None:
         if rank not in self.uncond and rank not in self.cond:

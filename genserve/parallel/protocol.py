@@ -3,7 +3,7 @@
 Three streams per worker, each with its own message types:
 
 - the inbox (driver -> worker, run in order on the worker's main thread): `Task` (a job,
-  addressed to a worker set), `MakeGroup`, `Restart` (join a new world), `Shutdown`;
+  addressed to a worker set), `MakeGroups`, `Restart` (join a new world), `Shutdown`;
 - the control queue (driver -> worker, served by a second thread even while the main one
   computes): `Fetch`, `Drop`, `Cancel`, `SendState` (handed on to the worker's transfer thread,
   see `transfer.py`), and `Shutdown`, which the worker puts there itself;
@@ -224,11 +224,13 @@ class Task:
 
 
 @message
-class MakeGroup:
-    """Make the process group of `ranks`: sent to every member of the world, in one order,
-    before the first task of that set (`new_group` is collective over the world)."""
+class MakeGroups:
+    """Make the process groups of `sets`, in their order: sent to every member of the world, in
+    one order, before the first task that needs them (`new_group` is collective over the world).
+    One message per member for all the groups a task needs: at 64 workers a message per group
+    was hundreds of queue puts on the driver's decision path."""
 
-    ranks: tuple[int, ...]
+    sets: tuple[tuple[int, ...], ...]
 
 
 @message
@@ -380,6 +382,6 @@ class Saved:
 
 Outcome = Union[Done, JobError, JobLost]
 JOBS = (Run, Prepare, Steps, Decode, Profile, Noop)
-INBOX = (Task, MakeGroup, Restart, Shutdown)
+INBOX = (Task, MakeGroups, Restart, Shutdown)
 CONTROL = (Fetch, Drop, Cancel, SendState, Shutdown)
 TO_DRIVER = (Ready, StartFailed, Done, JobError, JobLost, Fetched, Output, Saved, Heartbeat)

@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from ..models.base import CfgBranch, StepState
 from ..spec import GenRequest
-from .protocol import (Cancel, Decode, Done, Drop, Fetch, Fetched, JobError, JobLost, MakeGroup,
+from .protocol import (Cancel, Decode, Done, Drop, Fetch, Fetched, JobError, JobLost, MakeGroups,
                        Moved, New, Noop, Output, OutputFormat, Prepare, Profile, Ready,
                        Rendezvous, Resident, Restart, Run, RunResult, Shutdown, StartFailed, Steps,
                        Stored, Task, handler)
@@ -129,7 +129,7 @@ class Worker:
         # Bumped by the main thread only; read by the heartbeat thread (`Pulse`).
         self.progress = 0
         self.pulse: Pulse | None = None
-        self._inbox = {Task: self._task, MakeGroup: self._make_group, Restart: self._restart}
+        self._inbox = {Task: self._task, MakeGroups: self._make_groups, Restart: self._restart}
         self._jobs = {Run: self._run, Prepare: self._prepare, Steps: self._steps,
                       Decode: self._decode, Profile: self._profile, Noop: self._noop}
         self._members = {New: self._new, Resident: self._resident, Held: self._held,
@@ -211,11 +211,12 @@ class Worker:
         """A member was lost (or comes back): every survivor joins the new world."""
         self._enter(msg.rendezvous, msg.members)
 
-    def _make_group(self, msg: MakeGroup) -> None:
+    def _make_groups(self, msg: MakeGroups) -> None:
         # Every member of the world, in one order (see GroupCache); none in a world that never
         # formed (its tasks that need a group are answered lost).
         if self.groups is not None:
-            self.groups.make(msg.ranks)
+            for ranks in msg.sets:
+                self.groups.make(ranks)
 
     def _task(self, t: Task) -> None:
         first = self.rank == t.ranks[0]
@@ -398,10 +399,13 @@ class Worker:
 
     def _cfg_branch(self, ranks: tuple[int, ...]) -> tuple[object | None, CfgBranch]:
         """A CFG-parallel run (`cfg_layout`): the Ulysses group of this rank's half (None: a
-        half of one), and its branch, which swaps predictions over its pair's group."""
+        half of one), and its branch, which swaps predictions with its partner over the whole
+        set's group (no group per pair: see `_swap`)."""
         layout = cfg_layout(ranks)
-        pair = self.groups.get(layout.pair(self.rank))
-        branch = CfgBranch(layout.is_cond(self.rank), partial(_swap, pair))
+        whole = self.groups.get(ranks)
+        partner = layout.partner(self.rank)
+        peer = dist.get_group_rank(whole, self.groups.world_rank(partner))
+        branch = CfgBranch(layout.is_cond(self.rank), partial(_swap, whole, peer))
         return self._group_of(layout.half(self.rank)), branch
 
     def _encode(self, rid: str, array, fmt: OutputFormat) -> None:
@@ -518,11 +522,19 @@ def _drop_cancelled(states, cancelled: set, src: int, group, out: RunResult) -> 
     return keep
 
 
-def _swap(pair, mine: torch.Tensor) -> torch.Tensor:
-    """Give this branch's noise prediction to the other rank of `pair` and return that rank's."""
-    parts = [torch.empty_like(mine) for _ in range(2)]
-    dist.all_gather(parts, mine.contiguous(), group=pair)
-    return parts[1 - dist.get_rank(pair)]
+def _swap(group, peer: int, mine: torch.Tensor) -> torch.Tensor:
+    """Give this branch's noise prediction to rank `peer` of `group` (the whole CFG-parallel set)
+    and return `peer`'s: every rank of the set swaps with its partner in one all-to-all whose
+    only non-empty parts are the partners'.  A 2-rank group per pair would be a `new_group`
+    (collective over the whole world, and on GPUs a communicator each) for every pair of every
+    set the scheduler splits."""
+    flat = mine.contiguous().view(-1)
+    sizes = [0] * dist.get_world_size(group)
+    sizes[peer] = flat.numel()
+    out = torch.empty_like(flat)
+    dist.all_to_all_single(out, flat, output_split_sizes=sizes, input_split_sizes=sizes,
+                           group=group)
+    return out.view(mine.shape)
 
 
 def _step(adapter, states, faults: dict, rank: int, degree: int, out: RunResult,

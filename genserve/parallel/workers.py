@@ -61,7 +61,7 @@ from .liveness import Watch, start_process
 from .process import run_worker
 from .protocol import Heartbeat, SendState
 from .protocol import (JOBS, TO_DRIVER, Cancel, Decode, Done, Drop, Fetch, Fetched, Job, JobError,
-                       JobLost, MakeGroup, Outcome, Output, Prepare, Ready, Rendezvous, Restart,
+                       JobLost, MakeGroups, Outcome, Output, Prepare, Ready, Rendezvous, Restart,
                        Run, Saved, Shutdown, StartFailed, Steps, Task, handler)
 from .world import WorkerSpec, abandon
 
@@ -309,12 +309,11 @@ class PoolBase:
         for r in ranks:
             if r not in busy:  # idle until now: its progress is judged from now on
                 self._watch.restart_clock(r, now)
-        for group in sets:
-            if group not in self._made:
-                # First job of this set in this world: every member makes its group, in one order.
-                for r in self._members:
-                    self._send(r, MakeGroup(group))
-                self._made.add(group)
+        new = tuple(g for g in sets if g not in self._made)
+        if new:  # the first job of these sets in this world: every member makes them, in order
+            for r in self._members:
+                self._send(r, MakeGroups(new))
+            self._made.update(new)
         job_id = next(self._ids)
         self._jobs[job_id] = ranks
         task = Task(job_id, ranks, job)
@@ -481,7 +480,8 @@ class PoolBase:
 
 def _group_sets(ranks: tuple[int, ...], job: Job) -> tuple[tuple[int, ...], ...]:
     """The process groups `job` on `ranks` needs, in the order they are made: the whole set's
-    (member broadcasts, cancels, Ulysses), then for a CFG-parallel run its halves and pairs."""
+    (member broadcasts, cancels, Ulysses; a CFG-parallel run's swaps too), then for a
+    CFG-parallel run its halves."""
     sets = (ranks,) if len(ranks) > 1 else ()
     if isinstance(job, Run) and job.cfg_split:
         sets += cfg_layout(ranks).groups()
