@@ -239,8 +239,7 @@ class PoolBase:
         # it runs, which at 64 workers was most of a turn; the timeouts it enforces are seconds.
         if now - self._hung_checked >= HUNG_CHECK_S:
             self._hung_checked = now
-            self._check_hung()
-            self._alive_now = None
+            self._check_hung()  # asks every process afresh (`alive()` is current after it)
 
     # ----- hung workers (see liveness.py) -----
     def set_worker_timeout(self, seconds: float) -> None:
@@ -263,7 +262,8 @@ class PoolBase:
         # its own deadline): the progress rule rests until it is up (`_on_ready` then starts
         # every clock over).
         busy = set() if self._starting else {r for rs in running.values() for r in rs}
-        ranks = [r for r in range(self.n) if r not in self._starting and self._alive(r)]
+        self._alive_now = None
+        ranks = [r for r in self.alive() if r not in self._starting]
         spared: set[int] = set()
         for r, why in self._watch.overdue(now, ranks, busy):
             if r in spared and why.startswith("no progress"):
@@ -398,19 +398,23 @@ class PoolBase:
         wait: the job waits for the state.  Send it after the job, in the order of the jobs, so
         that both ends take their transfers in one order (see `transfer.py`); a dead holder is
         skipped (its receiver sees it dead and reports the state lost)."""
-        if self._alive(holder):
+        if holder in self.alive():
             self._send_ctl(holder, SendState(rid, dst, transfer, self._prefix))
 
+    # These three are on the engine's decision path: liveness as of `alive()` (a message to a
+    # worker that died since is never read, and its death is handled where it is noticed).
     def drop(self, ranks, rids: list[str]) -> None:
         """Forget resident states (a request moved, finished elsewhere, failed or was cancelled)."""
+        live = set(self.alive())
         for r in ranks:
-            if self._alive(r):
+            if r in live:
                 self._send_ctl(r, Drop(tuple(rids)))
 
     def cancel(self, ranks, rids: list[str]) -> None:
         """Stop stepping `rids` at the next step boundary of the job that holds them."""
+        live = set(self.alive())
         for r in ranks:
-            if self._alive(r):
+            if r in live:
                 self._send_ctl(r, Cancel(tuple(rids)))
 
     # ----- the simple API: states travel with every call -----
@@ -446,8 +450,12 @@ class PoolBase:
         decision at 64 workers)."""
         now = time.monotonic()
         if self._alive_now is None or now - self._alive_at > HUNG_CHECK_S:
-            self._alive_now, self._alive_at = [r for r in range(self.n) if self._alive(r)], now
+            self._alive_now, self._alive_at = self._alive_all(), now
         return list(self._alive_now)
+
+    def _alive_all(self) -> list[int]:
+        """Ask every worker whether it runs (subclasses: in fewer system calls)."""
+        return [r for r in range(self.n) if self._alive(r)]
 
     def dead(self) -> list[int]:
         """Workers that died and are not yet being replaced (see `replace`)."""
@@ -625,6 +633,15 @@ class WorkerPool(PoolBase):
 
     def _alive(self, rank: int) -> bool:
         return rank not in self._broken and self.procs[rank].is_alive()
+
+    def _alive_all(self) -> list[int]:
+        # One poll over every process's sentinel (readable once it exited) instead of a poll
+        # each: at 64 workers the engine's liveness checks were a large part of a decision.
+        procs = {self.procs[r].sentinel: r for r in range(self.n) if r not in self._broken}
+        ended = set(wait_for(list(procs), 0)) if procs else set()
+        for s in ended:
+            self.procs[procs[s]].is_alive()  # reaps it: its exit code shows
+        return sorted(r for s, r in procs.items() if s not in ended)
 
     def _death(self, rank: int) -> str:
         why = self._broken.get(rank, "")
