@@ -16,6 +16,7 @@ from .catalog import CANONICAL_MODELS, GENERATE_DEFAULTS, MODELS
 from .kinds import Kind
 from .experiment import (ABLATIONS, BOUND, DEFAULT_POLICIES, RunSpec, plot_sweep,
                          requests_for, run_many, sweep)
+from . import timeline
 from .policies import make_policy, policy_names
 from .workload import ARRIVALS, WorkloadConfig, save_trace
 
@@ -133,6 +134,7 @@ def print_bound(b: dict, results: dict[str, dict], out=None) -> None:
 def cmd_simulate(a: argparse.Namespace) -> int:
     spec = _spec(a)
     names = _policies(a.policy)
+    timeline.check_flags(a)
     jobs = [(spec, n) for n in names] + ([(spec, BOUND)] if a.bound else [])
     got = run_many(jobs, a.jobs)
     results = dict(zip(names, got))
@@ -145,6 +147,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"wrote {a.json}")
+    if a.timeline:
+        timeline.for_simulate(a, spec, names)
     return 0
 
 
@@ -316,6 +320,7 @@ def cmd_replay(a: argparse.Namespace) -> int:
         raise ValueError(f"--workers {a.workers}: must be >= 1")
     if a.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every {a.checkpoint_every}: must be >= 0 (0: never)")
+    timeline.check_flags(a)
     emu = _emulated(a)
     latency = LatencyModel(a.profile)
     models = sorted({r.model for r in reqs})
@@ -349,6 +354,10 @@ def cmd_replay(a: argparse.Namespace) -> int:
                            "finish": r.finish_time,
                            "quanta": [[s, e, list(g)] for s, e, g in res.timeline.get(r.id, [])],
                            "history": [[t, st.value] for t, st in r.history]} for r in run}}
+                if a.timeline:
+                    timeline.write_for(a, name, names, res, engine_args["gpus_per_node"],
+                                       f"genserve replay {os.path.basename(a.trace)} on "
+                                       f"{pool.n} {'emulated ' if emu else ''}workers")
     except (WorkerError, WorkerLost, ModelLoadError) as e:
         raise ValueError(str(e)) from None
     print_table(results)
@@ -542,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--feedback", action="store_true",
                    help="policies' step times correct themselves from observed quanta")
     s.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
+    timeline.add_flags(s)
     s.set_defaults(func=cmd_simulate)
 
     w = sub.add_parser("sweep", help="run a grid over rate or SLO scale; write JSON and a plot")
@@ -613,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "restart point if its worker dies (0: never, start over)")
     rp.add_argument("--json", help="write results and per-request timelines here")
     _add_emulate(rp)
+    timeline.add_flags(rp)
     rp.set_defaults(func=cmd_replay)
 
     sv = sub.add_parser("serve", help="the HTTP API (OpenAI-compatible images and videos)")

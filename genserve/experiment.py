@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 from .bound import upper_bound
+from .executor import ExecResult
 from .feedback import Corrected, Scaled, parse_factors
 from .latency import Bandwidth, LatencyModel
 from .metrics import summarize
@@ -86,13 +87,19 @@ def belief_for(spec: RunSpec) -> LatencyModel:
     return Corrected(lat) if spec.feedback else lat
 
 
-def run_one(spec: RunSpec, policy: str) -> dict:
-    """Simulate one policy on the spec's workload; returns the metrics summary."""
+def simulate_one(spec: RunSpec, policy: str) -> ExecResult:
+    """Simulate one policy on the spec's workload; the whole result (requests, every quantum:
+    what `simulate --timeline` draws)."""
     truth, belief = latency_for(spec), belief_for(spec)
     sim = Simulator(Cluster(spec.gpus, spec.gpus_per_node), belief, make_policy(policy),
                     SimConfig(horizon=spec.horizon, drain=spec.drain),
                     truth=None if belief is truth else truth)
-    return summarize(sim.run(requests_for(spec)))
+    return sim.run(requests_for(spec))
+
+
+def run_one(spec: RunSpec, policy: str) -> dict:
+    """Simulate one policy on the spec's workload; returns the metrics summary."""
+    return summarize(simulate_one(spec, policy))
 
 
 BOUND = "bound"  # in a job list: the spec's upper bound instead of a policy's run

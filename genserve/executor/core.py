@@ -103,6 +103,10 @@ class ExecResult:
     cross_node_quanta: int = 0
     cross_node_gpu_s: float = 0.0
     recovered: int = 0       # requests rolled back to a checkpoint (or the start) after a loss
+    # With `keep`: every quantum that ran, as (start, end, assignment), in the order they ended
+    # (those cut by the horizon last, ending there): what `genserve.timeline` draws.  The
+    # assignment is the policy's own object (GPUs, members, steps, CFG split), not a copy.
+    quanta_record: list[tuple[float, float, Assignment]] = field(default_factory=list)
 
 
 class Backend(ABC):
@@ -281,6 +285,8 @@ class ExecutorCore:
     def _close(self, now: float) -> None:
         for q in self.inflight.values():  # horizon cut: count the part that ran
             self.res.busy_gpu_s -= (q.end - now) * len(q.gpus)
+            if self.keep:
+                self.res.quanta_record.append((q.start, now, q.assignment))
             if q.cross_node:
                 self.res.cross_node_gpu_s -= (q.end - now) * len(q.gpus)
         self.res.end_time = now
@@ -358,6 +364,7 @@ class ExecutorCore:
             self._feed_back(q, e)
         if self.keep:
             self.res.quanta_log.append((q.cost, e.ran_s, q.assignment.steps))
+            self.res.quanta_record.append((q.start, q.start + e.ran_s, q.assignment))
         if e.ran_s != q.cost:  # the real clock: count what it held, not what was predicted
             k = len(q.gpus)
             self.res.busy_gpu_s += (e.ran_s - q.cost) * k
