@@ -33,6 +33,7 @@ from ..catalog import MODELS
 from ..request import Kind
 from .auth import Keys
 from .config import ServeConfig
+from .dashboard import dashboard_router
 from .schemas import (ImageBody, VideoBody, capabilities, parse, reference_bytes, take_reference,
                       to_spec)
 from .service import ApiError, Job, Service, short
@@ -186,6 +187,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
     app = FastAPI(title="genserve", lifespan=lifespan)
     app.state.service = svc
     app.state.waiters = waiters
+    app.include_router(dashboard_router(svc, keys))  # /dashboard, /v1/cluster
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):

@@ -72,6 +72,8 @@ class Service:
         self.jobs: dict[str, Job] = {}
         self._lock = threading.RLock()
         self._listeners: list = []  # callables(job) run on every change, from any thread
+        # callables(request) run first on every engine update, on its thread (dashboard.py)
+        self.update_hooks: list = []
         self.draining = False
         self.started = False
         self._hung_seen = (0, 0.0)  # (pool.hung as last seen, when it changed)
@@ -358,6 +360,8 @@ class Service:
 
     # ----- engine updates (engine thread) -----
     def _on_update(self, r: Request, output) -> None:
+        for hook in self.update_hooks:
+            hook(r)
         self.metrics.observe(r)
         with self._lock:
             job = self.jobs.get(_job_of(r.id))
