@@ -174,6 +174,33 @@ def test_a_run_on_a_pool_that_a_halted_run_left_busy_finishes(pool, lat):
     assert_straight(res, vid)
 
 
+def test_a_failed_save_of_an_earlier_runs_request_is_no_warning(pool, lat, tmp_path, caplog):
+    """`serve --emulate` times its engine with a probe run first; a save of the probe's video
+    could fail after that run removed its scratch directory, and the next run logged a warning
+    about a request it never had.  Such a report, and a stale file of one, are dropped quietly;
+    a failed save of a request of this run is still a warning."""
+    wait_ready(pool)
+    stale = tmp_path / "earlier.12.state"
+    stale.write_bytes(b"x")
+    pool._saved += [Saved("earlier-probe", 12, error="FileNotFoundError: gone"),
+                    Saved("earlier-done", 12, path=str(stale))]
+    vid = video("after-probe", steps=8)
+    with caplog.at_level("WARNING", logger="genserve"):
+        Engine(Route({vid.id: [((1,), 4), ((1,), 99)]}), pool, lat, 4, time_scale=SCALE,
+               checkpoint_every=4, checkpoint_dir=str(blocked_dir(tmp_path))).run([vid])
+    assert_ended_once(vid, Status.FINISHED)
+    assert not stale.exists()
+    warned = [r.getMessage() for r in caplog.records if "not saved" in r.getMessage()]
+    assert warned and all(vid.id in m for m in warned), warned
+
+
+def blocked_dir(tmp_path: Path) -> Path:
+    """A checkpoint directory that is a regular file: every save of this run fails."""
+    blocked = tmp_path / "ck"
+    blocked.write_text("not a directory")
+    return blocked
+
+
 # ----- the saver alone -----
 
 def test_a_write_that_runs_out_of_space_leaves_no_file_and_the_saver_goes_on(tmp_path):

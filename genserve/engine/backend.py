@@ -368,6 +368,13 @@ class WorkerBackend(Backend):
         for s in got:
             r = self.core.by_id.get(s.rid)
             if s.error is not None:
+                # Only a request still running needs it: a failed save of an earlier run's
+                # request on this pool (its scratch directory went with that run while the
+                # worker's saver still wrote) or of an ended one costs nothing.
+                if r is None or r.is_final:
+                    log.debug("request %s: checkpoint at step %d not saved (%s), and not needed",
+                              s.rid, s.steps, s.error)
+                    continue
                 log.warning("request %s: checkpoint at step %d not saved: %s", s.rid, s.steps,
                             s.error)
                 continue
