@@ -516,7 +516,6 @@ BAD_FIELDS = [
     (IMG, {"prompt": None}, "prompt"),
     (IMG, {"prompt": ["a"]}, "prompt"),
     (IMG, {"prompt": "p" * 2001}, "prompt"),
-    (IMG, {"response_format": "url"}, "response_format"),
     (IMG, {"response_format": "png"}, "response_format"),
     (IMG, {"guidance": "nan"}, "guidance"),
     (IMG, {"guidance": -1}, "guidance"),

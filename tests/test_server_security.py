@@ -206,7 +206,8 @@ def test_json_content_types_are_read(client, ctype):
 
 
 # ----------------------------------------------------------------------------- strict types
-STRICT = [(IMG, "n", True), (IMG, "n", "2"), (IMG, "n", 2.0), (IMG, "seed", "5"),
+# 2.0 is the integer 2 (JSON has one number type; JSON Schema, and so /openapi.json, agrees).
+STRICT = [(IMG, "n", True), (IMG, "n", "2"), (IMG, "n", 2.5), (IMG, "seed", "5"),
           (IMG, "seed", False), (IMG, "steps", True), (IMG, "steps", "2"),
           (IMG, "guidance", True), (IMG, "guidance", "1.5"), (IMG, "slo_ms", "100"),
           (IMG, "slo_ms", True), (VID, "frames", "9"), (VID, "frames", True),
@@ -385,8 +386,8 @@ def test_list_pages_on_past_a_cursor_that_expired(app, client, order):
     ids = [j.id for j in made]
     want = ids[::-1][2:] if order == "desc" else ids[2:]
     assert [v["id"] for v in r.json()["data"]] == want
-    # an id no page ever showed is still a 400 naming it
-    assert_error(client.get(VID, params={"after": "video_" + "0" * 32}), 400, param="after")
+    # an id no page ever showed is a 404 naming it (as an unknown id in a path is)
+    assert_error(client.get(VID, params={"after": "video_" + "0" * 32}), 404, param="after")
 
 
 def test_list_while_videos_expire(live):

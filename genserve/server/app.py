@@ -5,8 +5,13 @@ changes jobs or touches files (submit, cancel, delete and its file removal, open
 in a thread; waiting for a job is an asyncio event the engine thread sets (through
 `call_soon_threadsafe`).  Every answer other than success is OpenAI's body, `{"error": {"message",
 "type", "param", "code"}}`, unexpected exceptions included (a JSON 500, no stack trace).  Every GET
-route also answers HEAD.  Bodies: JSON or multipart only (415 otherwise), size-limited (413), see
-`transfer.py`; API keys and owners: `auth.py`.
+route also answers HEAD; a 405 names every method of its path in `Allow`.  Bodies: JSON or
+multipart only (415 otherwise), size-limited (413), see `transfer.py`; API keys and owners:
+`auth.py`; what `/openapi.json` says about each route (bodies, statuses): `openapi.py`.
+
+Images with `response_format: "url"` are answered with links, `/v1/files/{request id}` on the
+request's own base URL: readable with the owner's key only (404 for another key) until the job's
+`expires_at` (404 after, whether or not the janitor removed the files yet).
 
 Races, each answered by a JSON status, never a 500: content vs delete or expiry (the file is
 opened before the answer, so it is either streamed whole or a 404), cancel vs finish (the state
@@ -22,8 +27,9 @@ import json
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
+from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -33,11 +39,12 @@ from ..catalog import MODELS
 from ..request import Kind
 from .auth import Keys
 from .config import ServeConfig
+from .openapi import BINARY, IDEMPOTENCY, JOB, VIDEO, errors, install, ok, request_body
 from .dashboard import dashboard_router
 from .schemas import (ImageBody, VideoBody, capabilities, parse, reference_bytes, take_reference,
                       to_spec)
 from .service import ApiError, Job, Service, short
-from .transfer import OpenFileResponse, open_regular, read_body
+from .transfer import OpenFileResponse, open_regular, read_body, result_media_type
 
 
 GET = ["GET", "HEAD"]
@@ -99,6 +106,18 @@ def video_object(svc: Service, job: Job) -> dict:
            "queue_position": svc.queue_position(job),
            "estimated_finish_at": svc.estimated_finish(job), "best_effort": job.best_effort}
     return out
+
+
+def file_id(job: Job, name: str) -> str:
+    """The id of a result file in `/v1/files/{id}`: its request's id, `<job id>-<i>`."""
+    return f"{job.id}-{0 if name == 'video.mp4' else name.partition('.')[0]}"
+
+
+def result_name(job: Job, i: int) -> str | None:
+    """The file of the job's i-th result (None: it has none)."""
+    if not 0 <= i < len(job.request_ids):
+        return None
+    return "video.mp4" if job.spec.kind is Kind.VIDEO else f"{i}.png"
 
 
 def job_object(svc: Service, job: Job) -> dict:
@@ -185,6 +204,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         await asyncio.to_thread(svc.stop)
 
     app = FastAPI(title="genserve", lifespan=lifespan)
+    install(app)
     app.state.service = svc
     app.state.waiters = waiters
     app.include_router(dashboard_router(svc, keys))  # /dashboard, /v1/cluster
@@ -203,8 +223,21 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
+        headers = getattr(e, "headers", None)
+        if e.status_code == 405:  # every method of the path (starlette names one route's)
+            headers = {**(headers or {}), "Allow": allowed(request)}
         return _error(e.status_code, str(e.detail), "not_found" if e.status_code == 404
-                      else "http_error", headers=getattr(e, "headers", None))
+                      else "http_error", headers=headers)
+
+    def allowed(request: Request) -> str:
+        """The methods the routes of this request's path take, whichever module added them."""
+        path, methods = request.url.path, set()
+        for route in app.router.routes:
+            regex, ms = getattr(route, "path_regex", None), getattr(route, "methods", None)
+            if regex is not None and ms and regex.match(path):
+                methods |= set(ms)
+        order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+        return ", ".join(sorted(methods, key=lambda m: (order.index(m) if m in order else 9, m)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
@@ -215,7 +248,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
     def owner(request: Request) -> str | None:
         return keys.owner(request.headers.get("authorization", ""))
 
-    async def admit(request: Request, schema, kind: Kind) -> tuple[Job, str | None]:
+    async def admit(request: Request, schema, kind: Kind) -> tuple[Job, str | None, object]:
         """Authenticate, validate and submit a generation request (the key before the body: a
         client without one gets its 401 before it uploads anything)."""
         who = owner(request)
@@ -234,11 +267,33 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
             raise ApiError(400, "Idempotency-Key: 1 to 255 printable characters",
                            "invalid_request_error", "Idempotency-Key")
         # In a thread: the job is written to the store (and synced) before the answer.
-        return await run_in_threadpool(svc.submit, spec, who, factor, key), who
+        return await run_in_threadpool(svc.submit, spec, who, factor, key), who, body
 
-    @app.post("/v1/images/generations")
+    auth = (401,) if svc.cfg.api_keys else ()
+    admission = (*auth, 400, 409, 413, 415, 429, 503) + ((422,) if svc.cfg.infeasible ==
+                                                         "reject" else ())
+
+    def generation(kind: Kind, ok: dict, *more: int) -> dict:
+        extra = request_body(kind, svc.cfg)
+        extra["parameters"] = [IDEMPOTENCY]
+        return {"responses": {200: ok, **errors(*admission, *more)}, "openapi_extra": extra}
+
+    image_item = {"type": "object", "properties": {
+        "b64_json": {"type": "string", "description": "the PNG (response_format b64_json)"},
+        "url": {"type": "string", "description": "GET it for the PNG (response_format url)"},
+        "revised_prompt": {"type": "null"}}}
+    images_ok = {"description": "the images (the request waits for them)", "content": {
+        "application/json": {"schema": {
+            "type": "object", "required": ["created", "data", "id", "expires_at"],
+            "properties": {"created": {"type": "integer"}, "id": {"type": "string"},
+                           "expires_at": {"type": "integer",
+                                          "description": "unix time the results go"},
+                           "data": {"type": "array", "items": image_item}}}}}}
+
+    # 409: cancelled while the request waited; 500: the generation failed; 503: shutdown.
+    @app.post("/v1/images/generations", **generation(Kind.IMAGE, images_ok, 500))
     async def images(request: Request):
-        job, who = await admit(request, ImageBody, Kind.IMAGE)
+        job, who, body = await admit(request, ImageBody, Kind.IMAGE)
         try:
             while not job.final:
                 if await request.is_disconnected():
@@ -260,32 +315,40 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
                           headers={"Retry-After": "30"} if status == 503 else None)
         kept = svc.take_images(job)  # from memory: never read back what was just written
         data = []
-        for name in job.files:
+        if body.response_format == "url":  # links to /v1/files, readable until the job expires
+            data = [{"url": str(request.url_for("get_file", file_id=file_id(job, name))),
+                     "revised_prompt": None} for name in job.files]
+        for name in job.files if not data else ():
             raw = kept.get(name) or await asyncio.to_thread(svc.result_path(job, name).read_bytes)
             data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
-        return {"created": int(job.created_at), "data": data, "id": job.id}
+        return {"created": int(job.created_at), "data": data, "id": job.id,
+                "expires_at": int(job.expires_at) if job.expires_at else None}
 
-    @app.post("/v1/videos")
+    @app.post("/v1/videos", **generation(Kind.VIDEO, ok("the video job, queued", VIDEO)))
     async def create_video(request: Request):
         return video_object(svc, (await admit(request, VideoBody, Kind.VIDEO))[0])
 
-    @app.api_route("/v1/videos", methods=GET)
-    async def list_videos(request: Request, limit: int = 20, after: str | None = None,
-                          order: str = "desc"):
-        if order not in ("asc", "desc"):
-            raise ApiError(400, f"order={short(order)}: 'asc' or 'desc'",
-                           "invalid_request_error", "order")
-        if not 1 <= limit <= 100:
-            raise ApiError(400, f"limit={limit}: must be in [1, 100]", "invalid_request_error",
-                           "limit")
+    video_list = {"type": "object", "properties": {
+        "object": {"type": "string"}, "data": {"type": "array", "items": VIDEO},
+        "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]},
+        "has_more": {"type": "boolean"}}}
+
+    @app.api_route("/v1/videos", methods=GET, responses={
+        200: ok("a page of the caller's videos", video_list), **errors(*auth, 400, 404)})
+    async def list_videos(request: Request,
+                          limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                          after: Annotated[str | None, Query(
+                              description="the last id of the previous page (404: no such "
+                                          "video)")] = None,
+                          order: Literal["asc", "desc"] = "desc"):
         who = owner(request)
         jobs = svc.list(who, Kind.VIDEO)  # oldest first
         if after is not None:
             at = next(((j.created_at, j.id) for j in jobs if j.id == after), None)
             at = at or cursors.key(who, after)  # gone since the page that showed it
             if at is None:
-                raise ApiError(400, f"after={short(after)}: no such video in this list",
-                               "invalid_request_error", "after")
+                raise ApiError(404, f"after={short(after)}: no such video in this list",
+                               "not_found", "after")
             jobs = [j for j in jobs if ((j.created_at, j.id) > at if order == "asc"
                                         else (j.created_at, j.id) < at)]
         if order == "desc":
@@ -312,16 +375,20 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
             raise _not_found("video", video_id)
         return job, who
 
-    @app.api_route("/v1/videos/{video_id}", methods=GET)
+    found = errors(*auth, 404)
+
+    @app.api_route("/v1/videos/{video_id}", methods=GET,
+                   responses={200: ok("the video job", VIDEO), **found})
     async def get_video(request: Request, video_id: str):
         return video_object(svc, video_job(request, video_id)[0])
 
-    @app.api_route("/v1/videos/{video_id}/content", methods=GET)
-    async def video_content(request: Request, video_id: str, variant: str = "video"):
+    @app.api_route("/v1/videos/{video_id}/content", methods=GET, response_class=Response,
+                   responses={200: ok("the MP4", BINARY, "video/mp4"),
+                              206: ok("the byte range asked for (Range)", BINARY, "video/mp4"),
+                              **errors(*auth, 400, 404, 409, 416)})
+    async def video_content(request: Request, video_id: str,
+                            variant: Literal["video"] = "video"):
         job, _ = video_job(request, video_id)
-        if variant != "video":
-            raise ApiError(400, f"variant={short(variant)}: only 'video' is available",
-                           "invalid_request_error", "variant")
         if job.status != "completed":
             raise ApiError(409, f"video {short(video_id)} is {job.status}, not completed",
                            "video_not_ready")
@@ -331,7 +398,38 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
             raise _not_found("video", video_id) from None
         return OpenFileResponse(fh, st, "video/mp4")
 
-    @app.delete("/v1/videos/{video_id}")
+    @app.api_route("/v1/files/{file_id}", methods=GET, name="get_file",
+                   response_class=Response,
+                   responses={200: {"description": "a result file (response_format url), "
+                                                   "until its job's expires_at",
+                                    "content": {"image/png": {"schema": BINARY},
+                                                "video/mp4": {"schema": BINARY}}},
+                              206: ok("the byte range asked for (Range)", BINARY, "image/png"),
+                              **errors(*auth, 404, 416)})
+    async def get_file(request: Request, file_id: str):
+        """A result by its id (`<job id>-<i>`, as the answer's url names it): the owner's key
+        only; 404 for anyone else, for a job not completed, and once the job expired."""
+        job_id, _, index = file_id.rpartition("-")
+        who = owner(request)  # 401 first
+        try:
+            job = svc.get(job_id, who) if job_id and index.isdigit() else None
+        except ApiError:
+            job = None
+        name = result_name(job, int(index)) if job is not None and len(index) < 6 else None
+        if name is None or job.status != "completed" or name not in job.files:
+            raise _not_found("file", file_id)
+        try:
+            fh, st = await run_in_threadpool(open_regular, svc.result_path(job, name))
+        except FileNotFoundError:  # deleted or expired since it was looked up
+            raise _not_found("file", file_id) from None
+        return OpenFileResponse(fh, st, result_media_type(name))
+
+    deleted = {"type": "object", "properties": {"id": {"type": "string"},
+                                                "object": {"type": "string"},
+                                                "deleted": {"type": "boolean"}}}
+
+    @app.delete("/v1/videos/{video_id}",
+                responses={200: ok("deleted (or, still running, cancelled)", deleted), **found})
     async def delete_video(request: Request, video_id: str):
         job, who = video_job(request, video_id)
         if not job.final:
@@ -341,11 +439,13 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         await run_in_threadpool(svc.delete, job.id, who)
         return {"id": job.id, "object": "video.deleted", "deleted": True}
 
-    @app.api_route("/v1/jobs/{job_id}", methods=GET)
+    @app.api_route("/v1/jobs/{job_id}", methods=GET,
+                   responses={200: ok("the job (an image request or a video)", JOB), **found})
     async def get_job(request: Request, job_id: str):
         return job_object(svc, lookup(job_id, owner(request)))
 
-    @app.delete("/v1/jobs/{job_id}")
+    @app.delete("/v1/jobs/{job_id}",
+                responses={200: ok("the job once the cancel is asked for", JOB), **found})
     async def cancel_job(request: Request, job_id: str):
         who = owner(request)
         job = lookup(job_id, who)
@@ -353,7 +453,10 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         # at its next step), or final, when it ended first (cancel vs finish).
         return job_object(svc, await run_in_threadpool(svc.cancel, job.id, who))
 
-    @app.api_route("/v1/jobs/{job_id}/events", methods=GET)
+    @app.api_route("/v1/jobs/{job_id}/events", methods=GET, response_class=StreamingResponse,
+                   responses={200: ok("server-sent events: `data: <job object>` at every "
+                                      "change, until it ends", {"type": "string"},
+                                      "text/event-stream"), **found})
     async def job_events(request: Request, job_id: str):
         job = lookup(job_id, owner(request))
         headers = {"Cache-Control": "no-cache"}
@@ -376,7 +479,9 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
-    @app.api_route("/v1/models", methods=GET)
+    @app.api_route("/v1/models", methods=GET,
+                   responses={200: ok("the served models and what each takes"),
+                              **errors(*auth)})
     async def models(request: Request):
         owner(request)
         now = int(time.time())
@@ -385,7 +490,9 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
              "kind": MODELS[m].kind.value, "capabilities": capabilities(m, svc.cfg)}
             for m in svc.cfg.presets]}
 
-    @app.api_route("/health", methods=GET)
+    @app.api_route("/health", methods=GET,
+                   responses={200: ok("serving (status ok, or degraded: fewer workers)"),
+                              **errors(503)})
     async def health():
         if svc.draining:
             return _error(503, "draining", "draining")
@@ -397,7 +504,8 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
                 "models": list(svc.cfg.presets), "workers_hung_total": svc.workers_hung(),
                 **(why or {})}
 
-    @app.api_route("/metrics", methods=GET)
+    @app.api_route("/metrics", methods=GET, response_class=Response, responses={
+        200: ok("Prometheus text exposition", {"type": "string"}, "text/plain")})
     async def metrics():
         return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 

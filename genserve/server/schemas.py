@@ -3,7 +3,8 @@
 Every bad field becomes an `ApiError(400)` naming the field and the allowed range; nothing a client
 sends can raise anything else.  Unknown fields are ignored, as OpenAI's API does.  JSON bodies are
 typed strictly: a boolean is not a number and neither is a numeric string (`"n": "2"`, `"seed":
-true` are 400s naming the field); `seconds` is OpenAI's string ("4") or a number.  Form bodies
+true` are 400s naming the field; `2.0` is the integer 2, JSON having one number type); `seconds` is
+OpenAI's string ("4") or a number.  Form bodies
 (multipart) carry text, so their numbers are parsed from it, and files.  A video's input image,
 `input_reference` (a file part, a base64 data: URL, or OpenAI's {"image_url": ...}), is taken out
 of the body before validation (`take_reference`, `reference_bytes`; never fetched from a URL) and
@@ -53,11 +54,17 @@ class VideoBody(_Common):
     frames: int | None = Field(None, ge=1, le=10_000)
 
 
+_INTEGERS = {"n", "steps", "seed", "frames"}
+
+
 def parse(cls, data, max_prompt_chars: int, strict: bool = True):
     """Validate a decoded body (dict) into `cls`, or raise ApiError naming the field.  `strict`:
     the values are JSON's typed ones (no bool or string for a number); False for a form's text."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_request_error")
+    if strict:  # JSON has one number type: 2.0 is the integer 2 (as JSON Schema says), 2.5 not
+        data = {k: int(v) if k in _INTEGERS and type(v) is float and v.is_integer() else v
+                for k, v in data.items()}
     try:
         body = cls.model_validate(data, strict=strict)
     except ValidationError as e:
@@ -188,9 +195,6 @@ def to_spec(body: _Common, kind: Kind, served: tuple[str, ...], max_images: int,
         if n > max_images:
             raise ApiError(400, f"n={n}: at most {max_images} images per request",
                            "invalid_request_error", "n")
-        if body.response_format not in (None, "b64_json"):
-            raise ApiError(400, "response_format: only 'b64_json' is supported",
-                           "invalid_request_error", "response_format")
     else:
         if body.frames is not None and body.seconds is not None:
             raise ApiError(400, "give seconds or frames, not both", "invalid_request_error",

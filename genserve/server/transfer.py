@@ -159,6 +159,14 @@ def open_regular(path: os.PathLike | str) -> tuple[BinaryIO, os.stat_result]:
     return fh, st
 
 
+MEDIA_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
+
+
+def result_media_type(name: str) -> str:
+    """The content type of a result file, by its suffix."""
+    return MEDIA_TYPES.get(os.path.splitext(name)[1], "application/octet-stream")
+
+
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
