@@ -15,7 +15,7 @@ request's own base URL: readable with the owner's key only (404 for another key)
 
 Races, each answered by a JSON status, never a 500: content vs delete or expiry (the file is
 opened before the answer, so it is either streamed whole or a 404), cancel vs finish (the state
-the job is in; a video a DELETE cancelled that completes anyway is deleted once it does), list vs
+the job is in; a video deleted before it ended is gone at once, however it then ends), list vs
 expiry (a page's cursor that expired or was deleted in between still places the next page).
 """
 
@@ -128,46 +128,6 @@ def job_object(svc: Service, job: Job) -> dict:
     return out
 
 
-class _DeleteWhenDone:
-    """Videos a DELETE cancelled, until they end.  The engine may have finished one already when
-    the cancel came (its file was being written): it then completes anyway, and is deleted as soon
-    as it does, so that the DELETE's `deleted: true` holds (the service could instead refuse to
-    complete a cancelled job; until it does, this closes the race here)."""
-
-    def __init__(self, svc: Service):
-        self.svc, self.loop = svc, None
-        self.owners: dict[str, str | None] = {}
-        self.tasks: set[asyncio.Future] = set()  # deletions under way (kept from the GC)
-
-    def add(self, job: Job, owner: str | None) -> None:  # in the loop
-        self.loop = asyncio.get_running_loop()
-        self.owners[job.id] = owner
-        self(job)  # it may have ended before it was added: no listener call would follow
-
-    def __call__(self, job: Job) -> None:  # a service listener: any thread
-        if job.final and job.id in self.owners and self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(self._ended, job.id)
-            except RuntimeError:  # the loop is closed: the server is gone
-                pass
-
-    def _ended(self, job_id: str) -> None:
-        if job_id not in self.owners:
-            return
-        owner = self.owners.pop(job_id)
-        job = self.svc.jobs.get(job_id)
-        if job is not None and job.status == "completed":
-            task = asyncio.ensure_future(run_in_threadpool(self._delete, job_id, owner))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    def _delete(self, job_id: str, owner: str | None) -> None:
-        try:
-            self.svc.delete(job_id, owner)
-        except ApiError:  # deleted meanwhile by another DELETE
-            pass
-
-
 class _Cursors:
     """Where each video a list page showed sorts (bounded: the newest kept), so that `after=` a
     video deleted or expired since that page still places the next one."""
@@ -191,9 +151,8 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
     """The app; the service (worker processes, engine thread) starts in its lifespan."""
     svc = service or Service(cfg or ServeConfig())
     keys = Keys(svc.cfg.api_keys, svc.cfg.results_dir)
-    waiters, forget, cursors = _Waiters(None), _DeleteWhenDone(svc), _Cursors()
+    waiters, cursors = _Waiters(None), _Cursors()
     svc.add_listener(waiters)
-    svc.add_listener(forget)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -429,13 +388,13 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
                                                 "deleted": {"type": "boolean"}}}
 
     @app.delete("/v1/videos/{video_id}",
-                responses={200: ok("deleted (or, still running, cancelled)", deleted), **found})
+                responses={200: ok("deleted (one still running is cancelled, and gone from now on)",
+                                   deleted), **found})
     async def delete_video(request: Request, video_id: str):
         job, who = video_job(request, video_id)
-        if not job.final:
-            forget.add(job, who)  # before the cancel: a completion racing it is seen either way
-        # A running video is cancelled (and stays visible, failed); an ended one is forgotten,
-        # its files removed (in a thread: never on the event loop).
+        # An ended video is forgotten, its files removed (in a thread: never on the event loop);
+        # one not ended is cancelled and gone from now on (404), removed once it stops
+        # (`Service.delete`).  DELETE /v1/jobs/{id} cancels and keeps it readable.
         await run_in_threadpool(svc.delete, job.id, who)
         return {"id": job.id, "object": "video.deleted", "deleted": True}
 

@@ -43,6 +43,9 @@ class Job:
     expires_at: float | None = None
     images: dict[str, bytes] = field(default_factory=dict)  # PNGs until the response takes them
     idempotency_key: str | None = None
+    # DELETE /v1/videos/{id} before it ended: hidden from then on (the answer said deleted), and
+    # expired as soon as it ends, so the janitor removes it and a restart does not bring it back.
+    deleted: bool = False
 
     @property
     def progress(self) -> int:
@@ -54,6 +57,11 @@ class Job:
     @property
     def final(self) -> bool:
         return self.status in ("completed", "failed")
+
+
+def hidden(job: Job) -> bool:
+    """Nobody sees it any more: expired, or deleted while it still ran."""
+    return job.deleted or expired(job)
 
 
 def expired(job: Job) -> bool:

@@ -40,7 +40,7 @@ from ..spec import GenSpec
 from ..workload import standalone_sp
 from .config import ServeConfig
 from .metrics import ServeMetrics
-from .jobs import Job, JobSpec, expired, job_of_row, row_of, unseeded
+from .jobs import Job, JobSpec, expired, hidden, job_of_row, row_of, unseeded
 from .store import JobStore
 
 log = logging.getLogger("genserve.server")
@@ -301,14 +301,14 @@ class Service:
 
     def get(self, job_id: str, owner: str | None) -> Job:
         job = self.jobs.get(job_id)
-        if job is None or (self.cfg.api_keys and job.owner != owner) or expired(job):
+        if job is None or (self.cfg.api_keys and job.owner != owner) or hidden(job):
             raise ApiError(404, f"no job {short(job_id)}", "not_found", "id")
         return job
 
     def list(self, owner: str | None, kind: Kind | None = None) -> list[Job]:
         with self._lock:
             return sorted((j for j in self.jobs.values()
-                           if (not self.cfg.api_keys or j.owner == owner) and not expired(j)
+                           if (not self.cfg.api_keys or j.owner == owner) and not hidden(j)
                            and (kind is None or j.spec.kind is kind)),
                           key=lambda j: (j.created_at, j.id))
 
@@ -323,11 +323,14 @@ class Service:
         return job
 
     def delete(self, job_id: str, owner: str | None) -> Job:
-        """Cancel a job that has not ended; forget an ended one (record and files)."""
+        """Forget a job (record and files): at once if it ended; else it is cancelled and hidden
+        now, and expires as it ends (`_end`), for the janitor to remove."""
         job = self.get(job_id, owner)
         with self._lock:
-            if not job.final:
-                return self.cancel(job_id, owner)
+            if not job.final:  # under the lock: it cannot end between the two
+                self.cancel(job_id, owner)
+                job.deleted = True
+                return job
             self.jobs.pop(job.id, None)
         self.store.delete([job.id])
         shutil.rmtree(self.results / job.id, ignore_errors=True)
@@ -425,7 +428,7 @@ class Service:
     def _end(self, job: Job, status: str) -> None:
         """`job` ends (completed or failed) now; readable until its TTL from now."""
         job.completed_at = time.time()
-        job.expires_at = job.completed_at + self.cfg.result_ttl_s
+        job.expires_at = job.completed_at + (0.0 if job.deleted else self.cfg.result_ttl_s)
         job.status = status
 
     def _on_checkpoint(self, rid: str, steps: int, saved: str | bytes) -> None:
