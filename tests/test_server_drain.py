@@ -169,6 +169,34 @@ def _spawned(s) -> list[int]:
     return [p for p in s.workers() if "spawn_main" in _proc(p, "cmdline")]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_drains_with_the_same_workers(serve, sig):
+    """A systemd stop (KillMode=control-group) or Ctrl-C in a terminal signals every process of
+    the group, workers included: they died of it and were replaced mid-drain (a restart, the
+    video back to its checkpoint).  Now only the server handles it: it drains with the workers
+    it had, and they end with it."""
+    s = serve("--drain-timeout", "60")
+    vid = start_video(s.http, steps=150)["id"]
+    workers = _spawned(s)
+    assert len(workers) == 2, workers
+    os.killpg(os.getpgid(s.proc.pid), sig)
+    seen, deadline = set(workers), time.monotonic() + 60
+    while s.proc.poll() is None:  # no replacement worker ever shows up
+        seen.update(_spawned(s))
+        assert time.monotonic() < deadline, s.output()[-3000:]
+        time.sleep(0.02)
+    assert s.proc.returncode == 0, s.output()[-3000:]
+    assert seen == set(workers), (seen, workers)
+    out = s.output()
+    assert "drained" in out and "Traceback" not in out, out
+    again = TestClient(create_app(ServeConfig(results_dir=str(s.results))))
+    assert again.get(f"/v1/videos/{vid}").json()["status"] == "completed"
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers):
+        assert time.monotonic() < deadline, [p for p in workers if _alive(p)]
+        time.sleep(0.05)
+
+
 def test_after_a_worker_and_its_replacement_die_sigterm_still_exits_in_bound(serve):
     """Issue 13: a worker killed, then its replacement killed while the new world formed: the
     videos completed, but afterwards SIGTERM never ended the process."""

@@ -78,6 +78,11 @@ def run_worker(lifeline, *args) -> None:
     through)."""
     die_with_parent()
     watch_lifeline(lifeline)  # also covers a driver that died before the line above
+    # A worker ends by its driver only (`Shutdown`, the guards above, SIGKILL).  SIGTERM or
+    # SIGINT sent to the whole process group (a systemd stop, Ctrl-C in a terminal) is the
+    # driver's to handle, by draining: a worker that died of it mid-drain was replaced.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _let_the_fork_server_go()
     worker_main = entry_point(args[1])  # torch (a real worker): imported once the guards are up
     worker_main(*args)
