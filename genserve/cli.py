@@ -14,6 +14,7 @@ import sys
 
 from .catalog import CANONICAL_MODELS, GENERATE_DEFAULTS, MODELS
 from .kinds import Kind
+from .model_paths import MODEL_PATH_HELP, check_model_dirs
 from .experiment import (ABLATIONS, BOUND, DEFAULT_POLICIES, RunSpec, plot_sweep,
                          requests_for, run_many, sweep)
 from . import timeline
@@ -284,8 +285,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
     for n in names:
         if n not in GENERATE_DEFAULTS:
             raise ValueError(f"--models {n!r}: unknown preset; known: {', '.join(GENERATE_DEFAULTS)}")
-    if a.model_path and len(names) > 1:
-        raise ValueError("--model-path names one checkpoint: give one model with it")
+    check_model_dirs(names, a.model_path)
     batches = tuple(int(b) for b in _floats(a.batches))
     if a.reps < 1 or any(b < 1 for b in batches) or a.workers < 0:
         raise ValueError("--reps and --batches must be >= 1, --workers >= 0")
@@ -336,6 +336,7 @@ def cmd_replay(a: argparse.Namespace) -> int:
         engine_args = dict(gpus_per_node=emulation.gpus_per_node, time_scale=a.time_scale,
                            output=OutputFormat())
     else:
+        check_model_dirs(models, a.model_path)
         pool_args = dict(n=a.workers, model_path=a.model_path,
                          device="cpu" if a.device == "cpu" else "cuda")
         engine_args = dict(gpus_per_node=a.gpus_per_node)
@@ -385,6 +386,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     models = a.models or (",".join(EMULATED_MODELS) if emu else "tiny-t2i,tiny-t2v")
     if emu and a.workers is not None:
         raise ValueError("--workers: with --emulate, give the number of GPUs as --gpus")
+    if not emu:  # a Ray head need not hold the checkpoints its workers load
+        check_model_dirs([m.strip() for m in models.split(",")], a.model_path, local=not a.ray)
     cfg = ServeConfig(presets=tuple(m.strip() for m in models.split(",") if m.strip()),
                       workers=(emu[0] if emu else a.workers if a.workers is not None
                                else 0 if a.ray else 2),
@@ -582,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "frame, fitted to the size (scaled to cover, centre-cropped)")
     gen.add_argument("--guidance", type=float,
                      help="guidance scale (default 5; FLUX 3.5; <= 1 turns CFG off)")
-    gen.add_argument("--model-path", help="local diffusers checkpoint directory (real presets)")
+    gen.add_argument("--model-path", help=MODEL_PATH_HELP)
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     gen.add_argument("--sp", type=int, default=1,
                      help="sequence-parallel degree: run on this many worker processes (CPU "
@@ -601,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batches", default="1,2,4,8", help="transformer batch sizes")
     pr.add_argument("--reps", type=int, default=5)
     pr.add_argument("--device", default="cpu")
-    pr.add_argument("--model-path", help="local checkpoint for a single real preset")
+    pr.add_argument("--model-path", help=MODEL_PATH_HELP)
     pr.add_argument("--workers", type=int, default=0,
                     help="measure inside worker 0 of a pool of N engine workers (their threads "
                          "and process layout), plus the engine's cost per quantum; 0: in this "
@@ -617,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latency profile the policy plans with (from `genserve profile` for the "
                          "tiny presets)")
     rp.add_argument("--device", default="cpu")
-    rp.add_argument("--model-path", help="local checkpoint (a single real preset)")
+    rp.add_argument("--model-path", help=MODEL_PATH_HELP)
     rp.add_argument("--checkpoint-every", type=int, default=4,
                     help="keep a host-side copy of each request's state every N steps, the "
                          "restart point if its worker dies (0: never, start over)")
@@ -639,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "`ray start` made on this node; or host:port); see docs/ray.md")
     sv.add_argument("--ray-cpus-per-worker", type=float, default=1.0,
                     help="CPUs each worker actor reserves besides its GPU")
-    sv.add_argument("--model-path", help="local checkpoint (a single real preset)")
+    sv.add_argument("--model-path", help=MODEL_PATH_HELP)
     sv.add_argument("--policy", default="genserve", help=pol_help)
     sv.add_argument("--profile", default="measure",
                     help="'measure' (profile the workers at start-up), a shipped profile name or "

@@ -221,6 +221,43 @@ def test_generate_cli_writes_outputs_and_rejects_bad_arguments(tmp_path, capsys)
         assert err.startswith("genserve generate: error:") and "\n" not in err
 
 
+def test_an_image_and_a_video_model_load_from_one_model_path(tmp_path, capsys):
+    """`--model-path` named one checkpoint for every real model, so a server could not co-serve
+    an image and a video model from real weights.  Now: a directory of checkpoints named after
+    the models, or MODEL=DIR pairs; a path that cannot serve them all is refused before any
+    worker starts, naming the model."""
+    from genserve.cli import main
+    from genserve.model_paths import check_model_dirs
+    from genserve.models.presets import tiny_t2i, tiny_t2v
+
+    tiny = {"sd3-medium": tiny_t2i(), "wan2.1-1.3b": tiny_t2v()}
+    for name, ad in tiny.items():
+        ad.pipe.save_pretrained(tmp_path / "models" / name)
+    root, pairs = str(tmp_path / "models"), ",".join(
+        f"{n}={tmp_path / 'models' / n}" for n in tiny)
+    for path in (root, pairs):
+        check_model_dirs([*tiny, "tiny-t2i"], path)
+        for name, ad in tiny.items():
+            real = load_preset(name, path)
+            assert real.name == name and type(real) is type(ad)
+    single = str(tmp_path / "models" / "sd3-medium")  # one checkpoint: one real model only
+    check_model_dirs(["sd3-medium"], single)
+    with pytest.raises(ValueError, match="sd3-medium and wan2.1-1.3b would both load"):
+        check_model_dirs(list(tiny), single)
+    with pytest.raises(ValueError, match="no directory for wan2.1-1.3b"):
+        check_model_dirs(list(tiny), f"sd3-medium={single}")
+    with pytest.raises(ValueError, match="wan2.1-14b is not a diffusers checkpoint"):
+        check_model_dirs(["wan2.1-14b"], str(tmp_path / "models" / "wan2.1-14b"))
+    check_model_dirs(["wan2.1-14b"], str(tmp_path / "elsewhere"), local=False)  # a Ray head
+    with pytest.raises(ModelLoadError, match="no directory for wan2.1-1.3b"):
+        load_preset("wan2.1-1.3b", f"sd3-medium={single}")
+    # The command line says so before starting anything: exit 2, one line.
+    capsys.readouterr()  # the loads' progress bars
+    assert main(["serve", "--models", "sd3-medium,wan2.1-1.3b", "--model-path", single]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "would both load" in err and "\n" not in err, err
+
+
 @pytest.mark.parametrize("preset", ["sd3-medium", "flux-dev", "wan2.1-1.3b"])
 def test_real_presets_load_a_local_diffusers_directory(preset, tmp_path):
     """The real-checkpoint path (from_pretrained, local_files_only) on a saved tiny pipeline of the

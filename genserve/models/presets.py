@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..model_paths import model_dir
 from .base import DiffusionAdapter, ModelLoadError
 from .tiny import clip_config, clip_tokenizer, image_vae, quiet, t5_config, t5_tokenizer
 from .families import FluxAdapter, SD3Adapter, WanAdapter
@@ -137,10 +138,11 @@ def load_preset(name: str, model_path: str | None = None, device="cpu") -> Diffu
     if build is not None:
         return build(device)
     if name in REAL:
-        if model_path is None:
-            raise ModelLoadError(f"model={name!r} needs --model-path DIR (a local diffusers "
-                                 f"checkpoint; nothing is downloaded)")
-        return load_local(name, model_path, device)
+        try:
+            path = model_dir(name, model_path)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+        return load_local(name, path, device)
     raise ModelLoadError(f"model={name!r}: unknown preset; known: {', '.join(PRESETS)}")
 
 
