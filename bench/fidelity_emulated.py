@@ -34,9 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genserve.emulate import Emulation  # noqa: E402
-from genserve.emulate.calibrate import dispatch_cost  # noqa: E402
+from genserve.emulate.calibrate import DispatchCost, dispatch_cost  # noqa: E402
 from genserve.engine import Engine  # noqa: E402
-from genserve.latency import CostEstimates, LatencyModel  # noqa: E402
+from genserve.latency import LatencyModel  # noqa: E402
 from genserve.metrics import summarize  # noqa: E402
 from genserve.parallel.protocol import OutputFormat  # noqa: E402
 from genserve.parallel.workers import WorkerPool  # noqa: E402
@@ -253,11 +253,10 @@ def main() -> int:
             time.sleep(2.0)  # the encoders' warm-up (see emulate/worker.py)
             per = (dispatch_cost(pool, LatencyModel("h200"), a.time_scale, 8,
                                  a.checkpoint_every) if a.dispatch_ms == "auto"
-                   else float(a.dispatch_ms) / 1e3)
-            lat = LatencyModel("h200", costs=CostEstimates(dispatch_s=per))
+                   else DispatchCost(float(a.dispatch_ms) / 1e3, 0.0))
+            lat = LatencyModel("h200", costs=per.estimates())
             print(f"  the simulator and the policies plan with a cost per quantum of "
-                  f"{1e3 * per:.0f} trace ms ({a.dispatch_ms}; {1e3 * per / a.time_scale:.1f} "
-                  f"ms wall)")
+                  f"{per.describe(a.time_scale)} ({a.dispatch_ms})")
             print(f"  workers' memory: {memory_mb([p.pid for p in pool.procs]):.0f} MB "
                   f"(proportional set size, shared pages split), driver "
                   f"{memory_mb([os.getpid()]):.0f} MB")

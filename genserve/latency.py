@@ -90,6 +90,10 @@ class CostEstimates:
     # The engine's fixed cost per quantum (job round trip driver <-> worker).  Not measured for the
     # shipped profile, so 0 there; `genserve profile --workers N` measures it on the setup used.
     dispatch_s: float = 0.0
+    # And what each rank of a quantum beyond the first adds to it: on emulated GPUs, the first
+    # rank's hand-off with each of the others (`emulate/calibrate.py` measures both); 0 for real
+    # workers, whose ranks run in lockstep.
+    dispatch_per_rank_s: float = 0.0
     # CFG parallelism: the two branches exchange their noise predictions every step, a collective
     # of two ranks (its latency; the bytes go over the link at its bandwidth).  An estimate.
     cfg_exchange_s: float = 30e-6
@@ -98,7 +102,7 @@ class CostEstimates:
         bad = [k for k, v in self.encode_s.items() if v < 0]
         if bad or min(self.default_encode_s, self.image_decode_s_per_mpix,
                       self.video_decode_s_per_mpix, self.move_overhead_s, self.dispatch_s,
-                      self.cfg_exchange_s) < 0:
+                      self.dispatch_per_rank_s, self.cfg_exchange_s) < 0:
             raise ValueError(f"cost estimates must be >= 0 (negative: {bad or 'a scalar field'})")
 
 
@@ -311,9 +315,10 @@ class LatencyModel:
                 else self.costs.video_decode_s_per_mpix)
         return rate * height * width * frames / 1e6
 
-    def dispatch_time(self) -> float:
-        """Fixed engine cost of one quantum (measured by `genserve profile --workers`)."""
-        return self._dispatch
+    def dispatch_time(self, gpus: int = 1) -> float:
+        """The engine's cost of one quantum on `gpus` GPUs besides its work (measured by
+        `genserve profile --workers`, or on emulated GPUs by `emulate.calibrate`)."""
+        return self._dispatch + self.costs.dispatch_per_rank_s * (gpus - 1)
 
     def move_time(self, req: Request | GenSpec, cross_node: bool) -> float:
         """Cost of resuming `req` on a GPU set other than the one holding its state."""

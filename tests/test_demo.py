@@ -49,7 +49,8 @@ def test_demo_emulated_only_prints_every_model_for_both_policies(capsys):
     assert re.search(r"emulated part: [0-9.]+ s wall", out)
     assert "H200 latency profile" in out and "placeholders" in out
     # The policies plan with the engine's cost per quantum, measured on these GPUs first.
-    assert re.search(r"cost per quantum measured on them: [0-9.]+ ms wall", out)
+    assert re.search(r"cost per quantum measured on them: [0-9.]+ trace ms \+ [0-9.]+ per rank "
+                     r"beyond the first \([0-9.]+ \+ [0-9.]+ ms wall", out)
     # The emulated part alone: no HTTP server.
     assert "server up" not in out
 

@@ -107,7 +107,7 @@ def quantum_parts(a: Assignment, members: list[Request], cluster: Cluster,
                   latency: LatencyModel) -> tuple[float, float, tuple]:
     """`quantum_cost` as (everything but the steps, the steps), and the steps' `step_key`."""
     lat = latency
-    setup = lat.dispatch_time()
+    setup = lat.dispatch_time(len(a.gpus))
     for r in members:
         if not r.gpus and r.steps_done == 0:
             setup += lat.encode_time(r.model)

@@ -71,9 +71,11 @@ def faster_with_more(step: dict[int, float]) -> tuple[int, ...]:
 def shape_info(r: Request, lat: LatencyModel, cluster: Cluster, cfg_split: bool) -> ShapeInfo:
     t = tokens_of(r)
     video = r.kind is Kind.VIDEO
-    per = lat.dispatch_time()
-    step = {k: gpu_config(r, lat, t, 1, k, False, cfg_split)[0] + video * per
+    # A video's quantum is a step: its dispatch goes with each step, on its GPU count; an
+    # image's once, with its decode (on one GPU: images rarely run on more).
+    step = {k: gpu_config(r, lat, t, 1, k, False, cfg_split)[0] + video * lat.dispatch_time(k)
             for k in gpu_counts(r, lat, cluster, cfg_split)}
     return ShapeInfo(t, faster_with_more(step), step,
-                     lat.decode_time(r.model, r.height, r.width, r.frames) + (not video) * per,
+                     lat.decode_time(r.model, r.height, r.width, r.frames)
+                     + (not video) * lat.dispatch_time(),
                      lat.encode_time(r.model), default_sp(r, lat, cluster))

@@ -201,7 +201,7 @@ def _emulated(pool, t0: float, time_scale: float, seed: int, rate: float, durati
     from ..emulate.calibrate import dispatch_cost
     from ..engine import Engine
     from ..experiment import DEFAULT_POLICIES
-    from ..latency import CostEstimates, LatencyModel
+    from ..latency import LatencyModel
     from ..parallel.protocol import OutputFormat
     from ..parallel.workers import WorkerError, WorkerLost
     from ..policies import Cluster, make_policy
@@ -214,11 +214,10 @@ def _emulated(pool, t0: float, time_scale: float, seed: int, rate: float, durati
     except (WorkerError, WorkerLost) as e:
         raise ValueError(str(e)) from None
     # The policies and the simulator plan with it, as with a profile measured on real workers.
-    latency = LatencyModel(DEMO_PROFILE, costs=CostEstimates(dispatch_s=per_quantum))
+    latency = LatencyModel(DEMO_PROFILE, costs=per_quantum.estimates())
     say(f"\n{DEMO_GPUS} emulated H200 GPUs up in {started:.1f} s; the engine's own cost per "
-        f"quantum measured on them: {1e3 * per_quantum / time_scale:.1f} ms wall = "
-        f"{1e3 * per_quantum:.0f} trace ms at {time_scale:g}x (the policies and the simulator "
-        f"plan with it)")
+        f"quantum measured on them: {per_quantum.describe(time_scale)} (the policies and the "
+        f"simulator plan with it)")
     cfg = WorkloadConfig(rate=rate, duration=duration, mix=DEMO_MIX, slo_scale=DEMO_SLO_SCALE,
                          seed=seed)
 

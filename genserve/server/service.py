@@ -31,7 +31,7 @@ from pathlib import Path
 from ..catalog import MODELS
 from ..engine import Engine
 from ..feedback import Corrected
-from ..latency import CostEstimates, LatencyModel
+from ..latency import LatencyModel
 from ..models.output import Encoded
 from ..parallel.protocol import OutputFormat
 from ..policies import make_policy
@@ -110,9 +110,10 @@ class Service:
             from ..emulate.calibrate import dispatch_cost
 
             per = dispatch_cost(self.pool, LatencyModel(cfg.emulate), cfg.time_scale,
-                                cfg.gpus_per_node, cfg.checkpoint_every, cfg.policy)
-            self.latency = LatencyModel(cfg.emulate, costs=CostEstimates(dispatch_s=per))
-            log.info("emulated GPUs: the engine's cost per quantum measured: %.1f ms", 1e3 * per)
+                                cfg.gpus_per_node, cfg.checkpoint_every)
+            self.latency = LatencyModel(cfg.emulate, costs=per.estimates())
+            log.info("emulated GPUs: the engine's cost per quantum measured: %s",
+                     per.describe(cfg.time_scale))
         elif cfg.profile == "measure":
             prof_dir = self.results / ".profile"
             write_profile(prof_dir, "local", *profile_workers(list(cfg.presets), (1, 2, 4),
