@@ -175,8 +175,8 @@ def test_a_signal_to_the_whole_process_group_drains_with_the_same_workers(serve,
     the group, workers included: they died of it and were replaced mid-drain (a restart, the
     video back to its checkpoint).  Now only the server handles it: it drains with the workers
     it had, and they end with it."""
-    s = serve("--drain-timeout", "60")
-    vid = start_video(s.http, steps=150)["id"]
+    s = serve("--drain-timeout", "60", "--drain-linger", "0")
+    vid = start_video(s.http, steps=60)["id"]
     workers = _spawned(s)
     assert len(workers) == 2, workers
     os.killpg(os.getpgid(s.proc.pid), sig)
