@@ -340,3 +340,20 @@ def test_models_without_rows_are_estimated_from_their_reference_and_say_so(laten
     text = describe(latency)
     assert "qwen-image (image): ESTIMATED from flux-dev" in text
     assert "sd3-medium (image): measured" in text and "CFG16" in text
+
+
+def test_the_emulated_cost_per_quantum_is_fitted_as_fixed_plus_per_rank():
+    """`emulate.calibrate.fit`: overrun = fixed + per rank beyond the first, least squares; one
+    GPU count gives its mean; neither part goes below 0; the latency model charges it per GPU
+    count."""
+    from genserve.emulate.calibrate import fit
+
+    got = fit([(1, 0.020), (1, 0.022), (4, 0.035), (4, 0.037), (8, 0.055)])
+    assert got.fixed_s == pytest.approx(0.021145, abs=1e-5)  # by hand: my - b * mx
+    assert got.per_rank_s == pytest.approx(0.1616 / 33.2, abs=1e-5)  # sxy / sxx
+    assert fit([(4, 0.03), (4, 0.05)]) == type(got)(pytest.approx(0.04), 0.0)
+    falling = fit([(1, 0.05), (8, 0.01)])  # a larger set cheaper: no negative per-rank cost
+    assert falling.per_rank_s == 0.0 and falling.fixed_s == pytest.approx(0.03)
+    assert fit([(1, 0.0), (8, 0.07)]).fixed_s >= 0.0
+    lat = LatencyModel("h200", costs=got.estimates())
+    assert lat.dispatch_time(4) - lat.dispatch_time() == pytest.approx(3 * got.per_rank_s)
