@@ -34,9 +34,10 @@ Worlds meet in a store the driver hosts (`authstore.py`): on loopback here, and 
 know the run's secret, which the workers get in their spawn arguments, can use it.  Worker
 processes die with the driver however it ends (`liveness.py`).
 
-Transport on one machine (`WorkerPool`): per worker an inbox and a control queue (driver ->
-worker; renewed when a worker is replaced: the dead one may have held their locks) and a channel
-of its own back (`channel.py`: a one-way pipe the driver reads without blocking).  A worker's
+Transport on one machine (`WorkerPool`): per worker an inbox and a control pipe (driver -> worker,
+`feed.py`: written by the driver's thread without blocking, a message pickled once for all the
+workers it goes to; renewed when a worker is replaced) and a channel of its own back
+(`channel.py`: a one-way pipe the driver reads without blocking).  A worker's
 death reads as end of file on its channel; a message cut short or one that does not decode ends
 that worker as well (it is killed if it still runs): its jobs end lost, the others never wait.
 
@@ -57,6 +58,7 @@ from multiprocessing.connection import wait as wait_for
 
 from .cfg import cfg_layout
 from .channel import Receiver, Sender
+from .feed import Feed, Flusher, Inlet, frame
 from .liveness import Watch, start_process
 from .process import run_worker
 from .protocol import Heartbeat, SendState
@@ -164,6 +166,12 @@ class PoolBase:
     def _send_ctl(self, rank: int, msg) -> None:
         """Put a control message (`protocol.CONTROL`) to worker `rank`."""
         raise NotImplementedError
+
+    def _send_all(self, ranks, msg, ctl: bool = False) -> None:
+        """The same message to each of `ranks` (a transport may encode it once)."""
+        send = self._send_ctl if ctl else self._send
+        for r in ranks:
+            send(r, msg)
 
     def _poll(self, timeout_s: float) -> list:
         """The workers' messages that arrived, waiting up to `timeout_s` for the first (0: do not
@@ -311,14 +319,11 @@ class PoolBase:
                 self._watch.restart_clock(r, now)
         new = tuple(g for g in sets if g not in self._made)
         if new:  # the first job of these sets in this world: every member makes them, in order
-            for r in self._members:
-                self._send(r, MakeGroups(new))
+            self._send_all(self._members, MakeGroups(new))
             self._made.update(new)
         job_id = next(self._ids)
         self._jobs[job_id] = ranks
-        task = Task(job_id, ranks, job)
-        for r in ranks:
-            self._send(r, task)
+        self._send_all(ranks, Task(job_id, ranks, job))
         return job_id
 
     def finished(self, timeout_s: float = 0.0) -> list[int]:
@@ -406,16 +411,12 @@ class PoolBase:
     def drop(self, ranks, rids: list[str]) -> None:
         """Forget resident states (a request moved, finished elsewhere, failed or was cancelled)."""
         live = set(self.alive())
-        for r in ranks:
-            if r in live:
-                self._send_ctl(r, Drop(tuple(rids)))
+        self._send_all([r for r in ranks if r in live], Drop(tuple(rids)), ctl=True)
 
     def cancel(self, ranks, rids: list[str]) -> None:
         """Stop stepping `rids` at the next step boundary of the job that holds them."""
         live = set(self.alive())
-        for r in ranks:
-            if r in live:
-                self._send_ctl(r, Cancel(tuple(rids)))
+        self._send_all([r for r in ranks if r in live], Cancel(tuple(rids)), ctl=True)
 
     # ----- the simple API: states travel with every call -----
     def prepare(self, reqs: list, rank: int = 0) -> list:
@@ -550,8 +551,10 @@ class WorkerPool(PoolBase):
         # only write end, never writes, and its exit (any exit) ends the workers.
         self._lifeline, self._lifeline_w = self._ctx.Pipe(duplex=False)
         self._open_store("127.0.0.1")
-        self._inboxes: list = [None] * n
-        self._ctls: list = [None] * n
+        # The driver's ends of each worker's inbox and control pipe (see feed.py).
+        self._flusher = Flusher()
+        self._inboxes: list[Feed | None] = [None] * n
+        self._ctls: list[Feed | None] = [None] * n
         self._chans: list[Receiver | None] = [None] * n
         self._broken: dict[int, str] = {}  # rank -> how its channel ended
         self.procs: list = [None] * n
@@ -561,21 +564,27 @@ class WorkerPool(PoolBase):
         self._await_ready(start_timeout_s)
 
     def _spawn(self, rank: int, world: Rendezvous, spec: WorkerSpec) -> None:
-        """A process for `rank`, with a new inbox, control queue and channel (a dead predecessor
-        may have died holding the old queues' locks).  Its target is `process.run_worker`, which
+        """A process for `rank`, with a new inbox, control pipe and channel (a dead predecessor's
+        pipes may hold half a message).  Its target is `process.run_worker`, which
         ties it to the driver's life and then runs `worker_main` (the secret travels in `world`,
         pickled through the start pipe, never on a command line)."""
-        for q in (self._inboxes[rank], self._ctls[rank]):
-            if q is not None:
-                q.cancel_join_thread()  # never block the driver's exit on a dead reader
-                q.close()
-        self._inboxes[rank], self._ctls[rank] = self._ctx.Queue(), self._ctx.Queue()
+        for feed in (self._inboxes[rank], self._ctls[rank]):
+            if feed is not None:
+                feed.close()
+        inbox_r, inbox_w = self._ctx.Pipe(duplex=False)
+        ctl_r, ctl_w = self._ctx.Pipe(duplex=False)
         reader, writer = self._ctx.Pipe(duplex=False)
         p = self._ctx.Process(target=run_worker, daemon=True,
                               args=(self._lifeline, rank, spec, world, self._members,
-                                    self._inboxes[rank], self._ctls[rank], Sender(writer)))
+                                    Inlet(inbox_r), Inlet(ctl_r), Sender(writer)))
         start_process(p)
-        writer.close()  # the worker holds the only write end now: its death reads as end of file
+        # The worker holds the only read ends of its pipes and the only write end of its
+        # channel now: its death reads as end of file, and a write to it fails instead of
+        # filling a pipe nobody reads.
+        for end in (writer, inbox_r, ctl_r):
+            end.close()
+        self._inboxes[rank] = Feed(inbox_w, self._flusher)
+        self._ctls[rank] = Feed(ctl_w, self._flusher)
         if self._chans[rank] is not None:
             self._chans[rank].close()
         self._chans[rank] = Receiver(reader)
@@ -588,6 +597,12 @@ class WorkerPool(PoolBase):
 
     def _send_ctl(self, rank: int, msg) -> None:
         self._ctls[rank].put(msg)
+
+    def _send_all(self, ranks, msg, ctl: bool = False) -> None:
+        feeds = self._ctls if ctl else self._inboxes
+        data = frame(msg)  # pickled once for all of them: a Task goes to every rank of its job
+        for r in ranks:
+            feeds[r].put_frame(data)
 
     def _poll(self, timeout_s: float) -> list:
         chans = {ch: r for r, ch in enumerate(self._chans) if ch is not None}
@@ -676,13 +691,10 @@ class WorkerPool(PoolBase):
         `close_reap_s` whatever the workers' state (busy, stopped, stuck, starting, dead): they
         get their `Shutdown` and one shared grace period, then SIGKILL.  Nothing is left for the
         interpreter's exit to wait on: no live child (multiprocessing joins its children at
-        exit, without a timeout), no queue feeder thread joined, no store connection."""
+        exit, without a timeout), no thread of its own left, no store connection."""
         if self._closed:
             return
         self._closed = True
-        for q in [*self._inboxes, *self._ctls]:
-            if q is not None:
-                q.cancel_join_thread()  # never block the interpreter's exit on a dead reader
         for r, p in enumerate(self.procs):
             if p is not None and self._alive(r):
                 self._inboxes[r].put(Shutdown())
@@ -697,9 +709,10 @@ class WorkerPool(PoolBase):
         for ch in self._chans:
             if ch is not None:
                 ch.close()
-        for q in [*self._inboxes, *self._ctls]:
-            if q is not None:
-                q.close()
+        for feed in [*self._inboxes, *self._ctls]:
+            if feed is not None:
+                feed.close()
+        self._flusher.close()
         self._lifeline_w.close()  # any worker still up (none should be) ends now
         self._lifeline.close()
         self._server.close()

@@ -105,9 +105,10 @@ class GenServeParams:
             raise ValueError("policy genserve: " + "; ".join(problems))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
-    """A request that can still meet its deadline, at one decision point."""
+    """A request that can still meet its deadline, at one decision point.  (Not frozen: one is
+    made per queued request per decision, and a frozen dataclass's constructor costs twice.)"""
 
     request: Request
     info: ShapeInfo
@@ -124,9 +125,18 @@ class _Planned:
 
 @dataclass
 class _Batch:
+    """Images planned to step together.  Every image offered to it has its members' shape, so
+    whether one more may join depends on the batch size alone as far as its members are
+    concerned: the step time and the cheapness of a join are kept per size, and a batch whose
+    members cannot take one more is closed for the rest of the decision."""
+
     gpus: tuple[int, ...]
     members: list[Request]
     tokens: int
+    decode: float = 0.0  # the members' decodes, run one after another
+    closed: bool = False
+    # Members + 1 -> (step seconds with it, step seconds without it).
+    step: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -296,17 +306,25 @@ class GenServe(Policy):
     def _classify(self, d: _Decision) -> tuple[list[Candidate], list[Candidate], list[Request]]:
         """Split the queue into images and videos that can still make it, each with the degree it
         needs, and requests demoted to best effort."""
-        mem, s = self.memory, d.s
+        mem, s, now = self.memory, d.s, d.s.now
         images: list[Candidate] = []
         videos: list[Candidate] = []
         hopeless: list[Request] = []
         pinned_ok = not self.settings.preempt
+        # The loop over the whole queue at every decision: `info` and `need` inlined.
+        shapes, given_up, elastic = mem.shapes, mem.hopeless, self.settings.elastic_sp
         for r in s.queue:
-            if r.id in mem.hopeless:
+            if r.id in given_up:
                 hopeless.append(r)
                 continue
-            inf = self.info(r, s)
-            k = self.need(r, inf, s.now)
+            inf = shapes.get(r.shape) or self.info(r, s)
+            left = r.deadline - now - (inf.decode + (inf.encode if r.steps_done == 0 else 0.0))
+            rem, step = r.spec.steps - r.steps_done, inf.step
+            k = None
+            for g in (inf.degrees if elastic or r.kind is Kind.IMAGE else (inf.fixed,)):
+                if rem * step[g] <= left:
+                    k = g
+                    break
             if k is None and pinned_ok and r.status is Status.RUNNING:
                 k = len(r.gpus)  # without preemption a started video runs on, late or not
                 mem.admitted.add(r.id)
@@ -338,16 +356,18 @@ class GenServe(Policy):
 
     def _place_images(self, images: list[Candidate], d: _Decision) -> None:
         batches: dict[tuple, list[_Batch]] = {}
+        batch = self.settings.batch
         images.sort(key=lambda c: (c.request.deadline, c.request.id))
         for c in images:
             r = c.request
-            if self.settings.batch and self._join(c, batches.get(r.shape, ()), d):
+            if batch and self._join(c, batches.get(r.shape, ()), d):
                 continue
-            gpus = self._take(r, c.info, c.sp, d.pool, d.s)
+            gpus = self._take(r, c.info, c.sp, d.pool, d.s) if len(d.pool) >= c.sp else None
             if gpus is None:  # waits for the next GPUs to free up
                 d.plan.reasons[r.id] = NO_GPU
                 continue
-            batches.setdefault(r.shape, []).append(_Batch(gpus, [r], c.info.tokens))
+            batches.setdefault(r.shape, []).append(_Batch(gpus, [r], c.info.tokens,
+                                                          c.info.decode))
         for group in batches.values():
             for b in group:
                 steps = min(m.remaining_steps for m in b.members)
@@ -357,24 +377,34 @@ class GenServe(Policy):
     def _join(self, c: Candidate, batches, d: _Decision) -> bool:
         """Add image `c` to a planned batch if every member still meets its deadline, and the join
         is cheap or no GPU is free anyway."""
-        s, lat, now = d.s, d.s.latency, d.s.now
-        r = c.request
+        s, now = d.s, d.s.now
+        r, inf = c.request, c.info
         for b in batches:
+            if b.closed:
+                continue
             n = len(b.members) + 1
             if n > self.settings.max_batch:
+                b.closed = True
                 continue
-            k, cross = len(b.gpus), s.cluster.spans_nodes(b.gpus)  # a spanning batch pays more
-            t_new = self._config(r, lat, b.tokens, n, k, cross)[0]
-            t_cur = self._config(r, lat, b.tokens, n - 1, k, cross)[0]
-            cheap = (t_new - t_cur) <= 0.25 * c.info.step.get(k, t_new)
+            k = len(b.gpus)
+            if n not in b.step:
+                cross = s.cluster.spans_nodes(b.gpus)  # a spanning batch pays more
+                b.step[n] = (self._config(r, s.latency, b.tokens, n, k, cross)[0],
+                             self._config(r, s.latency, b.tokens, n - 1, k, cross)[0])
+            t_new, t_cur = b.step[n]
+            cheap = (t_new - t_cur) <= 0.25 * inf.step.get(k, t_new)
             if not cheap and len(d.pool) > 0:
                 continue
-            members = b.members + [r]
             # Members' decodes run one after another at the end of the quantum.
-            decode = sum(self.info(m, s).decode for m in members)
-            if all(now + self._fin(m, self.info(m, s)) - self.info(m, s).decode + decode
-                   + m.remaining_steps * t_new <= m.deadline for m in members):
+            decode = b.decode + inf.decode
+            if not all(now + self._fin(m, inf) - inf.decode + decode
+                       + m.remaining_steps * t_new <= m.deadline for m in b.members):
+                b.closed = True  # the same for any image offered to it from now on
+                continue
+            if now + self._fin(r, inf) - inf.decode + decode + r.remaining_steps * t_new \
+                    <= r.deadline:
                 b.members.append(r)
+                b.decode = decode
                 return True
         return False
 
@@ -406,6 +436,11 @@ class GenServe(Policy):
             committed += sum(c.sp for c in admitted)  # their needs are reserved up front
         video_share = s.cluster.num_gpus - d.reserve
         for c in order:
+            if not len(d.pool):  # nothing left to hand out (as `_place_video` would find)
+                r = c.request
+                d.plan.reasons[r.id] = (PREEMPTED_FOR_URGENT if r.status is Status.RUNNING
+                                        else NO_GPU)
+                continue
             is_fresh = c.request.id not in mem.admitted
             if self._place_video(c, d, is_fresh, committed, video_share) and (
                     is_fresh or by_deadline):
