@@ -194,6 +194,30 @@ def test_a_failed_save_of_an_earlier_runs_request_is_no_warning(pool, lat, tmp_p
     assert warned and all(vid.id in m for m in warned), warned
 
 
+def test_a_late_save_of_an_earlier_run_whose_request_id_repeats_is_not_taken(pool, lat, tmp_path,
+                                                                            caplog):
+    """The same trace run twice on one pool (the fidelity bench's backlog): saves of the first,
+    halted run arrive during the second, for requests of the same ids.  They are not this run's:
+    a failed one is no warning, and a written one is neither adopted nor removed (its run's
+    directory is that run's)."""
+    wait_ready(pool)
+    earlier = tmp_path / "earlier-run"
+    earlier.mkdir()
+    theirs = earlier / "same-id.4.state"
+    theirs.write_bytes(b"x")
+    pool._saved += [Saved("same-id", 4, error="FileNotFoundError: gone", directory=str(earlier)),
+                    Saved("same-id", 4, path=str(theirs), directory=str(earlier))]
+    mine = tmp_path / "ck"
+    mine.mkdir()
+    vid = video("same-id", steps=8)
+    with caplog.at_level("WARNING", logger="genserve"):
+        Engine(Route({vid.id: [((1,), 4), ((1,), 99)]}), pool, lat, 4, time_scale=SCALE,
+               checkpoint_every=4, checkpoint_dir=str(mine)).run([vid])
+    assert_ended_once(vid, Status.FINISHED)
+    assert theirs.exists()
+    assert not [r.getMessage() for r in caplog.records if "not saved" in r.getMessage()]
+
+
 def blocked_dir(tmp_path: Path) -> Path:
     """A checkpoint directory that is a regular file: every save of this run fails."""
     blocked = tmp_path / "ck"
@@ -232,7 +256,9 @@ def test_a_write_that_runs_out_of_space_leaves_no_file_and_the_saver_goes_on(tmp
         threading.Event().wait(0.01)
     assert got[0].rid == "r-0" and got[0].steps == 4 and not got[0].path, got
     assert "File too large" in got[0].error, got[0].error
-    assert got[1] == Saved("r-0", 8, str(checkpoint_path(tmp_path, "r-0", 8)))
+    assert got[1] == Saved("r-0", 8, str(checkpoint_path(tmp_path, "r-0", 8)),
+                           directory=str(tmp_path))
+    assert got[0].directory == str(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r-0.8.state"]
     # A write into a missing directory fails whole, too.
     with pytest.raises(FileNotFoundError):

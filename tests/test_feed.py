@@ -132,3 +132,25 @@ def test_a_stopped_worker_does_not_block_the_driver_and_gets_everything_once_res
             p.kill()
         feed.close()
         rx.close()
+
+
+def test_puts_racing_the_flusher_all_arrive_in_order(flusher):
+    """The driver puts while the flusher drains and the reader reads in bursts: a put that leaves
+    a backlog just as the flusher finds the last one written must still be flushed."""
+    feed, inlet, _ = _pipe(flusher)
+    sizes = [(i * 7919) % 90_000 + 1 for i in range(600)]
+    got: list = []
+
+    def read() -> None:
+        for i in range(len(sizes)):
+            got.append(inlet.get())
+            if i % 50 == 0:
+                time.sleep(0.005)  # the pipe fills meanwhile
+
+    t = threading.Thread(target=read)
+    t.start()
+    for i, n in enumerate(sizes):
+        feed.put(Done(i, n * b"x"))
+    t.join(60)
+    assert not t.is_alive(), f"{len(got)} of {len(sizes)} arrived; {feed.pending} bytes stuck"
+    assert [(m.job_id, len(m.result)) for m in got] == list(enumerate(sizes))

@@ -366,6 +366,12 @@ class WorkerBackend(Backend):
         request in flight, waits for the job's result (the file may come first)."""
         got, self._early_saves = self._early_saves + self.pool.saved(), []
         for s in got:
+            if s.directory and s.directory != self.checkpoint_dir:
+                # An earlier run's on this pool, late: its request may share an id with one of
+                # this run, and its file is that run's to keep or remove.
+                log.debug("request %s: a checkpoint for another run's directory %s ignored",
+                          s.rid, s.directory)
+                continue
             r = self.core.by_id.get(s.rid)
             if s.error is not None:
                 # Only a request still running needs it: a failed save of an earlier run's

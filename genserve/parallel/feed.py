@@ -68,6 +68,11 @@ class Feed:
         with self._lock:
             return sum(len(v) for v in self._backlog)
 
+    @property
+    def waiting(self) -> bool:
+        with self._lock:
+            return bool(self._backlog)
+
     def _write(self, view: memoryview) -> memoryview | None:
         """Write what fits; the rest, or None.  Under the lock."""
         try:
@@ -83,17 +88,16 @@ class Feed:
         self.broken = why
         self._backlog.clear()
 
-    def flush(self) -> bool:
-        """Write the backlog while the pipe has room (the flusher's thread); True once empty."""
+    def flush(self) -> None:
+        """Write the backlog while the pipe has room (the flusher's thread)."""
         with self._lock:
             while self._backlog:
                 rest = self._write(self._backlog[0])
                 if rest:
                     self._backlog[0] = rest
-                    return False
-                if self._backlog:
+                    return
+                if self._backlog:  # (emptied if the write failed)
                     self._backlog.popleft()
-            return True
 
     def close(self) -> None:
         with self._lock:
@@ -132,7 +136,9 @@ class Flusher(threading.Thread):
             with self._lock:
                 if self._closed:
                     return
-                feeds = {f.fd: f for f in self._feeds if f.broken is None}
+                # A feed leaves the set only once seen empty here: a put that left a backlog
+                # after that adds it again (`watch` comes after the backlog grew).
+                feeds = {f.fd: f for f in self._feeds if f.broken is None and f.waiting}
                 self._feeds = set(feeds.values())
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
@@ -148,9 +154,8 @@ class Flusher(threading.Thread):
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
-                elif fd in feeds and feeds[fd].flush():
-                    with self._lock:
-                        self._feeds.discard(feeds[fd])
+                elif fd in feeds:
+                    feeds[fd].flush()
 
     def close(self) -> None:
         with self._lock:

@@ -378,6 +378,9 @@ class Saved:
     steps: int
     path: str = ""
     error: str | None = None
+    # The run's checkpoint directory it was for: an engine that reuses a pool takes only its
+    # own run's (request ids repeat from one run to the next, e.g. the same trace twice).
+    directory: str = ""
 
 
 Outcome = Union[Done, JobError, JobLost]

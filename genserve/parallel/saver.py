@@ -109,8 +109,9 @@ class Saver(threading.Thread):
             try:
                 blob = data() if callable(data) else data
                 path = write_atomic(checkpoint_path(directory, rid, steps), blob)
-                msg = Saved(rid, steps, str(path))
+                msg = Saved(rid, steps, str(path), directory=directory)
             except Exception as e:  # noqa: BLE001 - that checkpoint is lost, the thread goes on
-                msg = Saved(rid, steps, error=f"worker {self.rank}: {type(e).__name__}: {e}")
+                msg = Saved(rid, steps, error=f"worker {self.rank}: {type(e).__name__}: {e}",
+                            directory=directory)
             del data, blob  # a state is tens of MB: gone before the next wait
             self.outbox.put(msg)
