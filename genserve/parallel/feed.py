@@ -122,14 +122,18 @@ class Flusher(threading.Thread):
 
     def watch(self, feed: Feed) -> None:
         with self._lock:
+            if self._closed:  # the pool is closing: nothing more is written
+                return
             self._feeds.add(feed)
-        self._wake()
+            self._wake()
 
     def _wake(self) -> None:
+        """Under the lock, before close: the wake pipe's descriptors are still this thread's
+        (after close their numbers may be another file's)."""
         try:
             os.write(self._wake_w, b"!")
-        except (BlockingIOError, OSError):
-            pass  # already woken (or closing)
+        except BlockingIOError:
+            pass  # already woken
 
     def run(self) -> None:
         while True:
@@ -159,11 +163,14 @@ class Flusher(threading.Thread):
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
-        self._wake()
+            self._wake()
         self.join(timeout=1.0)
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        if not self.is_alive():  # else two descriptors leak rather than close under its feet
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
 
 
 class Inlet:
@@ -195,6 +202,15 @@ class Inlet:
     def put(self, msg) -> None:
         self._local.append(msg)
         os.write(self._wake_fds()[1], b"!")
+
+    def close(self) -> None:
+        """Release the pipe and the wake-up pipe (a worker's end with its process; an Inlet
+        used within one process, e.g. a test's, here)."""
+        with self._lock:
+            wake, self._wake = self._wake, None
+        for fd in wake or ():
+            os.close(fd)
+        self.conn.close()
 
     def get(self):
         wake_r, _ = self._wake_fds()
