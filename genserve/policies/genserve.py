@@ -311,20 +311,12 @@ class GenServe(Policy):
         videos: list[Candidate] = []
         hopeless: list[Request] = []
         pinned_ok = not self.settings.preempt
-        # The loop over the whole queue at every decision: `info` and `need` inlined.
-        shapes, given_up, elastic = mem.shapes, mem.hopeless, self.settings.elastic_sp
         for r in s.queue:
-            if r.id in given_up:
+            if r.id in mem.hopeless:
                 hopeless.append(r)
                 continue
-            inf = shapes.get(r.shape) or self.info(r, s)
-            left = r.deadline - now - (inf.decode + (inf.encode if r.steps_done == 0 else 0.0))
-            rem, step = r.spec.steps - r.steps_done, inf.step
-            k = None
-            for g in (inf.degrees if elastic or r.kind is Kind.IMAGE else (inf.fixed,)):
-                if rem * step[g] <= left:
-                    k = g
-                    break
+            inf = self.info(r, s)
+            k = self.need(r, inf, now)
             if k is None and pinned_ok and r.status is Status.RUNNING:
                 k = len(r.gpus)  # without preemption a started video runs on, late or not
                 mem.admitted.add(r.id)
@@ -356,13 +348,12 @@ class GenServe(Policy):
 
     def _place_images(self, images: list[Candidate], d: _Decision) -> None:
         batches: dict[tuple, list[_Batch]] = {}
-        batch = self.settings.batch
         images.sort(key=lambda c: (c.request.deadline, c.request.id))
         for c in images:
             r = c.request
-            if batch and self._join(c, batches.get(r.shape, ()), d):
+            if self.settings.batch and self._join(c, batches.get(r.shape, ()), d):
                 continue
-            gpus = self._take(r, c.info, c.sp, d.pool, d.s) if len(d.pool) >= c.sp else None
+            gpus = self._take(r, c.info, c.sp, d.pool, d.s)
             if gpus is None:  # waits for the next GPUs to free up
                 d.plan.reasons[r.id] = NO_GPU
                 continue
@@ -397,12 +388,15 @@ class GenServe(Policy):
                 continue
             # Members' decodes run one after another at the end of the quantum.
             decode = b.decode + inf.decode
-            if not all(now + self._fin(m, inf) - inf.decode + decode
-                       + m.remaining_steps * t_new <= m.deadline for m in b.members):
+
+            def meets(m: Request) -> bool:
+                return (now + self._fin(m, inf) - inf.decode + decode + m.remaining_steps * t_new
+                        <= m.deadline)
+
+            if not all(meets(m) for m in b.members):
                 b.closed = True  # the same for any image offered to it from now on
                 continue
-            if now + self._fin(r, inf) - inf.decode + decode + r.remaining_steps * t_new \
-                    <= r.deadline:
+            if meets(r):
                 b.members.append(r)
                 b.decode = decode
                 return True
@@ -436,11 +430,6 @@ class GenServe(Policy):
             committed += sum(c.sp for c in admitted)  # their needs are reserved up front
         video_share = s.cluster.num_gpus - d.reserve
         for c in order:
-            if not len(d.pool):  # nothing left to hand out (as `_place_video` would find)
-                r = c.request
-                d.plan.reasons[r.id] = (PREEMPTED_FOR_URGENT if r.status is Status.RUNNING
-                                        else NO_GPU)
-                continue
             is_fresh = c.request.id not in mem.admitted
             if self._place_video(c, d, is_fresh, committed, video_share) and (
                     is_fresh or by_deadline):
