@@ -15,8 +15,8 @@ from multiprocessing.connection import wait
 
 import pytest
 
-from genserve.parallel.channel import Receiver, Sender
-from genserve.parallel.feed import Feed, Flusher, Inlet, frame
+from genserve.parallel.channel import Receiver, Sender, frame
+from genserve.parallel.feed import Feed, Flusher, Inlet
 from genserve.parallel.protocol import Done, Drop, Ready, Shutdown
 
 

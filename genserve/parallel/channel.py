@@ -23,6 +23,27 @@ _HEADER = struct.Struct("!Q")
 _CHUNK = 1 << 20
 
 
+def frame(msg) -> bytes:
+    """`msg` as one frame (the driver's pipes to its workers, `feed.py`, send one to many)."""
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+def split_frames(buf: bytearray) -> list[bytearray]:
+    """The pickles of the complete frames at the start of `buf`, taken out of it (a frame cut
+    short stays for the rest to arrive)."""
+    out, start = [], 0
+    while len(buf) - start >= _HEADER.size:
+        (n,) = _HEADER.unpack_from(buf, start)
+        end = start + _HEADER.size + n
+        if len(buf) < end:
+            break
+        out.append(buf[start + _HEADER.size:end])
+        start = end
+    del buf[:start]
+    return out
+
+
 def _pipe_size(fd: int, size: int = 1 << 20) -> None:
     """Widen the pipe (Linux; fewer wake-ups for large results).  Best effort."""
     try:
@@ -103,18 +124,12 @@ class Receiver:
 
     def _frames(self, msgs: list) -> bool:
         """Move the complete frames of the buffer to `msgs`; False if one did not decode."""
-        buf = self._buf
-        while len(buf) >= _HEADER.size:
-            (n,) = _HEADER.unpack_from(buf)
-            end = _HEADER.size + n
-            if len(buf) < end:
-                break
+        for data in split_frames(self._buf):
             try:
-                msgs.append(pickle.loads(buf[_HEADER.size:end]))
+                msgs.append(pickle.loads(data))
             except Exception as e:  # noqa: BLE001 - any decode failure ends the channel
                 self.broken = f"undecodable message ({type(e).__name__}: {e})"
                 return False
-            del buf[:end]
         return True
 
     def close(self) -> None:

@@ -3,10 +3,10 @@ written by the driver's own thread, without blocking and without a thread per pi
 
 Why not `multiprocessing.Queue`: its `put` hands the message to a feeder thread of its own, which
 pickles and writes it later.  A pool of 64 workers had 128 of them; a decision that sends jobs to
-dozens of workers woke dozens of threads, and they took the GIL from the decision loop while it
-was still deciding (the decision's p99 was several times its median).  Here `put` pickles once
-(`frame`, shared by every worker a job goes to) and writes straight into the pipe while it has
-room.  What does not fit (a worker stopped or far behind, a large input image) waits in that
+dozens of workers woke dozens of threads, which then competed with the decision loop for the GIL,
+and a job reached its workers only once its thread had run.  Here `put` pickles once
+(`channel.frame`, shared by every worker a job goes to) and writes straight into the pipe while
+it has room.  What does not fit (a worker stopped or far behind, a large input image) waits in that
 pipe's backlog, in order, and one thread per pool (`Flusher`) writes it as the pipe drains: the
 driver never blocks on a worker.  A write to a dead worker's pipe is dropped (its death shows on
 its channel back, `channel.Receiver`).
@@ -24,14 +24,8 @@ import pickle
 import select
 import threading
 
-from .channel import _CHUNK, _HEADER
+from .channel import _CHUNK, frame, split_frames
 from .protocol import Shutdown
-
-
-def frame(msg) -> bytes:
-    """`msg` as one frame, ready for any number of `Feed.put_frame` calls."""
-    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(data)) + data
 
 
 class Feed:
@@ -238,12 +232,5 @@ class Inlet:
                                f"({len(self._buf)} bytes of it came)")
             self._ended = True
             return
-        buf = self._buf
-        buf += chunk
-        while len(buf) >= _HEADER.size:
-            (n,) = _HEADER.unpack_from(buf)
-            end = _HEADER.size + n
-            if len(buf) < end:
-                break
-            self._msgs.append(pickle.loads(buf[_HEADER.size:end]))
-            del buf[:end]
+        self._buf += chunk
+        self._msgs.extend(pickle.loads(data) for data in split_frames(self._buf))

@@ -57,8 +57,8 @@ import time
 from multiprocessing.connection import wait as wait_for
 
 from .cfg import cfg_layout
-from .channel import Receiver, Sender
-from .feed import Feed, Flusher, Inlet, frame
+from .channel import Receiver, Sender, frame
+from .feed import Feed, Flusher, Inlet
 from .liveness import Watch, start_process
 from .process import run_worker
 from .protocol import Heartbeat, SendState
