@@ -292,8 +292,7 @@ def main() -> int:
             if gpus >= 64 and a.backlog > 0:  # 0: no backlog test
                 backlog(pool, lat, gpus, 8, scale, a.backlog, a.seed)
     if not a.skip_http:
-        if a.settings:
-            time.sleep(10.0)  # the emulated pools' processes and files go first (2 cores)
+        time.sleep(10.0)  # the emulated pools' processes and files go first (2 cores)
         print("HTTP server + engine, sustained image rate (open loop, 10 s per rate):")
         http_rate(100.0, 8, [float(x) for x in a.http_rates.split(",")], 10.0)
     print(f"driver process: pid {os.getpid()}")
